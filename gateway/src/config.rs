@@ -1,0 +1,375 @@
+//! The operator's configuration: serde types, layering and validation.
+//!
+//! Layers, later wins: the embedded defaults ([`DEFAULTS`]), the TOML file given
+//! with `--config`, then `CI_GATEWAY__<SECTION>__<KEY>` environment variables.
+//! [`Config::validate`] checks the whole thing before any port is bound; the
+//! binary turns a [`ConfigError`] into exit code 64 (`EX_USAGE`).
+//!
+//! This module does no I/O besides reading the config file and the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ids::GithubLogin;
+use crate::secret::Secret;
+
+/// The embedded loopback-only development defaults: `ci-gateway serve` with no
+/// file runs on these.
+pub const DEFAULTS: &str = include_str!("defaults.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config: `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub ssh: SshConfig,
+    pub api: ApiConfig,
+    pub github: GithubConfig,
+    pub registration: RegistrationConfig,
+    pub access: AccessConfig,
+    pub hold: HoldConfig,
+    pub upstream: UpstreamConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    pub listen: SocketAddr,
+    /// Empty: `<data_dir>/ssh_host_ed25519_key`, generated on first start.
+    pub host_key: PathBuf,
+    /// The name users type after `@`, used in the commands the API hands out.
+    pub public_host: String,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub auth_rejection_time: Duration,
+    pub max_auth_attempts: usize,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    pub max_channels_per_connection: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubConfig {
+    pub api_url: String,
+    pub token: Secret<String>,
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
+    /// How long keys fetched earlier keep serving while GitHub is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub stale_for: Duration,
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    #[serde(default)]
+    pub static_keys: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    pub tokens: Vec<Secret<String>>,
+    /// A registration not refreshed within this long is expired.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Whether a registration's `allowed_users` are honoured.
+    pub allow_extra_users: bool,
+    pub max_jobs: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    pub admins: Vec<String>,
+    pub jump_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldConfig {
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Lifetime of the certificate the gateway presents to a runner.
+    #[serde(with = "humantime_serde")]
+    pub cert_validity: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given (tests pass their own).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        use config::{Environment, File, FileFormat};
+        let mut builder =
+            config::Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(invalid(
+                    "--config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CI_GATEWAY__"))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("CI_GATEWAY")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("registration.tokens")
+                .with_list_parse_key("access.admins")
+                .with_list_parse_key("access.jump_ports")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.github.api_url;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(invalid("github.api_url", "must be an http:// or https:// URL"));
+        }
+        if url.parse::<http_uri::Uri>().is_err() {
+            return Err(invalid("github.api_url", format!("{url:?} is not a URL")));
+        }
+        for (login, keys) in &self.github.static_keys {
+            GithubLogin::parse(login)
+                .map_err(|e| invalid("github.static_keys", format!("{login:?}: {e}")))?;
+            for key in keys {
+                crate::keys::parse_public_key(key)
+                    .map_err(|e| invalid("github.static_keys", format!("{login}: {e}")))?;
+            }
+        }
+        for admin in &self.access.admins {
+            GithubLogin::parse(admin)
+                .map_err(|e| invalid("access.admins", format!("{admin:?}: {e}")))?;
+        }
+        if self.access.jump_ports.is_empty() || self.access.jump_ports.contains(&0) {
+            return Err(invalid(
+                "access.jump_ports",
+                "needs at least one port, all in 1..=65535",
+            ));
+        }
+        for token in &self.registration.tokens {
+            if token.expose().len() < 16 {
+                return Err(invalid(
+                    "registration.tokens",
+                    "every token needs at least 16 characters",
+                ));
+            }
+        }
+        let positive: [(&'static str, Duration); 9] = [
+            ("ssh.auth_timeout", self.ssh.auth_timeout),
+            ("ssh.idle_timeout", self.ssh.idle_timeout),
+            ("ssh.keepalive_interval", self.ssh.keepalive_interval),
+            ("github.key_cache_ttl", self.github.key_cache_ttl),
+            ("github.fetch_timeout", self.github.fetch_timeout),
+            ("registration.ttl", self.registration.ttl),
+            ("hold.max", self.hold.max),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.cert_validity", self.upstream.cert_validity),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0s"));
+            }
+        }
+        if self.api.request_timeout.is_zero() {
+            return Err(invalid("api.request_timeout", "must be longer than 0s"));
+        }
+        let counts: [(&'static str, usize); 6] = [
+            ("ssh.max_connections", self.ssh.max_connections),
+            ("ssh.max_connections_per_source", self.ssh.max_connections_per_source),
+            ("ssh.max_auth_attempts", self.ssh.max_auth_attempts),
+            ("ssh.max_channels_per_connection", self.ssh.max_channels_per_connection),
+            ("api.max_body_bytes", self.api.max_body_bytes),
+            ("registration.max_jobs", self.registration.max_jobs),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let cert = !self.api.tls_cert.as_os_str().is_empty();
+        let key = !self.api.tls_key.as_os_str().is_empty();
+        if cert != key {
+            return Err(invalid(
+                "api.tls_cert",
+                "api.tls_cert and api.tls_key must be set together",
+            ));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        if self.ssh.public_host.is_empty() {
+            return Err(invalid("ssh.public_host", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn host_key_path(&self) -> PathBuf {
+        if self.ssh.host_key.as_os_str().is_empty() {
+            self.storage.data_dir.join("ssh_host_ed25519_key")
+        } else {
+            self.ssh.host_key.clone()
+        }
+    }
+
+    pub fn admins(&self) -> Vec<GithubLogin> {
+        // Validated in `validate`, so parsing cannot fail here.
+        self.access
+            .admins
+            .iter()
+            .filter_map(|a| GithubLogin::parse(a).ok())
+            .collect()
+    }
+}
+
+/// A tiny URL check without pulling in a URL crate: scheme, authority, path.
+mod http_uri {
+    pub use axum::http::Uri;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("cigw-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>();
+        let result = Config::load_with_env(Some(&path), env);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid_and_loopback_only() {
+        let config = Config::load_with_env(None, Vec::new()).expect("defaults load");
+        assert!(config.ssh.listen.ip().is_loopback());
+        assert!(config.api.listen.ip().is_loopback());
+        assert_eq!(config.access.jump_ports, vec![22, 3389]);
+        assert_eq!(config.hold.max, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let config = load(
+            "[github]\napi_url = \"http://127.0.0.1:9\"\nkey_cache_ttl = \"90s\"\n",
+            &[("CI_GATEWAY__HOLD__MAX", "15m")],
+        )
+        .expect("valid");
+        assert_eq!(config.github.api_url, "http://127.0.0.1:9");
+        assert_eq!(config.github.key_cache_ttl, Duration::from_secs(90));
+        assert_eq!(config.hold.max, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn unknown_key_is_named_in_the_error() {
+        let err = load("[ssh]\nlisten_addr = \"127.0.0.1:1\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_rejected() {
+        let err = load("[hold]\nmax = \"forever\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("forever") || err.to_string().contains("max"), "{err}");
+    }
+
+    #[test]
+    fn half_configured_tls_names_the_key() {
+        let err = load("[api]\ntls_cert = \"/x.pem\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("api.tls_cert"), "{err}");
+    }
+
+    #[test]
+    fn invalid_admin_login_is_rejected() {
+        let err = load("[access]\nadmins = [\"not a login\"]\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("access.admins"), "{err}");
+    }
+
+    #[test]
+    fn static_keys_must_parse() {
+        let err = load("[github.static_keys]\noctocat = [\"ssh-ed25519 garbage\"]\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("github.static_keys"), "{err}");
+    }
+
+    #[test]
+    fn short_tokens_are_rejected() {
+        let err = load("[registration]\ntokens = [\"short\"]\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("registration.tokens"), "{err}");
+    }
+
+    #[test]
+    fn list_from_environment() {
+        let config = load("", &[("CI_GATEWAY__ACCESS__JUMP_PORTS", "22,2222")]).expect("valid");
+        assert_eq!(config.access.jump_ports, vec![22, 2222]);
+    }
+}

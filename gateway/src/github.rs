@@ -1,0 +1,181 @@
+//! Whose keys are whose: the SSH public keys on people's GitHub accounts,
+//! fetched with octocrab from `github.api_url` (`GET /users/{login}/keys`),
+//! cached for `key_cache_ttl`, fetched once when many ask at once, and served
+//! stale for up to `stale_for` while GitHub is unreachable. The optional
+//! static table in the config answers first (offline and air-gapped setups).
+//!
+//! Knows nothing of sessions or jobs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::PublicKey;
+use tokio::time::Instant;
+
+use crate::config::GithubConfig;
+use crate::ids::GithubLogin;
+
+/// Cached logins beyond this are evicted, oldest first, so memory stays bounded.
+const MAX_CACHED_LOGINS: usize = 50_000;
+/// At most this many keys are taken from one account.
+const MAX_KEYS_PER_LOGIN: usize = 100;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KeyFetchError {
+    #[error("GitHub is unreachable and no recent copy of {0}'s keys is cached: {1}")]
+    Unavailable(GithubLogin, String),
+}
+
+type Keys = Arc<Vec<PublicKey>>;
+
+struct Cached {
+    keys: Keys,
+    fetched: Instant,
+}
+
+/// One slot per login; the async mutex makes concurrent askers wait for the
+/// one fetch in flight instead of starting their own.
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+pub struct KeySource {
+    static_keys: HashMap<GithubLogin, Keys>,
+    client: Option<octocrab::Octocrab>,
+    slots: Mutex<HashMap<GithubLogin, (Slot, Instant)>>,
+    ttl: Duration,
+    stale_for: Duration,
+    fetch_timeout: Duration,
+    fetches: std::sync::atomic::AtomicU64,
+}
+
+#[derive(serde::Deserialize)]
+struct GithubKey {
+    key: String,
+}
+
+impl KeySource {
+    pub fn new(config: &GithubConfig) -> anyhow::Result<KeySource> {
+        let mut static_keys = HashMap::new();
+        for (login, lines) in &config.static_keys {
+            let login = GithubLogin::parse(login)?;
+            let keys = lines
+                .iter()
+                .map(|l| crate::keys::parse_public_key(l).map_err(anyhow::Error::msg))
+                .collect::<Result<Vec<_>, _>>()?;
+            static_keys.insert(login, Arc::new(keys));
+        }
+        let mut builder = octocrab::Octocrab::builder()
+            .base_uri(config.api_url.as_str())?
+            .set_connect_timeout(Some(config.fetch_timeout))
+            .set_read_timeout(Some(config.fetch_timeout))
+            .add_header(
+                axum::http::header::USER_AGENT,
+                concat!("ci-gateway/", env!("CARGO_PKG_VERSION")).to_string(),
+            );
+        if !config.token.expose().is_empty() {
+            builder = builder.personal_token(config.token.expose().clone());
+        }
+        Ok(KeySource {
+            static_keys,
+            client: Some(builder.build()?),
+            slots: Mutex::new(HashMap::new()),
+            ttl: config.key_cache_ttl,
+            stale_for: config.stale_for,
+            fetch_timeout: config.fetch_timeout,
+            fetches: Default::default(),
+        })
+    }
+
+    /// How many fetches went to GitHub so far (tests check the cache with it).
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The keys of `login`. Static entries win; then the cache; then GitHub.
+    pub async fn keys(&self, login: &GithubLogin) -> Result<Keys, KeyFetchError> {
+        if let Some(keys) = self.static_keys.get(login) {
+            return Ok(keys.clone());
+        }
+        let slot = self.slot(login);
+        let mut cached = slot.lock().await;
+        if let Some(c) = cached.as_ref() {
+            if c.fetched.elapsed() < self.ttl {
+                return Ok(c.keys.clone());
+            }
+        }
+        match self.fetch(login).await {
+            Ok(keys) => {
+                let keys = Arc::new(keys);
+                *cached = Some(Cached {
+                    keys: keys.clone(),
+                    fetched: Instant::now(),
+                });
+                Ok(keys)
+            }
+            Err(reason) => match cached.as_ref() {
+                Some(c) if c.fetched.elapsed() < self.ttl + self.stale_for => {
+                    tracing::warn!(%login, "GitHub key fetch failed, serving cached keys: {reason}");
+                    Ok(c.keys.clone())
+                }
+                _ => Err(KeyFetchError::Unavailable(login.clone(), reason)),
+            },
+        }
+    }
+
+    fn slot(&self, login: &GithubLogin) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some((slot, used)) = slots.get_mut(login) {
+            *used = now;
+            return slot.clone();
+        }
+        if slots.len() >= MAX_CACHED_LOGINS {
+            let keep_for = self.ttl + self.stale_for;
+            slots.retain(|_, (_, used)| used.elapsed() < keep_for);
+            if slots.len() >= MAX_CACHED_LOGINS {
+                if let Some(oldest) = slots.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| k.clone()) {
+                    slots.remove(&oldest);
+                }
+            }
+        }
+        let slot: Slot = Default::default();
+        slots.insert(login.clone(), (slot.clone(), now));
+        slot
+    }
+
+    async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, String> {
+        let Some(client) = &self.client else {
+            return Err("no GitHub client".into());
+        };
+        self.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let route = format!("/users/{login}/keys");
+        let request = client.get::<Vec<GithubKey>, _, ()>(route, None);
+        let result = match tokio::time::timeout(self.fetch_timeout, request).await {
+            Err(_) => return Err(format!("no answer within {:?}", self.fetch_timeout)),
+            Ok(result) => result,
+        };
+        match result {
+            Ok(list) => Ok(list
+                .iter()
+                .filter_map(|k| crate::keys::parse_public_key(&k.key).ok())
+                .take(MAX_KEYS_PER_LOGIN)
+                .collect()),
+            // An account that does not exist has no keys; that is an answer.
+            Err(octocrab::Error::GitHub { source, .. }) if source.status_code.as_u16() == 404 => {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(one_line(&e)),
+        }
+    }
+}
+
+fn one_line(e: &octocrab::Error) -> String {
+    let text = match e {
+        octocrab::Error::GitHub { source, .. } => {
+            format!("GitHub answered {}: {}", source.status_code, source.message)
+        }
+        other => other.to_string(),
+    };
+    text.lines().next().unwrap_or_default().chars().take(200).collect()
+}

@@ -1,0 +1,193 @@
+//! Identifier newtypes, parsed once at the edge: everything inside trusts them.
+//!
+//! Also the SSH username grammar (`<job-id>`, `job-<job-id>`, `<github-login>`)
+//! and the jump-mode destination grammar.
+
+use std::fmt;
+
+/// A GitHub Actions job id (the numeric id in the job's URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("a job id is 1 to 19 digits")]
+    BadJobId,
+    #[error("a GitHub login is 1 to 39 letters, digits or single hyphens, not starting or ending with a hyphen")]
+    BadLogin,
+    #[error("not a job id (digits or job-<digits>) nor a GitHub login")]
+    BadUser,
+}
+
+impl JobId {
+    /// Accepts `123` and `job-123`. Leading zeros are refused so that one job
+    /// has exactly one spelling.
+    pub fn parse(s: &str) -> Result<JobId, IdError> {
+        let digits = s.strip_prefix("job-").unwrap_or(s);
+        if digits.is_empty()
+            || digits.len() > 19
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || (digits.len() > 1 && digits.starts_with('0'))
+        {
+            return Err(IdError::BadJobId);
+        }
+        let n: u64 = digits.parse().map_err(|_| IdError::BadJobId)?;
+        if n == 0 {
+            return Err(IdError::BadJobId);
+        }
+        Ok(JobId(n))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_u64(n: u64) -> Option<JobId> {
+        (n != 0).then_some(JobId(n))
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A GitHub login, normalised to lower case (GitHub logins are case-insensitive).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GithubLogin(String);
+
+impl GithubLogin {
+    pub fn parse(s: &str) -> Result<GithubLogin, IdError> {
+        let ok = !s.is_empty()
+            && s.len() <= 39
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+            && !s.contains("--");
+        if ok {
+            Ok(GithubLogin(s.to_ascii_lowercase()))
+        } else {
+            Err(IdError::BadLogin)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GithubLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the SSH username asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Job mode: a shell (and forwards) on this job's runner, through the gateway.
+    Job(JobId),
+    /// Jump mode: this person, who will open `direct-tcpip` channels to jobs.
+    Jump(GithubLogin),
+}
+
+impl Target {
+    /// Digits (or `job-<digits>`) are a job; anything else must be a GitHub
+    /// login. A login made only of digits is therefore read as a job id.
+    pub fn parse_user(user: &str) -> Result<Target, IdError> {
+        if user.len() > 64 {
+            return Err(IdError::BadUser);
+        }
+        if let Ok(job) = JobId::parse(user) {
+            return Ok(Target::Job(job));
+        }
+        if user.bytes().all(|b| b.is_ascii_digit()) || user.starts_with("job-") {
+            return Err(IdError::BadJobId);
+        }
+        GithubLogin::parse(user)
+            .map(Target::Jump)
+            .map_err(|_| IdError::BadUser)
+    }
+}
+
+/// A runner account name as registered: what sshd on the runner accepts as a
+/// user. Conservative: POSIX portable names plus what Windows allows commonly.
+pub fn valid_runner_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && !user.starts_with('-')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_and_job_prefix_are_job_ids() {
+        assert_eq!(
+            Target::parse_user("9876543210"),
+            Ok(Target::Job(JobId(9876543210)))
+        );
+        assert_eq!(
+            Target::parse_user("job-9876543210"),
+            Ok(Target::Job(JobId(9876543210)))
+        );
+    }
+
+    #[test]
+    fn logins_are_jump_mode_and_lowercased() {
+        assert_eq!(
+            Target::parse_user("OctoCat"),
+            Ok(Target::Jump(GithubLogin("octocat".into())))
+        );
+        assert_eq!(
+            Target::parse_user("a-b-1"),
+            Ok(Target::Jump(GithubLogin("a-b-1".into())))
+        );
+    }
+
+    #[test]
+    fn malformed_users_are_refused() {
+        for bad in [
+            "",
+            "-x",
+            "x-",
+            "a--b",
+            "job-",
+            "job-x",
+            "0123",
+            "0",
+            "99999999999999999999",
+            "a b",
+            "ü",
+            "root@host",
+            "../etc",
+            &"a".repeat(40),
+            &"1".repeat(10_000),
+        ] {
+            assert!(Target::parse_user(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn job_id_bounds() {
+        assert!(JobId::parse("18446744073709551615").is_err()); // 20 digits
+        assert_eq!(JobId::parse("9223372036854775807").map(JobId::get), Ok(i64::MAX as u64));
+        assert!(JobId::parse("+1").is_err());
+    }
+
+    #[test]
+    fn runner_user_grammar() {
+        assert!(valid_runner_user("runner"));
+        assert!(valid_runner_user("runneradmin"));
+        assert!(valid_runner_user("first.last_1"));
+        assert!(!valid_runner_user("-oProxyCommand"));
+        assert!(!valid_runner_user("a b"));
+        assert!(!valid_runner_user(""));
+        assert!(!valid_runner_user("a\"b"));
+    }
+}

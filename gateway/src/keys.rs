@@ -1,0 +1,189 @@
+//! Key material the gateway owns: its SSH host key, the CA that signs the
+//! short-lived certificates it presents to runners, and the plain client key
+//! used where certificates are not trusted (Windows runners, DESIGN §9).
+//!
+//! Private keys live as OpenSSH files (mode 0600) under `storage.data_dir`,
+//! created on first start and reused afterwards, so a restart changes nothing
+//! a runner or a user has pinned.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{self, LineEnding};
+use russh::keys::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not an OpenSSH private key: {source}")]
+    Parse {
+        path: String,
+        source: ssh_key::Error,
+    },
+    #[error("key: {0}")]
+    Ssh(#[from] ssh_key::Error),
+}
+
+/// Parses one `authorized_keys`-style public key line (`type base64 [comment]`).
+/// Options before the key type are refused: callers give bare keys.
+pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
+    let line = line.trim();
+    if line.len() > 16 * 1024 {
+        return Err("key line longer than 16 KiB".into());
+    }
+    PublicKey::from_openssh(line).map_err(|e| format!("not an OpenSSH public key ({e})"))
+}
+
+/// SHA-256 fingerprint as OpenSSH prints it: `SHA256:...`.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// `type base64` without the comment, as used in authorized_keys lines we write.
+pub fn openssh_line(key: &PublicKey) -> String {
+    let mut key = key.clone();
+    key.set_comment("");
+    key.to_openssh().unwrap_or_default().trim().to_string()
+}
+
+/// Two keys are the same key when their key data (not comments) match.
+pub fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
+    a.key_data() == b.key_data()
+}
+
+/// Loads an Ed25519 private key from `path`, creating it (0600) if missing.
+pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
+    let display = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(text.as_bytes()).map_err(|source| KeyError::Parse {
+            path: display,
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
+            let text = key.to_openssh(LineEnding::LF)?;
+            write_private(path, text.as_bytes()).map_err(|source| KeyError::Io {
+                path: display,
+                source,
+            })?;
+            Ok(key)
+        }
+        Err(source) => Err(KeyError::Io {
+            path: display,
+            source,
+        }),
+    }
+}
+
+/// Writes a file only its owner can read, atomically (temp file + rename).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The gateway's signing authority for runner logins.
+pub struct Ca {
+    key: PrivateKey,
+}
+
+impl Ca {
+    pub fn new(key: PrivateKey) -> Ca {
+        Ca { key }
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        self.key.public_key()
+    }
+
+    /// A user certificate for `principal` on the runner, valid from a minute
+    /// ago (clock skew) for `validity`. The key id names the person and job so
+    /// the runner's sshd log says who came in.
+    pub fn issue(
+        &self,
+        subject: &PublicKey,
+        principal: &str,
+        key_id: &str,
+        validity: Duration,
+    ) -> Result<Certificate, KeyError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let nonce: [u8; 32] = rand::random();
+        let mut builder = Builder::new(
+            nonce.to_vec(),
+            subject.key_data().clone(),
+            now.saturating_sub(60),
+            now + validity.as_secs(),
+        )?;
+        builder.serial(rand::random())?;
+        builder.cert_type(CertType::User)?;
+        builder.key_id(key_id)?;
+        builder.valid_principal(principal)?;
+        for ext in ["permit-pty", "permit-port-forwarding"] {
+            builder.extension(ext, "")?;
+        }
+        Ok(builder.sign(&self.key)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_is_reloaded_unchanged_and_private() {
+        let dir = std::env::temp_dir().join(format!("cigw-keys-{}", rand::random::<u64>()));
+        let path = dir.join("k");
+        let a = load_or_generate(&path).expect("generate");
+        let b = load_or_generate(&path).expect("reload");
+        assert!(same_key(a.public_key(), b.public_key()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o077, 0);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn certificate_names_principal_and_is_signed_by_the_ca() {
+        let ca = Ca::new(PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key"));
+        let subject = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key");
+        let cert = ca
+            .issue(subject.public_key(), "runner", "octocat@job-1", Duration::from_secs(300))
+            .expect("issue");
+        assert_eq!(cert.valid_principals(), ["runner".to_string()]);
+        assert_eq!(cert.key_id(), "octocat@job-1");
+        assert!(cert.validate([&ca.public_key().fingerprint(HashAlg::Sha256)]).is_ok());
+    }
+
+    #[test]
+    fn public_key_parsing_refuses_garbage() {
+        assert!(parse_public_key("ssh-ed25519 AAAA").is_err());
+        assert!(parse_public_key("").is_err());
+        assert!(parse_public_key("command=\"x\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB").is_err());
+    }
+}

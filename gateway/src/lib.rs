@@ -1,0 +1,144 @@
+//! ci-gateway: an SSH bastion for debugging CI jobs.
+//!
+//! # Layout
+//!
+//! - `main.rs` — arguments, logging, config, signals; calls [`run`].
+//! - [`config`] — serde types, layering (defaults, file, env) and validation.
+//! - [`ids`] — `JobId`, `GithubLogin`, and the SSH username grammar.
+//! - [`registry`] — registered jobs, persisted in redb; each job's live state.
+//! - [`github`] — people's SSH keys from GitHub (octocrab), cached.
+//! - [`access`] — who may reach which job: one pure function.
+//! - [`keys`] — host key, CA and certificates the gateway owns.
+//! - [`api`] — the runner HTTP API; calls the registry, never SSH.
+//! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
+//! - [`hold`] — hold window after a job finishes, registration expiry.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind
+//! port 0 and pass the listeners in; it binds nothing itself.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod api;
+pub mod config;
+pub mod github;
+pub mod hold;
+pub mod ids;
+pub mod keys;
+pub mod registry;
+pub mod secret;
+pub mod ssh;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::secret::Secret;
+
+/// Everything a connection or request needs, built once at start.
+pub struct Gateway {
+    pub config: Config,
+    pub registry: registry::Registry,
+    pub keys: github::KeySource,
+    pub policy: access::Policy,
+    pub ca: keys::Ca,
+    pub host_key: PrivateKey,
+    /// The plain key for runners that do not take certificates (Windows).
+    pub client_key: Arc<PrivateKey>,
+    pub tokens: Vec<Secret<String>>,
+    pub upstream_config: Arc<russh::client::Config>,
+    /// Where a generated registration token was written, if one was.
+    pub generated_token_file: Option<PathBuf>,
+}
+
+impl Gateway {
+    /// Loads or creates the keys and the store under `storage.data_dir`.
+    pub fn new(config: Config) -> anyhow::Result<Gateway> {
+        let dir = config.storage.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("storage.data_dir {}: {e}", dir.display()))?;
+        let host_key = keys::load_or_generate(&config.host_key_path())?;
+        let ca = keys::Ca::new(keys::load_or_generate(&dir.join("ca_ed25519_key"))?);
+        let client_key = Arc::new(keys::load_or_generate(&dir.join("client_ed25519_key"))?);
+        let registry = registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
+        let keys = github::KeySource::new(&config.github)?;
+        let policy = access::Policy {
+            admins: config.admins(),
+            allow_extra_users: config.registration.allow_extra_users,
+        };
+        let (tokens, generated_token_file) = if config.registration.tokens.is_empty() {
+            let path = dir.join("registration_token");
+            let token = match std::fs::read_to_string(&path) {
+                Ok(t) if t.trim().len() >= 16 => t.trim().to_string(),
+                _ => {
+                    let bytes: [u8; 24] = rand::random();
+                    let token = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+                    keys::write_private(&path, token.as_bytes())?;
+                    token
+                }
+            };
+            (vec![Secret::new(token)], Some(path))
+        } else {
+            (config.registration.tokens.clone(), None)
+        };
+        let upstream_config = Arc::new(ssh::upstream::client_config(config.ssh.keepalive_interval));
+        Ok(Gateway {
+            config,
+            registry,
+            keys,
+            policy,
+            ca,
+            host_key,
+            client_key,
+            tokens,
+            upstream_config,
+            generated_token_file,
+        })
+    }
+}
+
+/// Serves SSH and the API until `shutdown` resolves.
+pub async fn run(
+    gw: Arc<Gateway>,
+    ssh_listener: TcpListener,
+    api_listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = if gw.config.api.tls_cert.as_os_str().is_empty() {
+        if !api_listener.local_addr()?.ip().is_loopback() {
+            tracing::warn!(
+                "THE RUNNER API SERVES PLAIN HTTP ON A NON-LOOPBACK ADDRESS: tokens cross the network in clear. Set api.tls_cert and api.tls_key."
+            );
+        }
+        None
+    } else {
+        Some(api::serve::tls_acceptor(&gw.config.api.tls_cert, &gw.config.api.tls_key)?)
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ssh = tokio::spawn(ssh::server::run(gw.clone(), ssh_listener, stopped()));
+    let api = tokio::spawn(api::serve::run(
+        api::router(gw.clone()),
+        api_listener,
+        tls,
+        gw.config.api.request_timeout,
+        stopped(),
+    ));
+    let tick = (gw.config.hold.max / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = ssh.await;
+    let _ = api.await;
+    sweeper.abort();
+    Ok(())
+}

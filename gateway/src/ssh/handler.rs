@@ -1,0 +1,605 @@
+//! The russh `Handler` for one user connection: decisions come from
+//! `access`, `registry` and `github`; bytes move in `bridge` (job mode) or a
+//! TCP splice (jump mode). Every refusal the user can act on is one line,
+//! sent as the SSH disconnect reason (OpenSSH prints it) or as the reason of
+//! a refused channel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use russh::keys::PublicKey;
+use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, MethodKind, MethodSet, Pty, Sig};
+use tokio::sync::{mpsc, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::access;
+use crate::ids::{GithubLogin, JobId, Target};
+use crate::registry::{Live, Lookup, Registration, SessionGuard};
+use crate::ssh::upstream::{self, RunnerConnection};
+use crate::Gateway;
+
+/// How long the runner may take to answer a forwarded channel request.
+const REQUEST_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub type SharedHandle = Arc<OnceLock<server::Handle>>;
+
+/// A user's identity once their key matched.
+#[derive(Debug, Clone)]
+struct Identity {
+    login: GithubLogin,
+}
+
+/// Per-connection state. `Resolved` is what the username asked for, looked up
+/// once; the key checks run against it.
+enum State {
+    Fresh,
+    Refused,
+    Job {
+        job: Arc<Registration>,
+        live: Arc<Live>,
+        identity: Option<Identity>,
+    },
+    Jump {
+        login: GithubLogin,
+        identity: Option<Identity>,
+    },
+}
+
+/// The runner side of one bridged session channel.
+struct UpChannel {
+    tx: Arc<ChannelWriteHalf<russh::client::Msg>>,
+    replies: Mutex<mpsc::Receiver<bool>>,
+}
+
+pub struct Connection {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    id: u64,
+    handle: SharedHandle,
+    state: State,
+    runner: Option<Arc<RunnerConnection>>,
+    guards: HashMap<JobId, SessionGuard>,
+    channels: HashMap<ChannelId, UpChannel>,
+    open_channels: Arc<std::sync::atomic::AtomicUsize>,
+    pub authenticated: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Connection {
+    pub fn new(gw: Arc<Gateway>, peer: SocketAddr, id: u64, handle: SharedHandle) -> Connection {
+        Connection {
+            gw,
+            peer,
+            id,
+            handle,
+            state: State::Fresh,
+            runner: None,
+            guards: HashMap::new(),
+            channels: HashMap::new(),
+            open_channels: Default::default(),
+            authenticated: Default::default(),
+        }
+    }
+
+    /// Sends the disconnect with `reason` once the session loop is free.
+    fn disconnect_later(&self, reason: String) {
+        if let Some(handle) = self.handle.get().cloned() {
+            tokio::spawn(async move {
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, reason, "en".into())
+                    .await;
+            });
+        }
+    }
+
+    /// Parses the username and looks the job up, once per connection.
+    fn resolve(&mut self, user: &str) {
+        if !matches!(self.state, State::Fresh) {
+            return;
+        }
+        let refuse = |this: &mut Self, reason: String| {
+            info!(conn = this.id, peer = %this.peer, "refused: {reason}");
+            this.disconnect_later(format!("ci-gateway: {reason}"));
+            this.state = State::Refused;
+        };
+        match Target::parse_user(user) {
+            Err(e) => refuse(
+                self,
+                format!("bad username: {e}; use <job-id>@gateway or <github-login>@gateway"),
+            ),
+            Ok(Target::Jump(login)) => {
+                self.state = State::Jump {
+                    login,
+                    identity: None,
+                }
+            }
+            Ok(Target::Job(job)) => match self.gw.registry.lookup(job) {
+                Lookup::Active(job, live) => {
+                    self.state = State::Job {
+                        job,
+                        live,
+                        identity: None,
+                    }
+                }
+                Lookup::Ended(reason) => refuse(self, reason),
+                Lookup::Unknown => refuse(
+                    self,
+                    format!("job {job} is not registered with this gateway (unknown job id, or the job has not started yet)"),
+                ),
+            },
+        }
+    }
+
+    /// Whose key is `key`, among the people this connection may be.
+    async fn identify(&self, key: &PublicKey) -> Option<GithubLogin> {
+        let candidates = match &self.state {
+            State::Job { job, .. } => access::allowed_people(job, &self.gw.policy),
+            State::Jump { login, .. } => vec![login.clone()],
+            State::Fresh | State::Refused => return None,
+        };
+        for login in candidates {
+            match self.gw.keys.keys(&login).await {
+                Ok(keys) if keys.iter().any(|k| crate::keys::same_key(k, key)) => {
+                    return Some(login)
+                }
+                Ok(_) => {}
+                Err(e) => warn!(conn = self.id, "{e}"),
+            }
+        }
+        None
+    }
+
+    fn reject() -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
+    }
+
+    fn take_channel_slot(&self) -> bool {
+        let n = self
+            .open_channels
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n >= self.gw.config.ssh.max_channels_per_connection {
+            self.open_channels
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Closes this connection with `reason` when the job is kicked.
+    fn watch_kicks(&self, live: &Live) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let mut kick = live.watch_kick();
+        let conn = self.id;
+        tokio::spawn(async move {
+            loop {
+                let reason = kick.borrow_and_update().clone();
+                if let Some(reason) = reason {
+                    info!(conn, "closing: {reason}");
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, format!("ci-gateway: {reason}"), "en".into())
+                        .await;
+                    return;
+                }
+                if kick.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Forwards a channel request to the runner and answers the user with the
+    /// runner's verdict.
+    async fn forward_request<F, Fut>(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+        send: F,
+    ) -> Result<(), russh::Error>
+    where
+        F: FnOnce(Arc<ChannelWriteHalf<russh::client::Msg>>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), russh::Error>>,
+    {
+        let Some(up) = self.channels.get(&channel) else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        let ok = match send(up.tx.clone()).await {
+            Err(_) => false,
+            Ok(()) => {
+                let mut replies = up.replies.lock().await;
+                matches!(
+                    tokio::time::timeout(REQUEST_REPLY_TIMEOUT, replies.recv()).await,
+                    Ok(Some(true))
+                )
+            }
+        };
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    fn up_tx(&self, channel: ChannelId) -> Option<Arc<ChannelWriteHalf<russh::client::Msg>>> {
+        self.channels.get(&channel).map(|c| c.tx.clone())
+    }
+}
+
+impl server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.resolve(user);
+        Ok(Self::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.resolve(user);
+        Ok(match self.identify(offer.public_key).await {
+            Some(_) => Auth::Accept,
+            None => Self::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.resolve(user);
+        let Some(login) = self.identify(key.public_key).await else {
+            info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
+            return Ok(Self::reject());
+        };
+        let who = Identity {
+            login: login.clone(),
+        };
+        match &mut self.state {
+            State::Job { identity, .. } | State::Jump { identity, .. } => *identity = Some(who),
+            State::Fresh | State::Refused => return Ok(Self::reject()),
+        }
+        info!(conn = self.id, peer = %self.peer, %login, user, key = %crate::keys::fingerprint(key.public_key), "authenticated");
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        self.authenticated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let State::Job { job, live, identity } = &self.state else {
+            return Ok(());
+        };
+        let (job, live) = (job.clone(), live.clone());
+        let login = identity
+            .as_ref()
+            .map(|i| i.login.to_string())
+            .unwrap_or_default();
+        // Counted from now on: an open connection keeps the runner held even
+        // while it is still connecting or only forwarding ports.
+        self.guards.insert(job.job_id, live.enter());
+        self.watch_kicks(&live);
+        match upstream::connect(&self.gw, &job, &login).await {
+            Ok(runner) => {
+                let runner = Arc::new(runner);
+                // The runner going away ends the user's connection with a reason.
+                if let Some(handle) = self.handle.get().cloned() {
+                    let mut closed = runner.closed.clone();
+                    let job_id = job.job_id;
+                    tokio::spawn(async move {
+                        if closed.wait_for(|c| *c).await.is_ok() {
+                            let _ = handle
+                                .disconnect(
+                                    Disconnect::ByApplication,
+                                    format!("ci-gateway: the runner of job {job_id} closed the connection"),
+                                    "en".into(),
+                                )
+                                .await;
+                        }
+                    });
+                }
+                self.runner = Some(runner);
+                info!(conn = self.id, job = %job.job_id, %login, "connected to runner");
+            }
+            Err(e) => {
+                warn!(conn = self.id, job = %job.job_id, %login, "{e}");
+                session.disconnect(
+                    Disconnect::ByApplication,
+                    &format!("ci-gateway: job {}: {e}", job.job_id),
+                    "en",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(runner) = self.runner.clone() else {
+            // Jump mode serves forwards only.
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        if !self.take_channel_slot() {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let opened = tokio::time::timeout(
+            self.gw.config.upstream.connect_timeout,
+            runner.handle.channel_open_session(),
+        )
+        .await;
+        let Ok(Ok(up)) = opened else {
+            self.open_channels
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        self.bridge(channel, up, reply);
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self.take_channel_slot() {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        match self.runner.clone() {
+            // Job mode: the runner's sshd dials, on the runner's side.
+            Some(runner) => {
+                let opened = tokio::time::timeout(
+                    self.gw.config.upstream.connect_timeout,
+                    runner.handle.channel_open_direct_tcpip(
+                        host_to_connect,
+                        port_to_connect,
+                        originator_address,
+                        originator_port,
+                    ),
+                )
+                .await;
+                match opened {
+                    Ok(Ok(up)) => {
+                        info!(conn = self.id, host_to_connect, port_to_connect, "forward opened on the runner");
+                        self.bridge(channel, up, reply);
+                    }
+                    Ok(Err(e)) => self.refuse_channel(
+                        reply,
+                        format!("the runner could not open {host_to_connect}:{port_to_connect}: {e}"),
+                    ),
+                    Err(_) => self.refuse_channel(reply, "the runner did not answer".into()),
+                }
+            }
+            None => match self.dial_jump(host_to_connect, port_to_connect).await {
+                Ok(tcp) => self.splice(channel, tcp, reply),
+                Err(reason) => self.refuse_channel(reply, reason),
+            },
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let term = term.to_string();
+        let modes = modes.to_vec();
+        self.forward_request(channel, session, |tx| async move {
+            tx.request_pty(true, &term, col_width, row_height, pix_width, pix_height, &modes)
+                .await
+        })
+        .await
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (name, value) = (variable_name.to_string(), variable_value.to_string());
+        self.forward_request(channel, session, |tx| async move {
+            tx.set_env(true, name, value).await
+        })
+        .await
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.forward_request(channel, session, |tx| async move { tx.request_shell(true).await })
+            .await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = data.to_vec();
+        self.forward_request(channel, session, |tx| async move { tx.exec(true, command).await })
+            .await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let name = name.to_string();
+        self.forward_request(channel, session, |tx| async move {
+            tx.request_subsystem(true, name).await
+        })
+        .await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = self.up_tx(channel) {
+            let _ = tx.window_change(col_width, row_height, pix_width, pix_height).await;
+        }
+        Ok(())
+    }
+
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(tx) = self.up_tx(channel) {
+            let _ = tx.signal(signal).await;
+        }
+        Ok(())
+    }
+}
+
+impl Connection {
+    /// Accepts the user's channel and bridges it to the runner's.
+    fn bridge(
+        &mut self,
+        channel: Channel<Msg>,
+        up: Channel<russh::client::Msg>,
+        reply: server::ChannelOpenHandle,
+    ) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let id = channel.id();
+        let (user_rx, user_tx) = channel.split();
+        let (runner_rx, runner_tx) = up.split();
+        let runner_tx = Arc::new(runner_tx);
+        let (replies_tx, replies_rx) = mpsc::channel(8);
+        self.channels.insert(
+            id,
+            UpChannel {
+                tx: runner_tx.clone(),
+                replies: Mutex::new(replies_rx),
+            },
+        );
+        let open = self.open_channels.clone();
+        let conn = self.id;
+        tokio::spawn(async move {
+            reply.accept().await;
+            let bytes = crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx).await;
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(conn, to_runner = bytes.to_runner, to_user = bytes.to_user, exit_status = ?bytes.exit_status, "channel closed");
+        });
+    }
+
+    /// Refuses a channel the user asked for. OpenSSH shows only the code of a
+    /// refused channel, so when nothing else is open on the connection (the
+    /// `ssh -J` case) the reason goes out first as the disconnect message.
+    fn refuse_channel(&self, reply: server::ChannelOpenHandle, reason: String) {
+        let still_open = self
+            .open_channels
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            - 1;
+        info!(conn = self.id, "channel refused: {reason}");
+        let handle = self.handle.get().cloned();
+        tokio::spawn(async move {
+            if let (0, Some(handle)) = (still_open, handle) {
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, format!("ci-gateway: {reason}"), "en".into())
+                    .await;
+            }
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        });
+    }
+
+    /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` is connected by TCP to
+    /// that job's runner, and to nothing else.
+    async fn dial_jump(&mut self, host: &str, port: u32) -> Result<tokio::net::TcpStream, String> {
+        let State::Jump { identity: Some(who), .. } = &self.state else {
+            return Err("not authenticated".into());
+        };
+        let login = who.login.clone();
+        let job_id = JobId::parse(host).map_err(|_| {
+            format!("{host}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)")
+        })?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| self.gw.config.access.jump_ports.contains(p))
+            .ok_or_else(|| {
+                format!(
+                    "port {port} is not open through the gateway (allowed: {:?})",
+                    self.gw.config.access.jump_ports
+                )
+            })?;
+        let (job, live) = match self.gw.registry.lookup(job_id) {
+            Lookup::Active(job, live) => (job, live),
+            Lookup::Ended(reason) => return Err(reason),
+            Lookup::Unknown => return Err(format!("job {job_id} is not registered with this gateway")),
+        };
+        if !access::may_enter(&job, &login, &self.gw.policy) {
+            return Err(format!("{login} is not allowed on job {job_id}"));
+        }
+        // Port 22 means the runner's registered SSH port.
+        let target_port = if port == 22 { job.port } else { port };
+        let addr = SocketAddr::new(job.host, target_port);
+        let timeout = self.gw.config.upstream.connect_timeout;
+        let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(format!("job {job_id}: the runner at {addr} is unreachable: {e}")),
+            Err(_) => return Err(format!("job {job_id}: the runner at {addr} did not answer within {timeout:?}")),
+        };
+        let _ = tcp.set_nodelay(true);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
+            slot.insert(live.enter());
+            self.watch_kicks(&live);
+        }
+        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");
+        Ok(tcp)
+    }
+
+    /// Splices an accepted jump channel with its TCP connection to the runner.
+    fn splice(&self, channel: Channel<Msg>, tcp: tokio::net::TcpStream, reply: server::ChannelOpenHandle) {
+        let open = self.open_channels.clone();
+        let conn = self.id;
+        tokio::spawn(async move {
+            reply.accept().await;
+            let mut stream = channel.into_stream();
+            let mut tcp = tcp;
+            let result =
+                tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(conn, ?result, "jump forward closed");
+        });
+    }
+}

@@ -1,0 +1,163 @@
+//! The SSH accept loop: connection limits (total, taken *before* accept so the
+//! limit is real backpressure, and per source address), the unauthenticated
+//! connection deadline, and russh's server configuration.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use russh::keys::PrivateKey;
+use russh::server::{self, Config};
+use russh::{Disconnect, MethodKind, MethodSet, SshId};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::config::SshConfig;
+use crate::ssh::handler::Connection;
+use crate::Gateway;
+
+pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
+    Config {
+        server_id: SshId::Standard(concat!("SSH-2.0-ci-gateway_", env!("CARGO_PKG_VERSION")).into()),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: ssh.auth_rejection_time,
+        // OpenSSH probes with "none" first; answering it at once costs nothing.
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        keys: vec![host_key],
+        max_auth_attempts: ssh.max_auth_attempts,
+        inactivity_timeout: Some(ssh.idle_timeout),
+        keepalive_interval: Some(ssh.keepalive_interval),
+        keepalive_max: 3,
+        window_size: 8 * 1024 * 1024,
+        maximum_packet_size: 32768,
+        channel_buffer_size: 64,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Counts connections per source address; a guard gives its slot back.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+struct SourceSlot(Arc<PerSource>, IpAddr);
+
+impl PerSource {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = (self.0).0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Serves SSH on `listener` until `shutdown` resolves; then stops accepting
+/// and returns (open connections are closed by dropping the runtime or by the
+/// caller's grace period).
+pub async fn run(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
+    let limit = Arc::new(Semaphore::new(gw.config.ssh.max_connections));
+    let per_source = Arc::new(PerSource::default());
+    let mut next_id = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = per_source.take(peer.ip(), gw.config.ssh.max_connections_per_source) else {
+            debug!(%peer, "too many connections from this source");
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        let gw = gw.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            serve_connection(gw, config, stream, peer, id).await;
+            drop(slot);
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    gw: Arc<Gateway>,
+    config: Arc<Config>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) {
+    let _ = stream.set_nodelay(true);
+    let shared = Arc::new(OnceLock::new());
+    let handler = Connection::new(gw.clone(), peer, id, shared.clone());
+    let authenticated = handler.authenticated.clone();
+    let auth_timeout = gw.config.ssh.auth_timeout;
+    // The version exchange is bounded too: a silent peer does not hold a slot.
+    let session = match tokio::time::timeout(auth_timeout, server::run_stream(config, stream, handler)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(conn = id, %peer, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(conn = id, %peer, "no SSH version line in time");
+            return;
+        }
+    };
+    let handle = session.handle();
+    let _ = shared.set(handle.clone());
+    let deadline = async {
+        tokio::time::sleep(auth_timeout).await;
+        if !authenticated.load(std::sync::atomic::Ordering::Relaxed) {
+            info!(conn = id, %peer, "not authenticated within {auth_timeout:?}; closing");
+            let _ = handle
+                .disconnect(
+                    Disconnect::ByApplication,
+                    "ci-gateway: authentication took too long".into(),
+                    "en".into(),
+                )
+                .await;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        result = session => {
+            if let Err(e) = result {
+                debug!(conn = id, %peer, "connection ended: {e}");
+            }
+        }
+        _ = deadline => {}
+    }
+}

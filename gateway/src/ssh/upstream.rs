@@ -1,0 +1,162 @@
+//! The gateway's SSH client to a runner (job mode): pinned host keys (the ones
+//! the runner registered, no trust on first use), authentication with a
+//! short-lived certificate from the gateway's CA, or the gateway's plain key
+//! for Windows runners (DESIGN §9), and a timeout on every step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use tokio::sync::watch;
+
+use crate::registry::{Os, Registration};
+use crate::Gateway;
+
+/// Why the runner could not be reached; each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the runner at {0} is unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("the runner at {0} presented a host key that does not match the keys it registered; refusing to connect")]
+    HostKeyMismatch(String),
+    #[error("the runner at {0} refused the gateway's login as {1:?}")]
+    AuthRefused(String, String),
+    #[error("the runner at {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("could not sign a login certificate: {0}")]
+    Certificate(String),
+}
+
+/// The russh client handler: checks the host key, reports the end.
+pub struct Runner {
+    pinned: Vec<PublicKey>,
+    mismatch: Arc<std::sync::atomic::AtomicBool>,
+    closed: watch::Sender<bool>,
+}
+
+impl client::Handler for Runner {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let ok = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                self.pinned.iter().any(|p| crate::keys::same_key(p, key))
+            }
+            // Host certificates are not part of the registration contract.
+            PublicKeyOrCertificate::Certificate(_) => false,
+        };
+        if !ok {
+            self.mismatch
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(ok)
+    }
+
+    async fn disconnected(
+        &mut self,
+        _reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        self.closed.send_replace(true);
+        Ok(())
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.closed.send_replace(true);
+    }
+}
+
+/// An authenticated connection to a runner.
+pub struct RunnerConnection {
+    pub handle: client::Handle<Runner>,
+    /// Becomes `true` when the runner's side of the connection ends.
+    pub closed: watch::Receiver<bool>,
+}
+
+pub fn client_config(keepalive: Duration) -> client::Config {
+    client::Config {
+        // Large windows keep a long fat pipe full; flow control still holds
+        // end to end because the bridge only reads what it can forward.
+        window_size: 8 * 1024 * 1024,
+        maximum_packet_size: 32768,
+        channel_buffer_size: 64,
+        inactivity_timeout: None,
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Connects and logs in to `job`'s runner on behalf of `login`.
+pub async fn connect(
+    gw: &Gateway,
+    job: &Registration,
+    login: &str,
+) -> Result<RunnerConnection, UpstreamError> {
+    let addr = std::net::SocketAddr::new(job.host, job.port);
+    let shown = addr.to_string();
+    let timeout = gw.config.upstream.connect_timeout;
+    let pinned = job
+        .host_keys
+        .iter()
+        .filter_map(|k| crate::keys::parse_public_key(k).ok())
+        .collect();
+    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (closed_tx, closed) = watch::channel(false);
+    let handler = Runner {
+        pinned,
+        mismatch: mismatch.clone(),
+        closed: closed_tx,
+    };
+
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => return Err(UpstreamError::Timeout(shown, timeout)),
+        Ok(Err(e)) => return Err(UpstreamError::Unreachable(shown, e.to_string())),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    let connecting = client::connect_stream(gw.upstream_config.clone(), tcp, handler);
+    let mut handle = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(UpstreamError::Timeout(shown, timeout)),
+        Ok(Err(_)) if mismatch.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(UpstreamError::HostKeyMismatch(shown))
+        }
+        Ok(Err(e)) => return Err(UpstreamError::Unreachable(shown, e.to_string())),
+        Ok(Ok(handle)) => handle,
+    };
+
+    let auth = async {
+        match job.os {
+            Os::Windows => {
+                let key = PrivateKeyWithHashAlg::new(gw.client_key.clone(), None);
+                handle.authenticate_publickey(job.user.clone(), key).await
+            }
+            Os::Linux | Os::Macos => {
+                let ephemeral = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                    .map_err(|e| russh::Error::from(russh::keys::Error::from(e)))?;
+                let key_id = format!("ci-gateway:{login}:job-{}", job.job_id);
+                let cert = gw
+                    .ca
+                    .issue(
+                        ephemeral.public_key(),
+                        &job.user,
+                        &key_id,
+                        gw.config.upstream.cert_validity,
+                    )
+                    .map_err(|_| russh::Error::Inconsistent)?;
+                handle
+                    .authenticate_openssh_cert(job.user.clone(), Arc::new(ephemeral), cert)
+                    .await
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, auth).await {
+        Err(_) => Err(UpstreamError::Timeout(shown, timeout)),
+        Ok(Err(e)) => Err(UpstreamError::Unreachable(shown, e.to_string())),
+        Ok(Ok(result)) if result.success() => Ok(RunnerConnection { handle, closed }),
+        Ok(Ok(_)) => Err(UpstreamError::AuthRefused(shown, job.user.clone())),
+    }
+}

@@ -189,7 +189,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let url = &self.github.api_url;
         if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(invalid("github.api_url", "must be an http:// or https:// URL"));
+            return Err(invalid(
+                "github.api_url",
+                "must be an http:// or https:// URL",
+            ));
         }
         if url.parse::<http_uri::Uri>().is_err() {
             return Err(invalid("github.api_url", format!("{url:?} is not a URL")));
@@ -241,9 +244,15 @@ impl Config {
         }
         let counts: [(&'static str, usize); 6] = [
             ("ssh.max_connections", self.ssh.max_connections),
-            ("ssh.max_connections_per_source", self.ssh.max_connections_per_source),
+            (
+                "ssh.max_connections_per_source",
+                self.ssh.max_connections_per_source,
+            ),
             ("ssh.max_auth_attempts", self.ssh.max_auth_attempts),
-            ("ssh.max_channels_per_connection", self.ssh.max_channels_per_connection),
+            (
+                "ssh.max_channels_per_connection",
+                self.ssh.max_channels_per_connection,
+            ),
             ("api.max_body_bytes", self.api.max_body_bytes),
             ("registration.max_jobs", self.registration.max_jobs),
         ];
@@ -340,7 +349,10 @@ mod tests {
     #[test]
     fn bad_duration_is_rejected() {
         let err = load("[hold]\nmax = \"forever\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("forever") || err.to_string().contains("max"), "{err}");
+        assert!(
+            err.to_string().contains("forever") || err.to_string().contains("max"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -357,7 +369,11 @@ mod tests {
 
     #[test]
     fn static_keys_must_parse() {
-        let err = load("[github.static_keys]\noctocat = [\"ssh-ed25519 garbage\"]\n", &[]).unwrap_err();
+        let err = load(
+            "[github.static_keys]\noctocat = [\"ssh-ed25519 garbage\"]\n",
+            &[],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("github.static_keys"), "{err}");
     }
 

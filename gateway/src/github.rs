@@ -133,7 +133,11 @@ impl KeySource {
             let keep_for = self.ttl + self.stale_for;
             slots.retain(|_, (_, used)| used.elapsed() < keep_for);
             if slots.len() >= MAX_CACHED_LOGINS {
-                if let Some(oldest) = slots.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| k.clone()) {
+                if let Some(oldest) = slots
+                    .iter()
+                    .min_by_key(|(_, (_, u))| *u)
+                    .map(|(k, _)| k.clone())
+                {
                     slots.remove(&oldest);
                 }
             }
@@ -177,5 +181,10 @@ fn one_line(e: &octocrab::Error) -> String {
         }
         other => other.to_string(),
     };
-    text.lines().next().unwrap_or_default().chars().take(200).collect()
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect()
 }

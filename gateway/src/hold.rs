@@ -39,20 +39,27 @@ pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
         let now = unix_now();
         let ttl = gw.config.registration.ttl.as_secs();
         for job in gw.registry.stale_jobs(now.saturating_sub(ttl)) {
-            let Lookup::Active(reg, _) = gw.registry.lookup(job) else { continue };
+            let Lookup::Active(reg, _) = gw.registry.lookup(job) else {
+                continue;
+            };
             // A finished job is not refreshed any more; its hold rules it.
             if reg.finished_at.is_some() {
                 continue;
             }
-            let reason = format!("job {job} expired: its runner stopped refreshing the registration");
+            let reason =
+                format!("job {job} expired: its runner stopped refreshing the registration");
             tracing::info!(job = %job, "{reason}");
             if let Err(e) = gw.registry.remove(job, reason).await {
                 tracing::error!(job = %job, "expiring: {e}");
             }
         }
         for job in gw.registry.finished_jobs() {
-            let Lookup::Active(reg, _) = gw.registry.lookup(job) else { continue };
-            let Some(finished) = reg.finished_at else { continue };
+            let Lookup::Active(reg, _) = gw.registry.lookup(job) else {
+                continue;
+            };
+            let Some(finished) = reg.finished_at else {
+                continue;
+            };
             if now >= finished + gw.config.hold.max.as_secs() {
                 let reason = format!(
                     "job {job}: the hold window of {} after the job finished is over",

@@ -176,7 +176,10 @@ mod tests {
     #[test]
     fn job_id_bounds() {
         assert!(JobId::parse("18446744073709551615").is_err()); // 20 digits
-        assert_eq!(JobId::parse("9223372036854775807").map(JobId::get), Ok(i64::MAX as u64));
+        assert_eq!(
+            JobId::parse("9223372036854775807").map(JobId::get),
+            Ok(i64::MAX as u64)
+        );
         assert!(JobId::parse("+1").is_err());
     }
 

@@ -173,11 +173,18 @@ mod tests {
         let ca = Ca::new(PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key"));
         let subject = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key");
         let cert = ca
-            .issue(subject.public_key(), "runner", "octocat@job-1", Duration::from_secs(300))
+            .issue(
+                subject.public_key(),
+                "runner",
+                "octocat@job-1",
+                Duration::from_secs(300),
+            )
             .expect("issue");
         assert_eq!(cert.valid_principals(), ["runner".to_string()]);
         assert_eq!(cert.key_id(), "octocat@job-1");
-        assert!(cert.validate([&ca.public_key().fingerprint(HashAlg::Sha256)]).is_ok());
+        assert!(cert
+            .validate([&ca.public_key().fingerprint(HashAlg::Sha256)])
+            .is_ok());
     }
 
     #[test]

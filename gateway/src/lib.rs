@@ -64,7 +64,8 @@ impl Gateway {
         let host_key = keys::load_or_generate(&config.host_key_path())?;
         let ca = keys::Ca::new(keys::load_or_generate(&dir.join("ca_ed25519_key"))?);
         let client_key = Arc::new(keys::load_or_generate(&dir.join("client_ed25519_key"))?);
-        let registry = registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
+        let registry =
+            registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
         let keys = github::KeySource::new(&config.github)?;
         let policy = access::Policy {
             admins: config.admins(),
@@ -76,7 +77,10 @@ impl Gateway {
                 Ok(t) if t.trim().len() >= 16 => t.trim().to_string(),
                 _ => {
                     let bytes: [u8; 24] = rand::random();
-                    let token = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+                    let token = base64::Engine::encode(
+                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                        bytes,
+                    );
                     keys::write_private(&path, token.as_bytes())?;
                     token
                 }
@@ -116,7 +120,10 @@ pub async fn run(
         }
         None
     } else {
-        Some(api::serve::tls_acceptor(&gw.config.api.tls_cert, &gw.config.api.tls_key)?)
+        Some(api::serve::tls_acceptor(
+            &gw.config.api.tls_cert,
+            &gw.config.api.tls_key,
+        )?)
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

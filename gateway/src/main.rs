@@ -7,14 +7,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
 use ci_gateway::config::Config;
+use clap::{Parser, Subcommand};
 
 /// `EX_USAGE` from sysexits.h: the configuration is wrong.
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "ci-gateway", version, about = "SSH bastion for debugging CI jobs")]
+#[command(
+    name = "ci-gateway",
+    version,
+    about = "SSH bastion for debugging CI jobs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,16 +96,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = tokio::net::TcpListener::bind(api_addr)
         .await
         .map_err(|e| anyhow::anyhow!("api.listen {api_addr}: {e}"))?;
-    let scheme = if gw.config.api.tls_cert.as_os_str().is_empty() { "http" } else { "https" };
+    let scheme = if gw.config.api.tls_cert.as_os_str().is_empty() {
+        "http"
+    } else {
+        "https"
+    };
     eprintln!("ci-gateway {}", env!("CARGO_PKG_VERSION"));
     eprintln!("  ssh:  {}", ssh.local_addr()?);
     eprintln!("  api:  {scheme}://{}", api.local_addr()?);
-    eprintln!("  data: {}", std::fs::canonicalize(&data_dir).unwrap_or(data_dir).display());
+    eprintln!(
+        "  data: {}",
+        std::fs::canonicalize(&data_dir)
+            .unwrap_or(data_dir)
+            .display()
+    );
     if let Some(path) = &gw.generated_token_file {
         // The operator needs this token to register runners; it is printed
         // once at start, never logged through tracing.
         if let Some(token) = gw.tokens.first() {
-            eprintln!("  registration token: {} (kept in {})", token.expose(), path.display());
+            eprintln!(
+                "  registration token: {} (kept in {})",
+                token.expose(),
+                path.display()
+            );
         }
     }
     ci_gateway::run(gw, ssh, api, shutdown_signal()).await
@@ -111,7 +128,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };

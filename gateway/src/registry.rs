@@ -210,7 +210,12 @@ impl Registry {
         if let Some(entry) = self.read_jobs().get(&job) {
             return Lookup::Active(entry.registration.clone(), entry.live.clone());
         }
-        match self.ended.read().unwrap_or_else(|e| e.into_inner()).get(&job) {
+        match self
+            .ended
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job)
+        {
             Some((reason, _)) => Lookup::Ended(reason.clone()),
             None => Lookup::Unknown,
         }
@@ -378,7 +383,9 @@ pub(crate) mod tests {
         let path = temp_db();
         {
             let reg = Registry::open(&path, 10).expect("open");
-            reg.put(registration(7, "octocat", &["hubot"])).await.expect("put");
+            reg.put(registration(7, "octocat", &["hubot"]))
+                .await
+                .expect("put");
         }
         let reg = Registry::open(&path, 10).expect("reopen");
         match reg.lookup(JobId::from_u64(7).expect("id")) {
@@ -406,7 +413,10 @@ pub(crate) mod tests {
         assert!(matches!(reg.lookup(id), Lookup::Ended(_)));
         drop(guard);
         assert_eq!(live.active_sessions(), 0);
-        assert!(!reg.remove(id, "again".into()).await.expect("second remove is fine"));
+        assert!(!reg
+            .remove(id, "again".into())
+            .await
+            .expect("second remove is fine"));
         let reopened = {
             drop(reg);
             Registry::open(&path, 10).expect("reopen")

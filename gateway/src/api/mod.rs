@@ -204,8 +204,8 @@ async fn put_job(
         Lookup::Active(reg, _) => Some(reg),
         _ => None,
     };
-    let registration = validate(job, body, peer.ip(), unix_now(), previous.as_deref())
-        .map_err(ApiError::bad)?;
+    let registration =
+        validate(job, body, peer.ip(), unix_now(), previous.as_deref()).map_err(ApiError::bad)?;
     let registration = gw
         .registry
         .put(registration)
@@ -256,14 +256,18 @@ async fn get_job(
     let job = job_id(&raw)?;
     match gw.registry.lookup(job) {
         Lookup::Active(reg, live) => {
-            let mut value = serde_json::to_value(&*reg).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            let mut value = serde_json::to_value(&*reg)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
             let sessions = live.active_sessions();
             value["active_sessions"] = json!(sessions);
             value["hold"] = crate::hold::describe(&gw, &reg, sessions);
             Ok(Json(value))
         }
         Lookup::Ended(reason) => Err(ApiError(StatusCode::GONE, reason)),
-        Lookup::Unknown => Err(ApiError(StatusCode::NOT_FOUND, format!("job {job} is not registered"))),
+        Lookup::Unknown => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("job {job} is not registered"),
+        )),
     }
 }
 
@@ -277,7 +281,12 @@ async fn finish_job(
         .mark_finished(job)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("job {job} is not registered")))?;
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("job {job} is not registered"),
+            )
+        })?;
     let sessions = match gw.registry.lookup(job) {
         Lookup::Active(_, live) => live.active_sessions(),
         _ => 0,
@@ -302,14 +311,17 @@ async fn delete_job(
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(job = %job, existed, "job deregistered");
-    Ok(Json(json!({ "job_id": job.to_string(), "deregistered": existed })))
+    Ok(Json(
+        json!({ "job_id": job.to_string(), "deregistered": existed }),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl host";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl host";
 
     fn body(json: serde_json::Value) -> RegisterRequest {
         serde_json::from_value(json).expect("shape")
@@ -340,14 +352,38 @@ mod tests {
     fn bad_fields_are_named() {
         let src: IpAddr = "10.0.0.9".parse().expect("ip");
         let cases = [
-            (json!({"actor": "-x", "user": "runner", "host_keys": [KEY]}), "actor"),
-            (json!({"actor": "a", "user": "a b", "host_keys": [KEY]}), "user"),
-            (json!({"actor": "a", "user": "r", "host_keys": []}), "host_keys"),
-            (json!({"actor": "a", "user": "r", "host_keys": ["nope"]}), "host_keys[0]"),
-            (json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": "example.com"}), "host"),
-            (json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": "0.0.0.0"}), "host"),
-            (json!({"actor": "a", "user": "r", "host_keys": [KEY], "allowed_users": ["no way"]}), "allowed_users"),
-            (json!({"actor": "a", "user": "r", "host_keys": [KEY], "repository": "../../etc"}), "repository"),
+            (
+                json!({"actor": "-x", "user": "runner", "host_keys": [KEY]}),
+                "actor",
+            ),
+            (
+                json!({"actor": "a", "user": "a b", "host_keys": [KEY]}),
+                "user",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": []}),
+                "host_keys",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": ["nope"]}),
+                "host_keys[0]",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": "example.com"}),
+                "host",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": "0.0.0.0"}),
+                "host",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": [KEY], "allowed_users": ["no way"]}),
+                "allowed_users",
+            ),
+            (
+                json!({"actor": "a", "user": "r", "host_keys": [KEY], "repository": "../../etc"}),
+                "repository",
+            ),
         ];
         for (json, field) in cases {
             let err = validate(job(), body(json.clone()), src, 1, None).expect_err("invalid");
@@ -366,8 +402,22 @@ mod tests {
     #[test]
     fn a_refresh_keeps_the_first_registration_time() {
         let src: IpAddr = "10.0.0.9".parse().expect("ip");
-        let first = validate(job(), body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})), src, 5, None).expect("ok");
-        let again = validate(job(), body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})), src, 9, Some(&first)).expect("ok");
+        let first = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
+            src,
+            5,
+            None,
+        )
+        .expect("ok");
+        let again = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
+            src,
+            9,
+            Some(&first),
+        )
+        .expect("ok");
         assert_eq!(again.registered_at, 5);
         assert_eq!(again.refreshed_at, 9);
     }

@@ -76,13 +76,25 @@ pub async fn run(
                 .header_read_timeout(request_timeout)
                 .max_buf_size(64 * 1024);
             let served = match tls {
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        tokio::time::timeout(request_timeout * 20, http.serve_connection(TokioIo::new(stream), service)).await
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            tokio::time::timeout(
+                                request_timeout * 20,
+                                http.serve_connection(TokioIo::new(stream), service),
+                            )
+                            .await
+                        }
+                        _ => return,
                     }
-                    _ => return,
-                },
-                None => tokio::time::timeout(request_timeout * 20, http.serve_connection(TokioIo::new(tcp), service)).await,
+                }
+                None => {
+                    tokio::time::timeout(
+                        request_timeout * 20,
+                        http.serve_connection(TokioIo::new(tcp), service),
+                    )
+                    .await
+                }
             };
             if let Ok(Err(e)) = served {
                 tracing::debug!(%peer, "api connection: {e}");

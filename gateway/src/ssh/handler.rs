@@ -10,7 +10,10 @@ use std::sync::{Arc, OnceLock};
 
 use russh::keys::PublicKey;
 use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, MethodKind, MethodSet, Pty, Sig};
+use russh::{
+    Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, MethodKind, MethodSet,
+    Pty, Sig,
+};
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
@@ -182,7 +185,11 @@ impl Connection {
                 if let Some(reason) = reason {
                     info!(conn, "closing: {reason}");
                     let _ = handle
-                        .disconnect(Disconnect::ByApplication, format!("ci-gateway: {reason}"), "en".into())
+                        .disconnect(
+                            Disconnect::ByApplication,
+                            format!("ci-gateway: {reason}"),
+                            "en".into(),
+                        )
                         .await;
                     return;
                 }
@@ -276,7 +283,12 @@ impl server::Handler for Connection {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let State::Job { job, live, identity } = &self.state else {
+        let State::Job {
+            job,
+            live,
+            identity,
+        } = &self.state
+        else {
             return Ok(());
         };
         let (job, live) = (job.clone(), live.clone());
@@ -330,7 +342,9 @@ impl server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         let Some(runner) = self.runner.clone() else {
             // Jump mode serves forwards only.
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
         if !self.take_channel_slot() {
@@ -381,12 +395,17 @@ impl server::Handler for Connection {
                 .await;
                 match opened {
                     Ok(Ok(up)) => {
-                        info!(conn = self.id, host_to_connect, port_to_connect, "forward opened on the runner");
+                        info!(
+                            conn = self.id,
+                            host_to_connect, port_to_connect, "forward opened on the runner"
+                        );
                         self.bridge(channel, up, reply);
                     }
                     Ok(Err(e)) => self.refuse_channel(
                         reply,
-                        format!("the runner could not open {host_to_connect}:{port_to_connect}: {e}"),
+                        format!(
+                            "the runner could not open {host_to_connect}:{port_to_connect}: {e}"
+                        ),
                     ),
                     Err(_) => self.refuse_channel(reply, "the runner did not answer".into()),
                 }
@@ -399,7 +418,11 @@ impl server::Handler for Connection {
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
         Ok(())
     }
@@ -418,8 +441,10 @@ impl server::Handler for Connection {
         let term = term.to_string();
         let modes = modes.to_vec();
         self.forward_request(channel, session, |tx| async move {
-            tx.request_pty(true, &term, col_width, row_height, pix_width, pix_height, &modes)
-                .await
+            tx.request_pty(
+                true, &term, col_width, row_height, pix_width, pix_height, &modes,
+            )
+            .await
         })
         .await
     }
@@ -438,9 +463,15 @@ impl server::Handler for Connection {
         .await
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
-        self.forward_request(channel, session, |tx| async move { tx.request_shell(true).await })
-            .await
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.forward_request(channel, session, |tx| async move {
+            tx.request_shell(true).await
+        })
+        .await
     }
 
     async fn exec_request(
@@ -450,8 +481,10 @@ impl server::Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let command = data.to_vec();
-        self.forward_request(channel, session, |tx| async move { tx.exec(true, command).await })
-            .await
+        self.forward_request(channel, session, |tx| async move {
+            tx.exec(true, command).await
+        })
+        .await
     }
 
     async fn subsystem_request(
@@ -477,12 +510,19 @@ impl server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(tx) = self.up_tx(channel) {
-            let _ = tx.window_change(col_width, row_height, pix_width, pix_height).await;
+            let _ = tx
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
         }
         Ok(())
     }
 
-    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if let Some(tx) = self.up_tx(channel) {
             let _ = tx.signal(signal).await;
         }
@@ -517,7 +557,9 @@ impl Connection {
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
-            let bytes = crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx).await;
+            let bytes =
+                crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx)
+                    .await;
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             debug!(conn, to_runner = bytes.to_runner, to_user = bytes.to_user, exit_status = ?bytes.exit_status, "channel closed");
         });
@@ -536,17 +578,31 @@ impl Connection {
         tokio::spawn(async move {
             if let (0, Some(handle)) = (still_open, handle) {
                 let _ = handle
-                    .disconnect(Disconnect::ByApplication, format!("ci-gateway: {reason}"), "en".into())
+                    .disconnect(
+                        Disconnect::ByApplication,
+                        format!("ci-gateway: {reason}"),
+                        "en".into(),
+                    )
                     .await;
+                // A refusal sent now could overtake the disconnect and make
+                // the client exit without printing the reason; the
+                // disconnect ends the channel anyway.
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
         });
     }
 
     /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` is connected by TCP to
     /// that job's runner, and to nothing else.
     async fn dial_jump(&mut self, host: &str, port: u32) -> Result<tokio::net::TcpStream, String> {
-        let State::Jump { identity: Some(who), .. } = &self.state else {
+        let State::Jump {
+            identity: Some(who),
+            ..
+        } = &self.state
+        else {
             return Err("not authenticated".into());
         };
         let login = who.login.clone();
@@ -565,7 +621,9 @@ impl Connection {
         let (job, live) = match self.gw.registry.lookup(job_id) {
             Lookup::Active(job, live) => (job, live),
             Lookup::Ended(reason) => return Err(reason),
-            Lookup::Unknown => return Err(format!("job {job_id} is not registered with this gateway")),
+            Lookup::Unknown => {
+                return Err(format!("job {job_id} is not registered with this gateway"))
+            }
         };
         if !access::may_enter(&job, &login, &self.gw.policy) {
             return Err(format!("{login} is not allowed on job {job_id}"));
@@ -576,8 +634,16 @@ impl Connection {
         let timeout = self.gw.config.upstream.connect_timeout;
         let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(format!("job {job_id}: the runner at {addr} is unreachable: {e}")),
-            Err(_) => return Err(format!("job {job_id}: the runner at {addr} did not answer within {timeout:?}")),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "job {job_id}: the runner at {addr} is unreachable: {e}"
+                ))
+            }
+            Err(_) => {
+                return Err(format!(
+                    "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
+                ))
+            }
         };
         let _ = tcp.set_nodelay(true);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
@@ -589,15 +655,25 @@ impl Connection {
     }
 
     /// Splices an accepted jump channel with its TCP connection to the runner.
-    fn splice(&self, channel: Channel<Msg>, tcp: tokio::net::TcpStream, reply: server::ChannelOpenHandle) {
+    fn splice(
+        &self,
+        channel: Channel<Msg>,
+        tcp: tokio::net::TcpStream,
+        reply: server::ChannelOpenHandle,
+    ) {
         let open = self.open_channels.clone();
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
             let mut stream = channel.into_stream();
             let mut tcp = tcp;
-            let result =
-                tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+            let result = tokio::io::copy_bidirectional_with_sizes(
+                &mut stream,
+                &mut tcp,
+                64 * 1024,
+                64 * 1024,
+            )
+            .await;
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             debug!(conn, ?result, "jump forward closed");
         });

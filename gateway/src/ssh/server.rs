@@ -19,7 +19,9 @@ use crate::Gateway;
 
 pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
     Config {
-        server_id: SshId::Standard(concat!("SSH-2.0-ci-gateway_", env!("CARGO_PKG_VERSION")).into()),
+        server_id: SshId::Standard(
+            concat!("SSH-2.0-ci-gateway_", env!("CARGO_PKG_VERSION")).into(),
+        ),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: ssh.auth_rejection_time,
         // OpenSSH probes with "none" first; answering it at once costs nothing.
@@ -70,7 +72,11 @@ impl Drop for SourceSlot {
 /// Serves SSH on `listener` until `shutdown` resolves; then stops accepting
 /// and returns (open connections are closed by dropping the runtime or by the
 /// caller's grace period).
-pub async fn run(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
     let limit = Arc::new(Semaphore::new(gw.config.ssh.max_connections));
     let per_source = Arc::new(PerSource::default());
@@ -96,7 +102,8 @@ pub async fn run(gw: Arc<Gateway>, listener: TcpListener, shutdown: impl std::fu
                 }
             },
         };
-        let Some(slot) = per_source.take(peer.ip(), gw.config.ssh.max_connections_per_source) else {
+        let Some(slot) = per_source.take(peer.ip(), gw.config.ssh.max_connections_per_source)
+        else {
             debug!(%peer, "too many connections from this source");
             continue;
         };
@@ -125,17 +132,19 @@ async fn serve_connection(
     let authenticated = handler.authenticated.clone();
     let auth_timeout = gw.config.ssh.auth_timeout;
     // The version exchange is bounded too: a silent peer does not hold a slot.
-    let session = match tokio::time::timeout(auth_timeout, server::run_stream(config, stream, handler)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(conn = id, %peer, "handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            debug!(conn = id, %peer, "no SSH version line in time");
-            return;
-        }
-    };
+    let session =
+        match tokio::time::timeout(auth_timeout, server::run_stream(config, stream, handler)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(conn = id, %peer, "handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(conn = id, %peer, "no SSH version line in time");
+                return;
+            }
+        };
     let handle = session.handle();
     let _ = shared.set(handle.clone());
     let deadline = async {

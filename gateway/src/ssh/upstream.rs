@@ -38,7 +38,10 @@ pub struct Runner {
 impl client::Handler for Runner {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let ok = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => {
                 self.pinned.iter().any(|p| crate::keys::same_key(p, key))
@@ -135,8 +138,9 @@ pub async fn connect(
                 handle.authenticate_publickey(job.user.clone(), key).await
             }
             Os::Linux | Os::Macos => {
-                let ephemeral = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
-                    .map_err(|e| russh::Error::from(russh::keys::Error::from(e)))?;
+                let ephemeral =
+                    PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                        .map_err(|e| russh::Error::from(russh::keys::Error::from(e)))?;
                 let key_id = format!("ci-gateway:{login}:job-{}", job.job_id);
                 let cert = gw
                     .ca

@@ -1,0 +1,646 @@
+//! The end-to-end harness: a fake GitHub API (in-process), a real OpenSSH
+//! `sshd` as the runner on a loopback address, the gateway in-process on
+//! port 0, and the real `ssh`/`scp`/`sftp` clients driving it.
+//!
+//! Tools that are missing make the test fail with what to install; nothing
+//! is skipped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const TOKEN: &str = "test-registration-token-0123456789";
+
+/// Fails (not skips) when a tool is missing, saying what to install.
+pub fn require_tools() {
+    for (tool, package) in [
+        ("ssh", "openssh-client"),
+        ("scp", "openssh-client"),
+        ("sftp", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("rsync", "rsync"),
+    ] {
+        let found = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(found, "`{tool}` is missing: install the Debian package {package} (or run scripts/test, which does)");
+    }
+    assert!(
+        sshd_path().is_some(),
+        "`sshd` is missing: install the Debian package openssh-server (or run scripts/test, which does)"
+    );
+}
+
+pub fn sshd_path() -> Option<PathBuf> {
+    ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+pub fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fresh temporary directory readable by sshd (which reads as the user).
+pub fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("cigw-e2e-")
+        .tempdir()
+        .expect("tempdir");
+    set_mode(dir.path(), 0o755);
+    dir
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// An SSH key pair made by ssh-keygen: `path` and `path.pub`.
+pub struct KeyPair {
+    pub path: PathBuf,
+    pub public: String,
+}
+
+pub fn keygen(dir: &Path, name: &str, kind: &str) -> KeyPair {
+    let path = dir.join(name);
+    let mut cmd = std::process::Command::new("ssh-keygen");
+    cmd.args(["-q", "-N", "", "-C", name, "-t", kind, "-f"])
+        .arg(&path);
+    if kind == "rsa" {
+        cmd.args(["-b", "2048"]);
+    }
+    let status = cmd.status().expect("ssh-keygen runs");
+    assert!(status.success(), "ssh-keygen failed");
+    let public = std::fs::read_to_string(path.with_extension("pub"))
+        .or_else(|_| std::fs::read_to_string(format!("{}.pub", path.display())))
+        .expect("public key");
+    KeyPair {
+        path,
+        public: public.trim().to_string(),
+    }
+}
+
+/// The fake GitHub API: `GET /users/{login}/keys` from a table.
+#[derive(Clone, Default)]
+pub struct FakeGithub {
+    pub keys: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    pub hits: Arc<AtomicUsize>,
+    pub down: Arc<AtomicBool>,
+    pub delay_ms: Arc<AtomicUsize>,
+    pub url: String,
+}
+
+impl FakeGithub {
+    pub async fn start() -> FakeGithub {
+        let mut gh = FakeGithub::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        gh.url = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = Router::new()
+            .route("/users/{login}/keys", get(user_keys))
+            .with_state(gh.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        gh
+    }
+
+    pub fn set(&self, login: &str, keys: &[&str]) {
+        self.keys.lock().expect("lock").insert(
+            login.to_string(),
+            keys.iter().map(|k| k.to_string()).collect(),
+        );
+    }
+}
+
+async fn user_keys(
+    State(gh): State<FakeGithub>,
+    UrlPath(login): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    gh.hits.fetch_add(1, Ordering::SeqCst);
+    let delay = gh.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+    if gh.down.load(Ordering::SeqCst) {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"message": "unavailable"})),
+        ));
+    }
+    let table = gh.keys.lock().expect("lock").clone();
+    match table.get(&login.to_lowercase()) {
+        Some(keys) => Ok(Json(serde_json::Value::Array(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| serde_json::json!({"id": i + 1, "key": k}))
+                .collect(),
+        ))),
+        None => Err((
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"message": "Not Found"})),
+        )),
+    }
+}
+
+/// A real OpenSSH sshd playing the runner, on its own loopback address.
+pub struct RunnerSshd {
+    pub addr: SocketAddr,
+    pub host_key_pub: String,
+    pub authorized_keys: PathBuf,
+    pub user: String,
+    child: std::process::Child,
+    pub dir: PathBuf,
+}
+
+impl RunnerSshd {
+    /// `ip` is a loopback address such as 127.0.0.5.
+    pub fn start(dir: &Path, ip: &str) -> RunnerSshd {
+        require_tools();
+        let dir = dir.join(format!("runner-{ip}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        set_mode(&dir, 0o755);
+        let host_key = keygen(&dir, "ssh_host_ed25519_key", "ed25519");
+        let authorized_keys = dir.join("authorized_keys");
+        std::fs::write(&authorized_keys, "").expect("write");
+        set_mode(&authorized_keys, 0o644);
+        if nix_is_root() {
+            let _ = std::fs::create_dir_all("/run/sshd");
+        }
+        let user = current_user();
+        // sshd needs a port number in its config; take a free one from the
+        // kernel (a small race with other tests, retried below).
+        for _attempt in 0..5 {
+            let port = {
+                let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind probe");
+                l.local_addr().expect("addr").port()
+            };
+            let config = dir.join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+                     StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+                     AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n",
+                    hk = host_key.path.display(),
+                    ak = authorized_keys.display(),
+                    pid = dir.join("sshd.pid").display(),
+                ),
+            )
+            .expect("write sshd_config");
+            let log = dir.join("sshd.log");
+            let child = std::process::Command::new(sshd_path().expect("sshd"))
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("sshd starts");
+            let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+            let mut child = child;
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return RunnerSshd {
+                        addr,
+                        host_key_pub: host_key.public.clone(),
+                        authorized_keys,
+                        user,
+                        child,
+                        dir,
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+        }
+        panic!(
+            "sshd did not start: {}",
+            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn install(&self, lines: &[String]) {
+        std::fs::write(&self.authorized_keys, lines.join("\n") + "\n")
+            .expect("write authorized_keys");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RunnerSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The gateway, in-process, on 127.0.0.1 port 0.
+pub struct Gateway {
+    pub ssh: SocketAddr,
+    pub api: SocketAddr,
+    pub gw: Arc<ci_gateway::Gateway>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub async fn start(data_dir: &Path, github_url: &str, extra: &[(&str, &str)]) -> Gateway {
+        let mut env = vec![
+            (
+                "CI_GATEWAY__GITHUB__API_URL".to_string(),
+                github_url.to_string(),
+            ),
+            (
+                "CI_GATEWAY__REGISTRATION__TOKENS".to_string(),
+                TOKEN.to_string(),
+            ),
+            (
+                "CI_GATEWAY__STORAGE__DATA_DIR".to_string(),
+                data_dir.display().to_string(),
+            ),
+            (
+                "CI_GATEWAY__SSH__AUTH_REJECTION_TIME".to_string(),
+                "10ms".to_string(),
+            ),
+            (
+                "CI_GATEWAY__UPSTREAM__CONNECT_TIMEOUT".to_string(),
+                "5s".to_string(),
+            ),
+        ];
+        for (k, v) in extra {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let config =
+            ci_gateway::config::Config::load_with_env(None, env).expect("test config is valid");
+        let gw = Arc::new(ci_gateway::Gateway::new(config).expect("gateway starts"));
+        let ssh_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ssh");
+        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind api");
+        let ssh = ssh_l.local_addr().expect("addr");
+        let api = api_l.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ci_gateway::run(gw.clone(), ssh_l, api_l, async move {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            ssh,
+            api,
+            gw,
+            stop: Some(stop),
+            task: Some(tokio::spawn(async move {
+                let _ = task.await;
+            })),
+        }
+    }
+
+    /// Stops serving and waits until the state is released (no task holds it).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let gw = self.gw.clone();
+        drop(self);
+        for _ in 0..200 {
+            if Arc::strong_count(&gw) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway state still held after stop");
+    }
+
+    /// A raw HTTP/1.1 request to the API; returns (status, body).
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        http_raw(
+            self.api,
+            method,
+            path,
+            token,
+            body.map(|b| b.as_bytes().to_vec()),
+        )
+        .await
+    }
+
+    pub async fn register(&self, job: &str, json: serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, body) = self
+            .http(
+                "PUT",
+                &format!("/v1/jobs/{job}"),
+                Some(TOKEN),
+                Some(&json.to_string()),
+            )
+            .await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn job(&self, job: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self
+            .http("GET", &format!("/v1/jobs/{job}"), Some(TOKEN), None)
+            .await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("api connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || method == "PUT" || method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let _ = stream.write_all(&body).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// Output of a client command.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Options every client run uses: no user config, no agent, no prompts, a
+/// fresh known_hosts, the given identity only.
+pub fn client_opts(key: &Path) -> Vec<String> {
+    vec![
+        "-F".into(),
+        "/dev/null".into(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "IdentityAgent=none".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        "-o".into(),
+        "ConnectTimeout=20".into(),
+        "-i".into(),
+        key.display().to_string(),
+    ]
+}
+
+/// Runs a program with a deadline (a hang is a failure, not a stuck test).
+pub async fn run(program: &str, args: &[String], stdin: Option<Vec<u8>>) -> Run {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} does not start: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&input).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} hung for 120s"))
+        .expect("wait");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+/// `ssh <user>@gateway <command...>` with `key`.
+pub async fn ssh(
+    gw: &Gateway,
+    key: &Path,
+    user: &str,
+    extra: &[&str],
+    stdin: Option<Vec<u8>>,
+) -> Run {
+    let mut args = client_opts(key);
+    args.extend(["-p".into(), gw.ssh.port().to_string()]);
+    // Leading `-x` words are client options; the rest is the remote command.
+    let split = extra
+        .iter()
+        .position(|a| !a.starts_with('-'))
+        .unwrap_or(extra.len());
+    args.extend(extra[..split].iter().map(|s| s.to_string()));
+    args.push(format!("{user}@127.0.0.1"));
+    args.extend(extra[split..].iter().map(|s| s.to_string()));
+    run("ssh", &args, stdin).await
+}
+
+/// Jump mode: `ssh -J <login>@gateway <runner-user>@<dest>`; the jump is
+/// spelled as a ProxyCommand so that the jump leg uses the same options.
+pub async fn ssh_jump(
+    gw: &Gateway,
+    key: &Path,
+    login: &str,
+    runner_user: &str,
+    dest: &str,
+    port: u16,
+    command: &[&str],
+) -> Run {
+    let inner = client_opts(key).join(" ");
+    let mut args = client_opts(key);
+    args.extend([
+        "-o".into(),
+        format!(
+            "ProxyCommand=ssh {inner} -p {} -W %h:%p {login}@127.0.0.1",
+            gw.ssh.port()
+        ),
+        "-p".into(),
+        port.to_string(),
+        format!("{runner_user}@{dest}"),
+    ]);
+    args.extend(command.iter().map(|s| s.to_string()));
+    run("ssh", &args, None).await
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after 20 s.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A registration body for `runner` with `actor`.
+pub fn registration(runner: &RunnerSshd, actor: &str) -> serde_json::Value {
+    serde_json::json!({
+        "actor": actor,
+        "host": runner.addr.ip().to_string(),
+        "port": runner.addr.port(),
+        "user": runner.user,
+        "host_keys": [runner.host_key_pub],
+        "repository": "acme/widgets",
+        "run_id": 42,
+        "os": "linux",
+    })
+}
+
+/// Everything most tests need: GitHub with three people, a runner, a gateway,
+/// and job `job` registered with octocat as its actor.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub github: FakeGithub,
+    pub runner: RunnerSshd,
+    pub gateway: Gateway,
+    pub octocat: KeyPair,
+    pub mallory: KeyPair,
+    pub hubot: KeyPair,
+    pub admin: KeyPair,
+    pub job: String,
+}
+
+impl World {
+    pub async fn new(runner_ip: &str, job: &str) -> World {
+        Self::with_config(runner_ip, job, &[]).await
+    }
+
+    pub async fn with_config(runner_ip: &str, job: &str, extra: &[(&str, &str)]) -> World {
+        require_tools();
+        let dir = tempdir();
+        let octocat = keygen(dir.path(), "octocat", "ed25519");
+        let mallory = keygen(dir.path(), "mallory", "ed25519");
+        let hubot = keygen(dir.path(), "hubot", "ecdsa");
+        let admin = keygen(dir.path(), "admin", "rsa");
+        let github = FakeGithub::start().await;
+        github.set("octocat", &[&octocat.public]);
+        github.set("mallory", &[&mallory.public]);
+        github.set("hubot", &[&hubot.public]);
+        github.set("the-admin", &[&admin.public]);
+        let runner = RunnerSshd::start(dir.path(), runner_ip);
+        let mut config = vec![("CI_GATEWAY__ACCESS__ADMINS", "the-admin")];
+        config.extend_from_slice(extra);
+        let data = dir.path().join("data");
+        let gateway = Gateway::start(&data, &github.url, &config).await;
+        let (status, body) = gateway
+            .register(job, registration(&runner, "octocat"))
+            .await;
+        assert_eq!(status, 200, "registration failed: {body}");
+        let lines: Vec<String> = body["authorized_keys"]
+            .as_array()
+            .expect("authorized_keys")
+            .iter()
+            .map(|l| l.as_str().expect("line").to_string())
+            .collect();
+        runner.install(&lines);
+        World {
+            dir,
+            github,
+            runner,
+            gateway,
+            octocat,
+            mallory,
+            hubot,
+            admin,
+            job: job.to_string(),
+        }
+    }
+}

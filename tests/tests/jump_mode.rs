@@ -1,0 +1,162 @@
+//! Jump mode end to end: `ssh -J <login>@gateway runneruser@<job-id>`, the
+//! user's own SSH session running end to end with the runner's sshd.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_jump_reaches_the_runners_own_sshd() {
+    let w = World::new("127.0.0.31", "9876543231").await;
+    // Port 22 means the runner's registered SSH port.
+    for dest in [w.job.clone(), format!("job-{}", w.job)] {
+        let r = ssh_jump(
+            &w.gateway,
+            &w.octocat.path,
+            "octocat",
+            &w.runner.user,
+            &dest,
+            22,
+            &["echo end-to-end; exit 4"],
+        )
+        .await;
+        assert_eq!(
+            (r.code, r.stdout.as_str()),
+            (4, "end-to-end\n"),
+            "{dest}: {r:?}"
+        );
+    }
+    // The runner saw the user's own key, not the gateway's certificate.
+    assert!(
+        w.runner.log().contains("Accepted publickey"),
+        "{}",
+        w.runner.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jump_mode_dials_nothing_but_the_jobs_runner_on_allowed_ports() {
+    let w = World::new("127.0.0.32", "9876543232").await;
+    let port = w.gateway.ssh.port();
+    let api_port = w.gateway.api.port();
+    let cases: Vec<(String, String)> = vec![
+        (format!("127.0.0.1:{port}"), "is not a job".into()),
+        (format!("127.0.0.1:{api_port}"), "is not a job".into()),
+        ("169.254.169.254:80".into(), "is not a job".into()),
+        ("localhost:22".into(), "is not a job".into()),
+        (
+            format!("{}:{}", w.runner.addr.ip(), w.runner.addr.port()),
+            "is not a job".into(),
+        ),
+        (format!("{}:2222", w.job), "port 2222 is not open".into()),
+        (format!("{}:8022", w.job), "port 8022 is not open".into()),
+        (
+            "4444444444:22".into(),
+            "job 4444444444 is not registered".into(),
+        ),
+    ];
+    for (dest, expected) in cases {
+        let mut args = client_opts(&w.octocat.path);
+        args.extend([
+            "-p".into(),
+            port.to_string(),
+            "-W".into(),
+            dest.clone(),
+            "octocat@127.0.0.1".into(),
+        ]);
+        let r = run("ssh", &args, None).await;
+        assert_eq!(r.code, 255, "{dest} was forwarded: {r:?}");
+        assert!(
+            r.stderr.contains(&expected),
+            "{dest}: expected {expected:?} in {r:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jump_mode_needs_the_logins_own_key_and_a_place_on_the_job() {
+    let w = World::new("127.0.0.33", "9876543233").await;
+    // mallory's key presented as octocat: refused at authentication.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.mallory.path,
+        "octocat",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["true"],
+    )
+    .await;
+    assert_eq!(r.code, 255);
+    assert!(r.stderr.contains("Permission denied"), "{r:?}");
+    // mallory as mallory: authenticated, but not allowed on the job.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.mallory.path,
+        "mallory",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["true"],
+    )
+    .await;
+    assert_eq!(r.code, 255);
+    assert!(r.stderr.contains("mallory is not allowed on job"), "{r:?}");
+    // The admin may (RSA key), once the runner trusts their key: it does,
+    // because registration returned the allowed people's keys.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.admin.path,
+        "the-admin",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["echo admin"],
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "admin", "{r:?}");
+    // Jump logins get no shell on the gateway itself.
+    let r = ssh(&w.gateway, &w.octocat.path, "octocat", &["true"], None).await;
+    assert_ne!(r.code, 0, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_jump_session_is_counted_and_kicked_on_deregistration() {
+    let w = World::new("127.0.0.34", "9876543234").await;
+    let gw = &w.gateway;
+    let inner = client_opts(&w.octocat.path).join(" ");
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-o".into(),
+        format!(
+            "ProxyCommand=ssh {inner} -p {} -W %h:%p octocat@127.0.0.1",
+            gw.ssh.port()
+        ),
+        "-p".into(),
+        "22".into(),
+        format!("{}@{}", w.runner.user, w.job),
+        "sleep 60".into(),
+    ]);
+    let session = tokio::spawn(async move { run("ssh", &args, None).await });
+    let live = match gw
+        .gw
+        .registry
+        .lookup(ci_gateway::ids::JobId::parse(&w.job).expect("id"))
+    {
+        ci_gateway::registry::Lookup::Active(_, live) => live,
+        other => panic!("{other:?}"),
+    };
+    eventually("the jump session is counted", || {
+        live.active_sessions() == 1
+    })
+    .await;
+    let (_, body) = gw.job(&w.job).await;
+    assert_eq!(body["active_sessions"], 1, "{body}");
+    let (status, _) = gw
+        .http("DELETE", &format!("/v1/jobs/{}", w.job), Some(TOKEN), None)
+        .await;
+    assert_eq!(status, 200);
+    let r = session.await.expect("join");
+    assert_eq!(r.code, 255, "{r:?}");
+    eventually("the count drops", || live.active_sessions() == 0).await;
+}

@@ -17,7 +17,8 @@ async fn bad_api_requests_get_a_json_4xx_and_change_nothing() {
     let huge = format!("{{\"actor\":\"{}\"}}", "a".repeat(100_000));
     let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let hostile = registration(&w.runner, "mallory");
-    let cases: Vec<(&str, String, Option<&str>, Option<String>, u16)> = vec![
+    type Case<'a> = (&'a str, String, Option<&'a str>, Option<String>, u16);
+    let cases: Vec<Case> = vec![
         ("PUT", path.clone(), None, Some(good.clone()), 401),
         (
             "PUT",

@@ -393,3 +393,26 @@ async fn deregistering_closes_open_sessions_with_a_message_and_refuses_new_ones(
     let (status, _) = gw.job(&w.job).await;
     assert_eq!(status, 410);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_bulk_both_ways_at_once_does_not_stall() {
+    // `cat` echoes while the client is still sending: both directions of one
+    // channel are full at the same time (the case that deadlocks when window
+    // is granted on receipt and the session loop blocks on a full queue).
+    let w = World::new("127.0.0.25", "9876543225").await;
+    let size = 48 * 1024 * 1024;
+    let data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &["cat"],
+        Some(data.clone()),
+    )
+    .await;
+    assert_eq!(r.code, 0, "stderr: {}", r.stderr);
+    assert_eq!(r.raw_stdout.len(), size, "echoed byte count");
+    assert!(r.raw_stdout == data, "echoed bytes differ");
+}

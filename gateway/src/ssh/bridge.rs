@@ -10,9 +10,11 @@
 //!   and the runner's success/failure replies, handed to the handler.
 //!
 //! Flow control is end to end: each direction writes with the receiving
-//! side's window (`data_bytes` waits for it) and reads the next message only
-//! after the previous one was handed on, so a slow reader slows the writer and
-//! at most one channel buffer per direction is held here.
+//! side's window (`data_bytes` waits for it), and only then gives the bytes
+//! back to the sending side as window (`release_window`, from our russh patch
+//! in `vendor/russh`). So a slow reader slows the writer, at most one window
+//! per direction is held here, and the session loops never block on a full
+//! channel queue (which would stall the other direction of the same channel).
 
 use russh::server;
 use russh::{client, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
@@ -39,8 +41,8 @@ pub async fn run(
     replies: mpsc::Sender<bool>,
 ) -> Bytes {
     let user_id = user_tx.id();
-    let up = user_to_runner(user_rx, &runner_tx);
-    let down = runner_to_user(runner_rx, &user_tx, &user_handle, replies);
+    let up = user_to_runner(user_rx, &user_tx, &runner_tx);
+    let down = runner_to_user(runner_rx, &user_tx, &runner_tx, &user_handle, replies);
     // When one direction sees the channel close, the other has nothing left
     // to do: close both ends and stop.
     let mut bytes = Bytes::default();
@@ -58,17 +60,31 @@ pub async fn run(
     bytes
 }
 
-async fn user_to_runner(mut rx: ChannelReadHalf, tx: &ChannelWriteHalf<client::Msg>) -> u64 {
+async fn user_to_runner(
+    mut rx: ChannelReadHalf,
+    user: &ChannelWriteHalf<server::Msg>,
+    tx: &ChannelWriteHalf<client::Msg>,
+) -> u64 {
     let mut n = 0u64;
     while let Some(msg) = rx.wait().await {
         let sent = match msg {
+            // Handed on, then given back to the user as window: the user can
+            // never have more in flight here than one window.
             ChannelMsg::Data { data } => {
-                n += data.len() as u64;
-                tx.data_bytes(data).await
+                let len = data.len();
+                n += len as u64;
+                match tx.data_bytes(data).await {
+                    Ok(()) => user.release_window(len as u32).await,
+                    Err(e) => Err(e),
+                }
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                n += data.len() as u64;
-                tx.extended_data_bytes(ext, data).await
+                let len = data.len();
+                n += len as u64;
+                match tx.extended_data_bytes(ext, data).await {
+                    Ok(()) => user.release_window(len as u32).await,
+                    Err(e) => Err(e),
+                }
             }
             ChannelMsg::Eof => tx.eof().await,
             ChannelMsg::Close => break,
@@ -86,6 +102,7 @@ async fn user_to_runner(mut rx: ChannelReadHalf, tx: &ChannelWriteHalf<client::M
 async fn runner_to_user(
     mut rx: ChannelReadHalf,
     tx: &ChannelWriteHalf<server::Msg>,
+    runner: &ChannelWriteHalf<client::Msg>,
     handle: &server::Handle,
     replies: mpsc::Sender<bool>,
 ) -> (u64, Option<u32>) {
@@ -95,12 +112,20 @@ async fn runner_to_user(
     while let Some(msg) = rx.wait().await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
-                n += data.len() as u64;
-                tx.data_bytes(data).await.map_err(|_| ())
+                let len = data.len();
+                n += len as u64;
+                match tx.data_bytes(data).await {
+                    Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                n += data.len() as u64;
-                tx.extended_data_bytes(ext, data).await.map_err(|_| ())
+                let len = data.len();
+                n += len as u64;
+                match tx.extended_data_bytes(ext, data).await {
+                    Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
             }
             ChannelMsg::Eof => handle.eof(id).await,
             ChannelMsg::ExitStatus { exit_status } => {

@@ -31,9 +31,12 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         inactivity_timeout: Some(ssh.idle_timeout),
         keepalive_interval: Some(ssh.keepalive_interval),
         keepalive_max: 3,
-        window_size: 8 * 1024 * 1024,
+        // With consumption-driven grants a peer has at most one window in
+        // flight per channel; the queue holds that many full packets and
+        // more, so the session loop does not wait on it for a well-behaved peer.
+        window_size: 2 * 1024 * 1024,
         maximum_packet_size: 32768,
-        channel_buffer_size: 64,
+        channel_buffer_size: 1024,
         nodelay: true,
         ..Default::default()
     }

@@ -82,9 +82,12 @@ pub fn client_config(keepalive: Duration) -> client::Config {
     client::Config {
         // Large windows keep a long fat pipe full; flow control still holds
         // end to end because the bridge only reads what it can forward.
-        window_size: 8 * 1024 * 1024,
+        // With consumption-driven grants a peer has at most one window in
+        // flight per channel; the queue holds that many full packets and
+        // more, so the session loop does not wait on it for a well-behaved peer.
+        window_size: 2 * 1024 * 1024,
         maximum_packet_size: 32768,
-        channel_buffer_size: 64,
+        channel_buffer_size: 1024,
         inactivity_timeout: None,
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,

@@ -447,6 +447,7 @@ pub async fn http_raw(
 #[derive(Debug)]
 pub struct Run {
     pub code: i32,
+    pub raw_stdout: Vec<u8>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -506,6 +507,7 @@ pub async fn run(program: &str, args: &[String], stdin: Option<Vec<u8>>) -> Run 
         .expect("wait");
     Run {
         code: out.status.code().unwrap_or(-1),
+        raw_stdout: out.stdout.clone(),
         stdout: String::from_utf8_lossy(&out.stdout).to_string(),
         stderr: String::from_utf8_lossy(&out.stderr).to_string(),
     }

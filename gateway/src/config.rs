@@ -384,6 +384,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = include_str!("../../config/gateway.example.toml");
+        let config = load(example, &[]).expect("config/gateway.example.toml validates");
+        assert_eq!(config.access.admins, vec!["octocat".to_string()]);
+    }
+
+    #[test]
     fn list_from_environment() {
         let config = load("", &[("CI_GATEWAY__ACCESS__JUMP_PORTS", "22,2222")]).expect("valid");
         assert_eq!(config.access.jump_ports, vec![22, 2222]);

@@ -140,7 +140,9 @@ pub async fn run(
         gw.config.api.request_timeout,
         stopped(),
     ));
-    let tick = (gw.config.hold.max / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    // Fine enough for the shortest of the two deadlines it enforces.
+    let shortest = gw.config.hold.max.min(gw.config.registration.ttl);
+    let tick = (shortest / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
     shutdown.await;
     let _ = stop_tx.send(true);

@@ -45,7 +45,7 @@ async fn the_runner_sees_the_registered_user_and_a_certificate_login() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pty_is_allocated_with_dash_t_and_sized_from_the_client() {
+async fn a_pty_is_allocated_with_dash_t_and_not_without() {
     let w = World::new("127.0.0.13", "9876543213").await;
     let r = ssh(
         &w.gateway,
@@ -415,4 +415,57 @@ async fn a_stream_that_is_bulk_both_ways_at_once_does_not_stall() {
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(r.raw_stdout.len(), size, "echoed byte count");
     assert!(r.raw_stdout == data, "echoed bytes differ");
+}
+
+/// Drives `ssh -tt` from a real pseudo-terminal (Python's `pty`), resizes that
+/// terminal and signals SIGWINCH, as a terminal emulator does.
+const RESIZE_DRIVER: &str = r#"
+import os, pty, sys, time, fcntl, termios, struct, signal, select
+args = sys.argv[1:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("ssh", ["ssh"] + args)
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+out = b""
+def read_until(needle, t):
+    global out
+    end = time.time() + t
+    while time.time() < end and needle not in out:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                out += os.read(fd, 1024)
+            except OSError:
+                return
+read_until(b"READY", 20)
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+os.kill(pid, signal.SIGWINCH)
+read_until(b"50 132", 20)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pty_takes_the_clients_size_and_follows_window_resizes() {
+    let w = World::new("127.0.0.26", "9876543226").await;
+    let python = run("sh", &["-c".into(), "command -v python3".into()], None).await;
+    assert_eq!(
+        python.code, 0,
+        "python3 is missing: install the Debian package python3"
+    );
+    let mut args = vec!["-c".to_string(), RESIZE_DRIVER.to_string()];
+    args.extend(client_opts(&w.octocat.path));
+    args.extend([
+        "-p".into(),
+        w.gateway.ssh.port().to_string(),
+        "-tt".into(),
+        format!("{}@127.0.0.1", w.job),
+        "stty size; echo READY; trap 'stty size; exit 0' WINCH; while :; do sleep 0.1; done".into(),
+    ]);
+    let r = run("python3", &args, None).await;
+    let lines: Vec<&str> = r.stdout.lines().map(str::trim).collect();
+    assert!(
+        lines.contains(&"24 80"),
+        "initial size not forwarded: {r:?}"
+    );
+    assert!(lines.contains(&"50 132"), "resize not forwarded: {r:?}");
 }

@@ -370,14 +370,7 @@ async fn deregistering_closes_open_sessions_with_a_message_and_refuses_new_ones(
         ]);
         run("ssh", &args, None).await
     });
-    let live = match gw
-        .gw
-        .registry
-        .lookup(ci_gateway::ids::JobId::parse(&w.job).expect("id"))
-    {
-        ci_gateway::registry::Lookup::Active(_, live) => live,
-        other => panic!("{other:?}"),
-    };
+    let live = w.live();
     eventually("the session is counted", || live.active_sessions() == 1).await;
     let (_, body) = gw.job(&w.job).await;
     assert_eq!(body["active_sessions"], 1);

@@ -138,14 +138,7 @@ async fn an_open_jump_session_is_counted_and_kicked_on_deregistration() {
         "sleep 60".into(),
     ]);
     let session = tokio::spawn(async move { run("ssh", &args, None).await });
-    let live = match gw
-        .gw
-        .registry
-        .lookup(ci_gateway::ids::JobId::parse(&w.job).expect("id"))
-    {
-        ci_gateway::registry::Lookup::Active(_, live) => live,
-        other => panic!("{other:?}"),
-    };
+    let live = w.live();
     eventually("the jump session is counted", || {
         live.active_sessions() == 1
     })

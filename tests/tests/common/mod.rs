@@ -646,3 +646,14 @@ impl World {
         }
     }
 }
+
+impl World {
+    /// The live state (session count, kick signal) of the world's job.
+    pub fn live(&self) -> Arc<ci_gateway::registry::Live> {
+        let id = ci_gateway::ids::JobId::parse(&self.job).expect("job id");
+        match self.gateway.gw.registry.lookup(id) {
+            ci_gateway::registry::Lookup::Active(_, live) => live,
+            other => panic!("job {} is not active: {other:?}", self.job),
+        }
+    }
+}

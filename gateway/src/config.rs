@@ -55,7 +55,8 @@ pub struct SshConfig {
     pub listen: SocketAddr,
     /// Empty: `<data_dir>/ssh_host_ed25519_key`, generated on first start.
     pub host_key: PathBuf,
-    /// The name users type after `@`, used in the commands the API hands out.
+    /// Where users reach the SSH port, `host` or `host:port`, used in the
+    /// commands the API hands out.
     pub public_host: String,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
@@ -124,6 +125,16 @@ pub struct HoldConfig {
     pub max: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_grace: Duration,
+    /// Job-mode users get a warning line this long before the hold deadline.
+    #[serde(deserialize_with = "durations")]
+    pub warn_before: Vec<Duration>,
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +188,7 @@ impl Config {
                 .with_list_parse_key("registration.tokens")
                 .with_list_parse_key("access.admins")
                 .with_list_parse_key("access.jump_ports")
+                .with_list_parse_key("hold.warn_before")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -272,10 +284,21 @@ impl Config {
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
-        if self.ssh.public_host.is_empty() {
-            return Err(invalid("ssh.public_host", "must not be empty"));
+        if let Err(e) = PublicAddress::parse(&self.ssh.public_host) {
+            return Err(invalid("ssh.public_host", &e));
+        }
+        if self.hold.warn_before.len() > 8 {
+            return Err(invalid("hold.warn_before", "at most 8 warnings"));
         }
         Ok(())
+    }
+
+    /// Where users reach the SSH port (validated, so parsing cannot fail).
+    pub fn public_address(&self) -> PublicAddress {
+        PublicAddress::parse(&self.ssh.public_host).unwrap_or(PublicAddress {
+            host: self.ssh.listen.ip().to_string(),
+            port: self.ssh.listen.port(),
+        })
     }
 
     pub fn host_key_path(&self) -> PathBuf {
@@ -293,6 +316,81 @@ impl Config {
             .iter()
             .filter_map(|a| GithubLogin::parse(a).ok())
             .collect()
+    }
+}
+
+/// `ssh.public_host` split into the name users type and the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl PublicAddress {
+    /// `host`, `host:port` or `[v6]:port`; the port defaults to 22.
+    pub fn parse(raw: &str) -> Result<PublicAddress, String> {
+        let (host, port) = match raw.strip_prefix('[') {
+            Some(rest) => {
+                let (host, after) = rest
+                    .split_once(']')
+                    .ok_or("an IPv6 address needs its closing ']'")?;
+                host.parse::<std::net::Ipv6Addr>()
+                    .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
+                match after {
+                    "" => (host, None),
+                    p => (host, Some(p.strip_prefix(':').ok_or("expected ':' after ']'")?)),
+                }
+            }
+            None => match raw.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (raw, None),
+            },
+        };
+        let ok_name = |h: &str| {
+            !h.is_empty()
+                && h.len() <= 253
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        };
+        if !raw.starts_with('[') && !ok_name(host) {
+            return Err(format!(
+                "{raw:?}: expected host or host:port (letters, digits, '.', '-')"
+            ));
+        }
+        let port = match port {
+            None => 22,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("{raw:?}: the port must be 1..=65535")),
+            },
+        };
+        Ok(PublicAddress {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// For `-J`/`ProxyJump`: `host` or `host:port` (`[v6]:port`).
+    pub fn jump_spec(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == 22 {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// `ssh` arguments before the destination: `-p N ` when not 22.
+    pub fn port_flag(&self) -> String {
+        if self.port == 22 {
+            String::new()
+        } else {
+            format!("-p {} ", self.port)
+        }
     }
 }
 

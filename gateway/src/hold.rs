@@ -1,48 +1,197 @@
-//! The hold window (DESIGN §5) and registration expiry: after a job finishes,
-//! its runner is held only while someone is connected, for at most
-//! `hold.max`; a registration not refreshed within `registration.ttl` is gone.
-//! Both end in a kick with a reason. Liveness is `Live`'s session count.
+//! The hold window (DESIGN §5) and registration expiry.
+//!
+//! After a job finishes, its runner is held only while someone is connected:
+//! with nobody connected once `hold.connect_grace` has passed, the hold is
+//! released at once; otherwise it lasts until the last session closes or
+//! `hold.max` after the finish, with warnings `hold.warn_before` the deadline.
+//! Every ending removes the job with a reason (sessions are kicked with it,
+//! later users and the runner's `wait` read it). One task per finished job
+//! makes these decisions, woken by session changes and its own deadlines.
+//!
+//! A registration not refreshed within `registration.ttl` (the runner died)
+//! is expired by [`sweep`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::ids::JobId;
 use crate::registry::{unix_now, Lookup, Registration};
 use crate::Gateway;
 
-/// The hold state of a job as the API shows it.
-pub fn describe(gw: &Gateway, job: &Registration, sessions: usize) -> Value {
-    let Some(finished) = job.finished_at else {
-        return json!({ "state": "running" });
-    };
-    let deadline = finished + gw.config.hold.max.as_secs();
-    let grace_end = finished + gw.config.hold.connect_grace.as_secs();
-    let now = unix_now();
-    let state = if now >= deadline {
-        "expired"
-    } else if sessions > 0 || now < grace_end {
-        "holding"
-    } else {
-        "released"
-    };
-    json!({ "state": state, "finished_at": finished, "deadline": deadline })
+/// Where a finished job's hold stands at `now` (unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    /// The job's steps are still running.
+    Running,
+    /// Finished; held for the sessions (or the connect grace).
+    Holding,
+    /// Finished, nobody connected: the runner may go.
+    Released,
+    /// The hold deadline passed.
+    Expired,
 }
 
-/// Ends holds past their deadline and registrations past their TTL, checking
-/// every `tick`.
+impl HoldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Running => "running",
+            HoldState::Holding => "holding",
+            HoldState::Released => "released",
+            HoldState::Expired => "expired",
+        }
+    }
+}
+
+/// The pure hold decision.
+pub fn state(
+    finished_at: Option<u64>,
+    sessions: usize,
+    now: u64,
+    max: Duration,
+    grace: Duration,
+) -> HoldState {
+    let Some(finished) = finished_at else {
+        return HoldState::Running;
+    };
+    if now >= finished + max.as_secs() {
+        HoldState::Expired
+    } else if sessions > 0 || now < finished + grace.as_secs() {
+        HoldState::Holding
+    } else {
+        HoldState::Released
+    }
+}
+
+/// The hold state of a job as the API shows it.
+pub fn describe(gw: &Gateway, job: &Registration, sessions: usize) -> Value {
+    let now = unix_now();
+    let hold = &gw.config.hold;
+    let st = state(job.finished_at, sessions, now, hold.max, hold.connect_grace);
+    let Some(finished) = job.finished_at else {
+        return json!({ "state": st.as_str(), "max_seconds": hold.max.as_secs() });
+    };
+    let deadline = finished + hold.max.as_secs();
+    json!({
+        "state": st.as_str(),
+        "finished_at": finished,
+        "deadline": deadline,
+        "remaining_seconds": deadline.saturating_sub(now),
+    })
+}
+
+fn at(unix: u64) -> tokio::time::Instant {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let target = Duration::from_secs(unix);
+    tokio::time::Instant::now() + target.saturating_sub(now_unix)
+}
+
+/// Starts the hold of a finished job (once per finish; the API and `run`
+/// call it).
+pub fn start(gw: Arc<Gateway>, job: JobId) {
+    let stopped = gw.stopped();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = hold(gw, job) => {}
+            _ = stopped => {}
+        }
+    });
+}
+
+async fn hold(gw: Arc<Gateway>, job: JobId) {
+    let Lookup::Active(reg, live) = gw.registry.lookup(job) else {
+        return;
+    };
+    let Some(finished) = reg.finished_at else {
+        return;
+    };
+    let cfg = gw.config.hold.clone();
+    let deadline = finished + cfg.max.as_secs();
+    let grace_end = finished + cfg.connect_grace.as_secs();
+    // Warnings whose time is still ahead, latest-first order of firing.
+    let mut warnings: Vec<Duration> = cfg
+        .warn_before
+        .iter()
+        .copied()
+        .filter(|w| !w.is_zero() && *w < cfg.max)
+        .collect();
+    warnings.sort_by(|a, b| b.cmp(a));
+    let now = unix_now();
+    warnings.retain(|w| deadline.saturating_sub(w.as_secs()) > now);
+    let mut sessions = live.watch_sessions();
+    let mut kick = live.watch_kick();
+    let mut had_sessions = false;
+    loop {
+        if kick.borrow_and_update().is_some() {
+            return; // deregistered or expired elsewhere
+        }
+        let now = unix_now();
+        let count = *sessions.borrow_and_update();
+        had_sessions |= count > 0;
+        let reason = match state(Some(finished), count, now, cfg.max, cfg.connect_grace) {
+            HoldState::Running | HoldState::Holding => None,
+            HoldState::Expired => Some(format!(
+                "job {job}: the hold of {} after the job finished is over",
+                humantime::format_duration(cfg.max)
+            )),
+            HoldState::Released if had_sessions => Some(format!(
+                "job {job} finished and its last session closed; the runner was released"
+            )),
+            HoldState::Released => Some(format!(
+                "job {job} finished with nobody connected; the runner was released"
+            )),
+        };
+        if let Some(reason) = reason {
+            tracing::info!(job = %job, "{reason}");
+            if let Err(e) = gw.registry.remove(job, reason).await {
+                tracing::error!(job = %job, "ending the hold: {e}");
+            }
+            return;
+        }
+        while let Some(w) = warnings.first().copied() {
+            if deadline.saturating_sub(w.as_secs()) > now {
+                break;
+            }
+            warnings.remove(0);
+            let left = deadline.saturating_sub(now);
+            let line = format!(
+                "this runner is released in {} (the hold of job {job} ends at its {} limit); save your work",
+                humantime::format_duration(Duration::from_secs(left)),
+                humantime::format_duration(cfg.max)
+            );
+            tracing::info!(job = %job, sessions = count, "hold warning: {} left", left);
+            live.notify(line);
+        }
+        let mut wake = deadline;
+        if now < grace_end {
+            wake = wake.min(grace_end);
+        }
+        if let Some(w) = warnings.first() {
+            wake = wake.min(deadline.saturating_sub(w.as_secs()));
+        }
+        tokio::select! {
+            changed = sessions.changed() => if changed.is_err() { return },
+            changed = kick.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(at(wake)) => {}
+        }
+    }
+}
+
+/// Expires registrations whose runner stopped refreshing them, checking
+/// every `tick`. A finished job is not refreshed any more; its hold rules it.
 pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let now = unix_now();
         let ttl = gw.config.registration.ttl.as_secs();
-        for job in gw.registry.stale_jobs(now.saturating_sub(ttl)) {
+        for job in gw.registry.stale_jobs(unix_now().saturating_sub(ttl)) {
             let Lookup::Active(reg, _) = gw.registry.lookup(job) else {
                 continue;
             };
-            // A finished job is not refreshed any more; its hold rules it.
             if reg.finished_at.is_some() {
                 continue;
             }
@@ -53,23 +202,26 @@ pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
                 tracing::error!(job = %job, "expiring: {e}");
             }
         }
-        for job in gw.registry.finished_jobs() {
-            let Lookup::Active(reg, _) = gw.registry.lookup(job) else {
-                continue;
-            };
-            let Some(finished) = reg.finished_at else {
-                continue;
-            };
-            if now >= finished + gw.config.hold.max.as_secs() {
-                let reason = format!(
-                    "job {job}: the hold window of {} after the job finished is over",
-                    humantime::format_duration(gw.config.hold.max)
-                );
-                tracing::info!(job = %job, "{reason}");
-                if let Err(e) = gw.registry.remove(job, reason).await {
-                    tracing::error!(job = %job, "ending hold: {e}");
-                }
-            }
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_secs(100);
+
+    #[test]
+    fn the_hold_decision() {
+        let none = Duration::ZERO;
+        let grace = Duration::from_secs(10);
+        assert_eq!(state(None, 0, 50, MAX, none), HoldState::Running);
+        assert_eq!(state(Some(0), 0, 0, MAX, none), HoldState::Released);
+        assert_eq!(state(Some(0), 1, 0, MAX, none), HoldState::Holding);
+        assert_eq!(state(Some(0), 0, 5, MAX, grace), HoldState::Holding);
+        assert_eq!(state(Some(0), 0, 10, MAX, grace), HoldState::Released);
+        assert_eq!(state(Some(0), 3, 99, MAX, none), HoldState::Holding);
+        assert_eq!(state(Some(0), 3, 100, MAX, none), HoldState::Expired);
+        assert_eq!(state(Some(0), 0, 500, MAX, grace), HoldState::Expired);
     }
 }

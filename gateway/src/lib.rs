@@ -53,6 +53,8 @@ pub struct Gateway {
     pub upstream_config: Arc<russh::client::Config>,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
+    /// Set when `run` stops; background tasks (holds) end with it.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -101,7 +103,16 @@ impl Gateway {
             tokens,
             upstream_config,
             generated_token_file,
+            stopping: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Resolves once `run` has been told to stop.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 }
 
@@ -140,11 +151,15 @@ pub async fn run(
         gw.config.api.request_timeout,
         stopped(),
     ));
-    // Fine enough for the shortest of the two deadlines it enforces.
-    let shortest = gw.config.hold.max.min(gw.config.registration.ttl);
-    let tick = (shortest / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    // Holds that were running when the gateway stopped resume.
+    for job in gw.registry.finished_jobs() {
+        hold::start(gw.clone(), job);
+    }
+    let tick = (gw.config.registration.ttl / 8)
+        .clamp(Duration::from_millis(200), Duration::from_secs(5));
     let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
     shutdown.await;
+    gw.stopping.send_replace(true);
     let _ = stop_tx.send(true);
     let _ = ssh.await;
     let _ = api.await;

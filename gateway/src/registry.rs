@@ -82,11 +82,24 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A job's live state, shared by its sessions and the API.
+/// One open user connection as the API shows it. No source address: the
+/// runner side (and a public CI log) has no business knowing where users are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    pub login: String,
+    /// `job` (the gateway bridges it) or `jump` (end to end to the runner).
+    pub mode: &'static str,
+    pub since: u64,
+}
+
+/// A job's live state, shared by its sessions, the API and the hold.
 #[derive(Debug)]
 pub struct Live {
     sessions: watch::Sender<usize>,
     kick: watch::Sender<Option<String>>,
+    notice: watch::Sender<Option<String>>,
+    who: std::sync::Mutex<HashMap<u64, SessionInfo>>,
+    next_session: std::sync::atomic::AtomicU64,
 }
 
 impl Live {
@@ -94,17 +107,36 @@ impl Live {
         Arc::new(Live {
             sessions: watch::Sender::new(0),
             kick: watch::Sender::new(None),
+            notice: watch::Sender::new(None),
+            who: Default::default(),
+            next_session: Default::default(),
         })
     }
 
+    fn who(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
+        self.who.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts one open user connection until the guard drops.
-    pub fn enter(self: &Arc<Self>) -> SessionGuard {
+    pub fn enter(self: &Arc<Self>, info: SessionInfo) -> SessionGuard {
+        let key = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.who().insert(key, info);
         self.sessions.send_modify(|n| *n += 1);
-        SessionGuard(self.clone())
+        SessionGuard(self.clone(), key)
     }
 
     pub fn active_sessions(&self) -> usize {
         *self.sessions.borrow()
+    }
+
+    /// Who is connected, oldest first.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<(u64, SessionInfo)> =
+            self.who().iter().map(|(k, v)| (*k, v.clone())).collect();
+        all.sort_by_key(|(k, _)| *k);
+        all.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Changes of the session count (the hold logic waits on these).
@@ -121,14 +153,27 @@ impl Live {
     pub fn watch_kick(&self) -> watch::Receiver<Option<String>> {
         self.kick.subscribe()
     }
+
+    /// Shows `line` on the terminals of this job's job-mode sessions.
+    pub fn notify(&self, line: String) {
+        self.notice.send_replace(Some(line));
+    }
+
+    pub fn watch_notices(&self) -> watch::Receiver<Option<String>> {
+        let mut rx = self.notice.subscribe();
+        // A session that opens later does not replay an old warning.
+        rx.mark_unchanged();
+        rx
+    }
 }
 
 /// One open user connection to a job; the count drops with it.
 #[derive(Debug)]
-pub struct SessionGuard(Arc<Live>);
+pub struct SessionGuard(Arc<Live>, u64);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.0.who().remove(&self.1);
         self.0.sessions.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
@@ -272,17 +317,21 @@ impl Registry {
         Ok(registration)
     }
 
-    /// Marks the job finished (the hold starts); returns the updated record.
-    pub async fn mark_finished(&self, job: JobId) -> Result<Option<Arc<Registration>>, StoreError> {
+    /// Marks the job finished (the hold starts); returns the record and
+    /// whether this call was the one that finished it.
+    pub async fn mark_finished(
+        &self,
+        job: JobId,
+    ) -> Result<Option<(Arc<Registration>, bool)>, StoreError> {
         let Lookup::Active(reg, _) = self.lookup(job) else {
             return Ok(None);
         };
         if reg.finished_at.is_some() {
-            return Ok(Some(reg));
+            return Ok(Some((reg, false)));
         }
         let mut updated = (*reg).clone();
         updated.finished_at = Some(unix_now());
-        self.put(updated).await.map(Some)
+        self.put(updated).await.map(|r| Some((r, true)))
     }
 
     /// Removes the job, kicks its sessions with `reason`, and remembers that it
@@ -404,7 +453,12 @@ pub(crate) mod tests {
         let Lookup::Active(_, live) = reg.lookup(id) else {
             panic!("registered")
         };
-        let guard = live.enter();
+        let guard = live.enter(SessionInfo {
+            login: "octocat".into(),
+            mode: "job",
+            since: 1,
+        });
+        assert_eq!(live.sessions()[0].login, "octocat");
         let mut kick = live.watch_kick();
         assert_eq!(live.active_sessions(), 1);
         assert!(reg.remove(id, "job 8 ended".into()).await.expect("remove"));
@@ -413,6 +467,7 @@ pub(crate) mod tests {
         assert!(matches!(reg.lookup(id), Lookup::Ended(_)));
         drop(guard);
         assert_eq!(live.active_sessions(), 0);
+        assert!(live.sessions().is_empty());
         assert!(!reg
             .remove(id, "again".into())
             .await

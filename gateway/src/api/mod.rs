@@ -120,8 +120,44 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub job_id: String,
     pub authorized_keys: Vec<String>,
+    /// Job mode: `ssh <job>@gateway`.
     pub ssh_command: String,
+    /// Jump mode for the job's actor (others put their own login).
+    pub jump_command: String,
+    /// An `~/.ssh/config` block that makes `ssh job-<id>` work.
+    pub ssh_config: String,
+    /// The RDP forward, for Windows runners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdp_command: Option<String>,
+    /// Re-register at least this often, or the registration expires.
+    pub refresh_seconds: u64,
     pub hold_max_seconds: u64,
+}
+
+/// The commands a user copies from the CI log; pure.
+pub fn user_commands(
+    public: &crate::config::PublicAddress,
+    job: &Registration,
+) -> (String, String, String, Option<String>) {
+    let id = job.job_id;
+    let p = public.port_flag();
+    let host = &public.host;
+    let ssh = format!("ssh {p}{id}@{host}");
+    let jump = format!(
+        "ssh -J {}@{} {}@{id}",
+        job.actor,
+        public.jump_spec(),
+        job.user
+    );
+    let config = format!(
+        "Host job-*\n  User {}\n  ProxyJump {}@{}\n",
+        job.user,
+        job.actor,
+        public.jump_spec()
+    );
+    let rdp = (job.os == Os::Windows)
+        .then(|| format!("ssh {p}-N -L 3389:localhost:3389 {id}@{host}"));
+    (ssh, jump, config, rdp)
 }
 
 /// Checks a registration body; pure, so it is unit-tested without a server.
@@ -202,7 +238,10 @@ async fn put_job(
     let Json(body) = body?;
     let previous = match gw.registry.lookup(job) {
         Lookup::Active(reg, _) => Some(reg),
-        _ => None,
+        // Job ids are not reused (a re-run gets new ones): an ended job stays
+        // ended, so a late refresh cannot bring a released runner back.
+        Lookup::Ended(reason) => return Err(ApiError(StatusCode::GONE, reason)),
+        Lookup::Unknown => None,
     };
     let registration =
         validate(job, body, peer.ip(), unix_now(), previous.as_deref()).map_err(ApiError::bad)?;
@@ -213,10 +252,16 @@ async fn put_job(
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(job = %job, actor = %registration.actor, host = %registration.host, port = registration.port, refresh = previous.is_some(), "job registered");
     let authorized_keys = authorized_keys(&gw, &registration).await;
+    let (ssh_command, jump_command, ssh_config, rdp_command) =
+        user_commands(&gw.config.public_address(), &registration);
     Ok(Json(RegisterResponse {
         job_id: job.to_string(),
         authorized_keys,
-        ssh_command: format!("ssh {job}@{}", gw.config.ssh.public_host),
+        ssh_command,
+        jump_command,
+        ssh_config,
+        rdp_command,
+        refresh_seconds: (gw.config.registration.ttl.as_secs() / 3).max(1),
         hold_max_seconds: gw.config.hold.max.as_secs(),
     }))
 }
@@ -249,20 +294,45 @@ async fn authorized_keys(gw: &Gateway, job: &Registration) -> Vec<String> {
     lines
 }
 
+/// `GET /v1/jobs/{id}?wait=N`: with `wait`, answers when the job's sessions
+/// or hold change, or after N seconds (at most [`MAX_WAIT_SECONDS`]): the
+/// runner's `wait` long-polls instead of hammering the API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+pub const MAX_WAIT_SECONDS: u64 = 25;
+
 async fn get_job(
     State(gw): State<Arc<Gateway>>,
     Path(raw): Path<String>,
+    query: Result<axum::extract::Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    if let (Some(wait), Lookup::Active(_, live)) = (query.wait, gw.registry.lookup(job)) {
+        let mut sessions = live.watch_sessions();
+        let mut kick = live.watch_kick();
+        let limit = std::time::Duration::from_secs(wait.min(MAX_WAIT_SECONDS));
+        // A change of the count, a kick (the job ended), or the time is up.
+        let _ = tokio::time::timeout(limit, async {
+            if kick.borrow_and_update().is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = sessions.changed() => {}
+                _ = kick.changed() => {}
+            }
+        })
+        .await;
+        // Let the hold task act on the change before answering.
+        tokio::task::yield_now().await;
+    }
     match gw.registry.lookup(job) {
-        Lookup::Active(reg, live) => {
-            let mut value = serde_json::to_value(&*reg)
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            let sessions = live.active_sessions();
-            value["active_sessions"] = json!(sessions);
-            value["hold"] = crate::hold::describe(&gw, &reg, sessions);
-            Ok(Json(value))
-        }
+        Lookup::Active(reg, live) => Ok(Json(job_json(&gw, &reg, &live)?)),
         Lookup::Ended(reason) => Err(ApiError(StatusCode::GONE, reason)),
         Lookup::Unknown => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -271,32 +341,49 @@ async fn get_job(
     }
 }
 
+fn job_json(
+    gw: &Gateway,
+    reg: &Registration,
+    live: &crate::registry::Live,
+) -> Result<serde_json::Value, ApiError> {
+    let mut value = serde_json::to_value(reg)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let who = live.sessions();
+    value["active_sessions"] = json!(who.len());
+    value["sessions"] = json!(who);
+    value["hold"] = crate::hold::describe(gw, reg, who.len());
+    Ok(value)
+}
+
 async fn finish_job(
     State(gw): State<Arc<Gateway>>,
     Path(raw): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
-    let reg = gw
-        .registry
-        .mark_finished(job)
-        .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("job {job} is not registered"),
-            )
-        })?;
-    let sessions = match gw.registry.lookup(job) {
-        Lookup::Active(_, live) => live.active_sessions(),
-        _ => 0,
+    let (reg, newly) = match gw.registry.mark_finished(job).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            return Err(match gw.registry.lookup(job) {
+                Lookup::Ended(reason) => ApiError(StatusCode::GONE, reason),
+                _ => ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("job {job} is not registered"),
+                ),
+            })
+        }
+        Err(e) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     };
-    tracing::info!(job = %job, sessions, "job finished; hold decision follows");
-    Ok(Json(json!({
-        "job_id": job.to_string(),
-        "active_sessions": sessions,
-        "hold": crate::hold::describe(&gw, &reg, sessions),
-    })))
+    let Lookup::Active(_, live) = gw.registry.lookup(job) else {
+        return Err(ApiError(StatusCode::GONE, format!("job {job} ended")));
+    };
+    // The answer is computed before the hold task runs, so a runner with
+    // nobody connected reads "released" here and need not poll at all.
+    let value = job_json(&gw, &reg, &live)?;
+    if newly {
+        tracing::info!(job = %job, sessions = live.active_sessions(), "job finished; hold starts");
+        crate::hold::start(gw.clone(), job);
+    }
+    Ok(Json(value))
 }
 
 async fn delete_job(

@@ -4,7 +4,7 @@
 //! sent as the SSH disconnect reason (OpenSSH prints it) or as the reason of
 //! a refused channel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::access;
 use crate::ids::{GithubLogin, JobId, Target};
-use crate::registry::{Live, Lookup, Registration, SessionGuard};
+use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, SessionInfo};
 use crate::ssh::upstream::{self, RunnerConnection};
 use crate::Gateway;
 
@@ -65,8 +65,12 @@ pub struct Connection {
     runner: Option<Arc<RunnerConnection>>,
     guards: HashMap<JobId, SessionGuard>,
     channels: HashMap<ChannelId, UpChannel>,
+    /// The user's open session channels (job mode), where notices are shown.
+    session_channels: Arc<std::sync::Mutex<HashSet<ChannelId>>>,
     open_channels: Arc<std::sync::atomic::AtomicUsize>,
     pub authenticated: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the connection: the tasks it spawned end with it.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl Connection {
@@ -80,8 +84,10 @@ impl Connection {
             runner: None,
             guards: HashMap::new(),
             channels: HashMap::new(),
+            session_channels: Default::default(),
             open_channels: Default::default(),
             authenticated: Default::default(),
+            alive: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -178,6 +184,7 @@ impl Connection {
             return;
         };
         let mut kick = live.watch_kick();
+        let mut alive = self.alive.subscribe();
         let conn = self.id;
         tokio::spawn(async move {
             loop {
@@ -193,8 +200,42 @@ impl Connection {
                         .await;
                     return;
                 }
-                if kick.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = kick.changed() => if changed.is_err() { return },
+                    _ = alive.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Shows the job's notices (hold warnings) on this connection's session
+    /// channels, as stderr lines: visible on a terminal, and outside the data
+    /// stream of scp, sftp and other protocols.
+    fn watch_notices(&self, live: &Live) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let mut notices = live.watch_notices();
+        let mut alive = self.alive.subscribe();
+        let channels = self.session_channels.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = notices.changed() => if changed.is_err() { return },
+                    _ = alive.changed() => return,
+                }
+                let Some(line) = notices.borrow_and_update().clone() else {
+                    continue;
+                };
+                let open: Vec<ChannelId> = channels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect();
+                for channel in open {
+                    let text = format!("\r\nci-gateway: {line}\r\n");
+                    let _ = handle.extended_data(channel, 1, text.into_bytes()).await;
                 }
             }
         });
@@ -298,8 +339,16 @@ impl server::Handler for Connection {
             .unwrap_or_default();
         // Counted from now on: an open connection keeps the runner held even
         // while it is still connecting or only forwarding ports.
-        self.guards.insert(job.job_id, live.enter());
+        self.guards.insert(
+            job.job_id,
+            live.enter(SessionInfo {
+                login: login.clone(),
+                mode: "job",
+                since: unix_now(),
+            }),
+        );
         self.watch_kicks(&live);
+        self.watch_notices(&live);
         match upstream::connect(&self.gw, &job, &login).await {
             Ok(runner) => {
                 let runner = Arc::new(runner);
@@ -362,6 +411,10 @@ impl server::Handler for Connection {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
+        self.session_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel.id());
         self.bridge(channel, up, reply);
         Ok(())
     }
@@ -424,6 +477,10 @@ impl server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.session_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&channel);
         Ok(())
     }
 
@@ -647,7 +704,11 @@ impl Connection {
         };
         let _ = tcp.set_nodelay(true);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
-            slot.insert(live.enter());
+            slot.insert(live.enter(SessionInfo {
+                login: login.to_string(),
+                mode: "jump",
+                since: unix_now(),
+            }));
             self.watch_kicks(&live);
         }
         info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");

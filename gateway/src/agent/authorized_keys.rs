@@ -1,0 +1,308 @@
+//! Editing an `authorized_keys` file without clobbering anyone's lines.
+//!
+//! The lines `register` installs live in one marked block per job:
+//!
+//! ```text
+//! # ci-gateway job 9876543210 begin (managed by `ci-gateway runner`; do not edit)
+//! cert-authority,principals="runner" ssh-ed25519 AAAA... ci-gateway
+//! # ci-gateway job 9876543210 end
+//! ```
+//!
+//! Installing replaces that job's block (so running `register` twice changes
+//! nothing); removing deletes only it. Everything outside the block keeps its
+//! bytes, its order and its line endings (CRLF files stay CRLF), and a last
+//! line without a newline gets one before the block is appended.
+
+use std::io::Write;
+use std::path::Path;
+
+fn begin_marker(job: &str) -> String {
+    format!("# ci-gateway job {job} begin (managed by `ci-gateway runner`; do not edit)")
+}
+
+fn end_marker(job: &str) -> String {
+    format!("# ci-gateway job {job} end")
+}
+
+/// Splits into lines keeping each line's terminator.
+fn lines(text: &str) -> Vec<&str> {
+    text.split_inclusive('\n').collect()
+}
+
+fn content(line: &str) -> &str {
+    line.trim_end_matches(['\n', '\r'])
+}
+
+/// `text` without the job's block (and without a begin marker whose end is
+/// missing: that block runs to the end of the file, which only we write).
+pub fn remove(text: &str, job: &str) -> String {
+    let (begin, end) = (begin_marker(job), end_marker(job));
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in lines(text) {
+        let c = content(line);
+        if !inside && c == begin {
+            inside = true;
+        } else if inside {
+            if c == end {
+                inside = false;
+            }
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// `text` with the job's block set to `keys` (replacing an earlier one).
+pub fn install(text: &str, job: &str, keys: &[String]) -> Result<String, String> {
+    for key in keys {
+        if key.contains(['\n', '\r']) || key.trim().is_empty() || key.starts_with('#') {
+            return Err(format!(
+                "the gateway sent an unusable authorized_keys line: {:?}",
+                key.chars().take(60).collect::<String>()
+            ));
+        }
+    }
+    let newline = if text.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut out = remove(text, job);
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push_str(newline);
+    }
+    out.push_str(&begin_marker(job));
+    out.push_str(newline);
+    for key in keys {
+        out.push_str(key);
+        out.push_str(newline);
+    }
+    out.push_str(&end_marker(job));
+    out.push_str(newline);
+    Ok(out)
+}
+
+/// The lines of the job's block now in `text`.
+pub fn installed<'a>(text: &'a str, job: &str) -> Vec<&'a str> {
+    let (begin, end) = (begin_marker(job), end_marker(job));
+    let mut found = Vec::new();
+    let mut inside = false;
+    for line in lines(text) {
+        let c = content(line);
+        if !inside && c == begin {
+            inside = true;
+        } else if inside && c == end {
+            inside = false;
+        } else if inside {
+            found.push(c);
+        }
+    }
+    found
+}
+
+/// Who should own a file we create, on Unix: the runner user when the agent
+/// runs as root on their behalf.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Applies `edit` to the file at `path` (missing = empty) and writes the
+/// result back, only if it changed. Returns whether it changed.
+///
+/// Unix: the new content goes to a temporary file in the same directory
+/// (mode 0600, owner and mode of the old file, or `owner` for a new one),
+/// synced, then renamed over the old one: a crash leaves the old file or the
+/// new one, never half of one. A missing `~/.ssh` is created 0700.
+/// Windows: written in place, which keeps the file's ACL (sshd insists on
+/// one that only Administrators and SYSTEM can write; the action sets it).
+pub fn edit_file(
+    path: &Path,
+    owner: Option<Owner>,
+    edit: impl FnOnce(&str) -> Result<String, String>,
+) -> Result<bool, String> {
+    let shown = path.display();
+    let old = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| {
+            format!("{shown} is not UTF-8 text (written as UTF-16 by PowerShell's '>'?); sshd cannot read it either")
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("reading {shown}: {e}")),
+    };
+    let new = edit(&old)?;
+    if new == old {
+        return Ok(false);
+    }
+    write(path, new.as_bytes(), owner).map_err(|e| format!("writing {shown}: {e}"))?;
+    Ok(true)
+}
+
+#[cfg(unix)]
+fn write(path: &Path, bytes: &[u8], owner: Option<Owner>) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(o) = owner {
+            std::os::unix::fs::chown(dir, Some(o.uid), Some(o.gid))?;
+        }
+    }
+    let (mode, own) = match std::fs::metadata(path) {
+        // Keep the old mode, minus group/other write (sshd's StrictModes).
+        Ok(m) => (m.mode() & 0o7755, Some((m.uid(), m.gid()))),
+        Err(_) => (0o600, owner.map(|o| (o.uid, o.gid))),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "authorized_keys".into());
+    let tmp = dir.join(format!(".{name}.ci-gateway-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = own {
+            // Only root can give a file away; as the user it is ours already.
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
+                if e.kind() != std::io::ErrorKind::PermissionDenied {
+                    return Err(e);
+                }
+            }
+        }
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(not(unix))]
+fn write(path: &Path, bytes: &[u8], _owner: Option<Owner>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Vec<String> {
+        vec![
+            "cert-authority,principals=\"runner\" ssh-ed25519 AAAAC3Nza ci-gateway".into(),
+            "ssh-ed25519 AAAAC3Nzb octocat".into(),
+        ]
+    }
+
+    const EXISTING: &str = "# my own comment\nssh-rsa AAAAB3 me@laptop\n\nssh-ed25519 AAAAC3 other\n";
+
+    #[test]
+    fn install_appends_a_block_and_keeps_everything_else() {
+        let out = install(EXISTING, "42", &keys()).expect("install");
+        assert!(out.starts_with(EXISTING), "{out}");
+        assert_eq!(installed(&out, "42"), keys());
+        assert_eq!(remove(&out, "42"), EXISTING);
+    }
+
+    #[test]
+    fn install_twice_is_the_same_as_once() {
+        let once = install(EXISTING, "42", &keys()).expect("install");
+        let twice = install(&once, "42", &keys()).expect("again");
+        assert_eq!(once, twice);
+        let changed = install(&once, "42", &keys()[..1]).expect("fewer keys");
+        assert_eq!(installed(&changed, "42").len(), 1);
+        assert!(changed.starts_with(EXISTING));
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_kept_whole() {
+        let text = "ssh-rsa AAAAB3 me@laptop";
+        let out = install(text, "42", &keys()).expect("install");
+        assert!(out.starts_with("ssh-rsa AAAAB3 me@laptop\n# ci-gateway job 42 begin"));
+        // Removing leaves the user's line (now with its newline).
+        assert_eq!(remove(&out, "42"), "ssh-rsa AAAAB3 me@laptop\n");
+    }
+
+    #[test]
+    fn crlf_files_stay_crlf() {
+        let text = "ssh-rsa AAAAB3 me\r\n";
+        let out = install(text, "7", &keys()).expect("install");
+        assert!(!out.replace("\r\n", "").contains('\n'), "{out:?}");
+        assert_eq!(remove(&out, "7"), text);
+    }
+
+    #[test]
+    fn blocks_of_other_jobs_and_lookalike_lines_are_untouched() {
+        let other = install(EXISTING, "1", &keys()).expect("job 1");
+        let both = install(&other, "2", &keys()).expect("job 2");
+        assert_eq!(remove(&both, "2"), other);
+        assert_eq!(installed(&remove(&both, "1"), "2"), keys());
+        // A user's line that mentions ci-gateway is not ours.
+        let text = "ssh-ed25519 AAAA ci-gateway job 2 end\n";
+        assert_eq!(remove(text, "2"), text);
+    }
+
+    #[test]
+    fn removing_from_a_file_without_a_block_changes_nothing() {
+        assert_eq!(remove(EXISTING, "42"), EXISTING);
+        assert_eq!(remove("", "42"), "");
+    }
+
+    #[test]
+    fn lines_that_would_break_the_file_are_refused() {
+        for bad in ["ssh-ed25519 AAAA\nssh-rsa BBBB", "", "# comment"] {
+            assert!(install("", "1", &[bad.to_string()]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn edit_file_keeps_the_mode_and_creates_missing_files_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile_dir();
+        let path = dir.join(".ssh").join("authorized_keys");
+        assert!(edit_file(&path, None, |t| install(t, "5", &keys())).expect("create"));
+        let meta = std::fs::metadata(&path).expect("exists");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let ssh_dir = std::fs::metadata(path.parent().expect("dir")).expect("dir");
+        assert_eq!(ssh_dir.permissions().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(!edit_file(&path, None, |t| install(t, "5", &keys())).expect("same"));
+        assert!(edit_file(&path, None, |t| Ok(remove(t, "5"))).expect("remove"));
+        let meta = std::fs::metadata(&path).expect("exists");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_utf16_file_is_refused_not_rewritten() {
+        let dir = tempfile_dir();
+        let path = dir.join("administrators_authorized_keys");
+        let utf16: Vec<u8> = [0xFF, 0xFE, b's', 0, b's', 0, 0xD8, 0x00].to_vec();
+        std::fs::write(&path, &utf16).expect("write");
+        let err = edit_file(&path, None, |t| install(t, "5", &keys())).expect_err("refused");
+        assert!(err.contains("UTF-16"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), utf16);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cigw-ak-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+}

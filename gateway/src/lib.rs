@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - `main.rs` — arguments, logging, config, signals; calls [`run`].
+//! - [`cli`] — arguments, logging, config, signals; calls [`run`] (the binary
+//!   is `main.rs`, one line).
 //! - [`config`] — serde types, layering (defaults, file, env) and validation.
 //! - [`ids`] — `JobId`, `GithubLogin`, and the SSH username grammar.
 //! - [`registry`] — registered jobs, persisted in redb; each job's live state.
@@ -12,6 +13,7 @@
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
 //! - [`hold`] — hold window after a job finishes, registration expiry.
+//! - [`agent`] — `ci-gateway runner …`, the runner's side of the API.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and pass the listeners in; it binds nothing itself.
@@ -19,6 +21,8 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod agent;
+pub mod cli;
 pub mod api;
 pub mod config;
 pub mod github;

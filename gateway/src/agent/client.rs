@@ -1,0 +1,205 @@
+//! The runner API from the runner's side: JSON over HTTP(S) with a bearer
+//! token, every call bounded by a timeout. HTTPS trusts the system's roots,
+//! plus a PEM file given with `--ca-cert` for a gateway with a private CA.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::secret::Secret;
+
+/// One request's bound: connect, send, and read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// A long poll (`GET ?wait=`) waits this much longer than it asked for.
+const POLL_SLACK: Duration = Duration::from_secs(15);
+/// Answers are small JSON; a bigger one is not the gateway's.
+const MAX_ANSWER: usize = 1 << 20;
+
+pub struct Api {
+    base: String,
+    token: Secret<String>,
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// What went wrong, for the CI log.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The gateway answered with an error status.
+    #[error("the gateway answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    /// No answer (network, TLS, timeout); worth retrying.
+    #[error("cannot reach the gateway at {base}: {reason}")]
+    Transport { base: String, reason: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            ApiError::Transport { .. } => None,
+        }
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, token: Secret<String>, ca_cert: Option<&Path>) -> Result<Api, String> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(format!(
+                "--gateway {base:?}: expected the API's URL, http(s)://host:port"
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = ca_cert {
+            use rustls::pki_types::pem::PemObject;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(20))
+            .build(connector);
+        Ok(Api { base, token, http })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        let transport = |reason: String| ApiError::Transport {
+            base: self.base.clone(),
+            reason,
+        };
+        let bytes = match body {
+            Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| transport(e.to_string()))?),
+            None => Bytes::new(),
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token.expose()),
+            )
+            .header(hyper::header::USER_AGENT, concat!("ci-gateway-runner/", env!("CARGO_PKG_VERSION")));
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(bytes))
+            .map_err(|e| transport(e.to_string()))?;
+        let answer = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| transport(error_chain(&e)))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| transport(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ApiError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| transport(format!("no answer within {}s", timeout.as_secs())))??;
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+        Err(ApiError::Status { status, message })
+    }
+
+    pub async fn register(&self, job: &str, body: &Value) -> Result<Value, ApiError> {
+        self.call(Method::PUT, &format!("/v1/jobs/{job}"), Some(body), REQUEST_TIMEOUT)
+            .await
+    }
+
+    pub async fn finish(&self, job: &str) -> Result<Value, ApiError> {
+        self.call(Method::POST, &format!("/v1/jobs/{job}/finished"), None, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// The job's state; with `wait`, after its sessions or hold change (or
+    /// `wait` passes).
+    pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<Value, ApiError> {
+        match wait {
+            None => {
+                self.call(Method::GET, &format!("/v1/jobs/{job}"), None, REQUEST_TIMEOUT)
+                    .await
+            }
+            Some(w) => {
+                let path = format!("/v1/jobs/{job}?wait={}", w.as_secs());
+                self.call(Method::GET, &path, None, w + POLL_SLACK).await
+            }
+        }
+    }
+
+    /// Any GET (the GitHub job-id lookup uses it).
+    pub async fn get_json(&self, path: &str) -> Result<Value, ApiError> {
+        self.call(Method::GET, path, None, REQUEST_TIMEOUT).await
+    }
+
+    pub async fn deregister(&self, job: &str) -> Result<Value, ApiError> {
+        self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None, REQUEST_TIMEOUT)
+            .await
+    }
+}
+
+/// A hyper error says little at the top; its sources say what happened.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,154 @@
+//! The `ci-gateway` command line: arguments, logging, config, signals. No
+//! protocol logic lives here; see [`crate::run`] and [`crate::agent`]. The
+//! binary's `main` is just [`main`] (and so is the test crate's copy, which
+//! the end-to-end tests run as a real process).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::Config;
+use clap::{Parser, Subcommand};
+
+/// `EX_USAGE` from sysexits.h: the configuration is wrong.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "ci-gateway",
+    version,
+    about = "SSH bastion for debugging CI jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (SSH and the runner API).
+    Serve {
+        /// TOML config; without it, loopback-only development defaults.
+        #[arg(long, env = "CI_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// The runner's side: register a job, wait out its hold, deregister.
+    Runner {
+        #[command(subcommand)]
+        command: crate::agent::Command,
+    },
+    /// Validate a config and exit (0 if valid, 64 if not).
+    CheckConfig {
+        #[arg(long, env = "CI_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,russh=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Runner { command } => crate::agent::run(command),
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(_) => {
+                println!("config is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ci-gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let ssh_addr = config.ssh.listen;
+    let api_addr = config.api.listen;
+    let data_dir = config.storage.data_dir.clone();
+    let gw = Arc::new(crate::Gateway::new(config)?);
+    let ssh = tokio::net::TcpListener::bind(ssh_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("ssh.listen {ssh_addr}: {e}"))?;
+    let api = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("api.listen {api_addr}: {e}"))?;
+    let scheme = if gw.config.api.tls_cert.as_os_str().is_empty() {
+        "http"
+    } else {
+        "https"
+    };
+    eprintln!("ci-gateway {}", env!("CARGO_PKG_VERSION"));
+    eprintln!("  ssh:  {}", ssh.local_addr()?);
+    eprintln!("  api:  {scheme}://{}", api.local_addr()?);
+    eprintln!(
+        "  data: {}",
+        std::fs::canonicalize(&data_dir)
+            .unwrap_or(data_dir)
+            .display()
+    );
+    if let Some(path) = &gw.generated_token_file {
+        // The operator needs this token to register runners; it is printed
+        // once at start, never logged through tracing.
+        if let Some(token) = gw.tokens.first() {
+            eprintln!(
+                "  registration token: {} (kept in {})",
+                token.expose(),
+                path.display()
+            );
+        }
+    }
+    crate::run(gw, ssh, api, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}

@@ -17,7 +17,9 @@ const EX_USAGE: u8 = 64;
 #[command(
     name = "ci-gateway",
     version,
-    about = "SSH bastion for debugging CI jobs"
+    about = "SSH bastion for debugging CI jobs",
+    // The last of a repeated option wins (scripts can append overrides).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]

@@ -338,7 +338,10 @@ impl PublicAddress {
                     .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
                 match after {
                     "" => (host, None),
-                    p => (host, Some(p.strip_prefix(':').ok_or("expected ':' after ']'")?)),
+                    p => (
+                        host,
+                        Some(p.strip_prefix(':').ok_or("expected ':' after ']'")?),
+                    ),
                 }
             }
             None => match raw.split_once(':') {

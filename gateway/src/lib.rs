@@ -22,8 +22,8 @@
 
 pub mod access;
 pub mod agent;
-pub mod cli;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod github;
 pub mod hold;
@@ -159,8 +159,8 @@ pub async fn run(
     for job in gw.registry.finished_jobs() {
         hold::start(gw.clone(), job);
     }
-    let tick = (gw.config.registration.ttl / 8)
-        .clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let tick =
+        (gw.config.registration.ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
     shutdown.await;
     gw.stopping.send_replace(true);

@@ -207,7 +207,8 @@ mod tests {
         ]
     }
 
-    const EXISTING: &str = "# my own comment\nssh-rsa AAAAB3 me@laptop\n\nssh-ed25519 AAAAC3 other\n";
+    const EXISTING: &str =
+        "# my own comment\nssh-rsa AAAAB3 me@laptop\n\nssh-ed25519 AAAAC3 other\n";
 
     #[test]
     fn install_appends_a_block_and_keeps_everything_else() {

@@ -120,7 +120,10 @@ impl Api {
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", self.token.expose()),
             )
-            .header(hyper::header::USER_AGENT, concat!("ci-gateway-runner/", env!("CARGO_PKG_VERSION")));
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("ci-gateway-runner/", env!("CARGO_PKG_VERSION")),
+            );
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
@@ -157,13 +160,23 @@ impl Api {
     }
 
     pub async fn register(&self, job: &str, body: &Value) -> Result<Value, ApiError> {
-        self.call(Method::PUT, &format!("/v1/jobs/{job}"), Some(body), REQUEST_TIMEOUT)
-            .await
+        self.call(
+            Method::PUT,
+            &format!("/v1/jobs/{job}"),
+            Some(body),
+            REQUEST_TIMEOUT,
+        )
+        .await
     }
 
     pub async fn finish(&self, job: &str) -> Result<Value, ApiError> {
-        self.call(Method::POST, &format!("/v1/jobs/{job}/finished"), None, REQUEST_TIMEOUT)
-            .await
+        self.call(
+            Method::POST,
+            &format!("/v1/jobs/{job}/finished"),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
     }
 
     /// The job's state; with `wait`, after its sessions or hold change (or
@@ -171,8 +184,13 @@ impl Api {
     pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<Value, ApiError> {
         match wait {
             None => {
-                self.call(Method::GET, &format!("/v1/jobs/{job}"), None, REQUEST_TIMEOUT)
-                    .await
+                self.call(
+                    Method::GET,
+                    &format!("/v1/jobs/{job}"),
+                    None,
+                    REQUEST_TIMEOUT,
+                )
+                .await
             }
             Some(w) => {
                 let path = format!("/v1/jobs/{job}?wait={}", w.as_secs());
@@ -187,8 +205,13 @@ impl Api {
     }
 
     pub async fn deregister(&self, job: &str) -> Result<Value, ApiError> {
-        self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None, REQUEST_TIMEOUT)
-            .await
+        self.call(
+            Method::DELETE,
+            &format!("/v1/jobs/{job}"),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
     }
 }
 

@@ -30,7 +30,7 @@ use client::{Api, ApiError};
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Register this job with the gateway and make the runner reachable.
-    Register(RegisterArgs),
+    Register(Box<RegisterArgs>),
     /// Tell the gateway the job finished; return when the hold is over.
     Wait(WaitArgs),
     /// End the job at the gateway and remove the installed keys.
@@ -155,7 +155,7 @@ pub fn run(command: Command) -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Register(a) => register(a).await,
+            Command::Register(a) => register(*a).await,
             Command::Wait(a) => wait(a).await,
             Command::Deregister(a) => deregister(a).await,
             Command::Refresh(c) => refresh(c).await,
@@ -232,7 +232,8 @@ async fn job_id(common: &Common) -> Result<String, Failure> {
     let attempt = env("GITHUB_RUN_ATTEMPT").unwrap_or_else(|| "1".into());
     let runner = need("RUNNER_NAME")?;
     let token = need("GITHUB_TOKEN")?;
-    let github = Api::new(&api_url, Secret::new(token), common.ca_cert.as_deref()).map_err(Failure)?;
+    let github =
+        Api::new(&api_url, Secret::new(token), common.ca_cert.as_deref()).map_err(Failure)?;
     for page in 1..=10 {
         let path = format!(
             "/repos/{repo}/actions/runs/{run_id}/attempts/{attempt}/jobs?per_page=100&page={page}"
@@ -297,7 +298,9 @@ fn default_authorized_keys(
         // Runner accounts are administrators: sshd's default config reads
         // this file for them, not the user's own.
         return Ok((
-            program_data().join("ssh").join("administrators_authorized_keys"),
+            program_data()
+                .join("ssh")
+                .join("administrators_authorized_keys"),
             None,
         ));
     }
@@ -306,7 +309,10 @@ fn default_authorized_keys(
     }
     if current_user().as_deref() == Some(user) {
         if let Some(home) = env("HOME") {
-            return Ok((PathBuf::from(home).join(".ssh").join("authorized_keys"), None));
+            return Ok((
+                PathBuf::from(home).join(".ssh").join("authorized_keys"),
+                None,
+            ));
         }
     }
     Err(Failure(format!(
@@ -367,7 +373,11 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
     let os = match args.os.as_deref() {
         Some(o @ ("linux" | "windows" | "macos")) => o.to_string(),
-        Some(other) => return Err(Failure(format!("--os {other:?}: expected linux, windows or macos"))),
+        Some(other) => {
+            return Err(Failure(format!(
+                "--os {other:?}: expected linux, windows or macos"
+            )))
+        }
         None if cfg!(windows) => "windows".into(),
         None if cfg!(target_os = "macos") => "macos".into(),
         None => "linux".into(),
@@ -378,7 +388,12 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         .clone()
         .or_else(|| env("GITHUB_TRIGGERING_ACTOR"))
         .or_else(|| env("GITHUB_ACTOR"))
-        .ok_or_else(|| Failure("no actor: pass --actor (on GitHub Actions it defaults to the triggering actor)".into()))?;
+        .ok_or_else(|| {
+            Failure(
+                "no actor: pass --actor (on GitHub Actions it defaults to the triggering actor)"
+                    .into(),
+            )
+        })?;
     let user = args
         .user
         .clone()
@@ -420,7 +435,11 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure(format!("registering job {job}: {e}")))?;
     let lines: Vec<String> = answer["authorized_keys"]
         .as_array()
-        .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     if lines.is_empty() {
         return Err(Failure("the gateway sent no authorized_keys lines".into()));
@@ -452,7 +471,10 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
 fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
     let s = |k: &str| answer[k].as_str().unwrap_or_default().to_string();
     let hold = answer["hold_max_seconds"].as_u64().unwrap_or(0);
-    println!("ci-gateway: job {job} is registered; {lines} key line(s) installed in {}", keys_path.display());
+    println!(
+        "ci-gateway: job {job} is registered; {lines} key line(s) installed in {}",
+        keys_path.display()
+    );
     println!();
     println!("  A shell on this runner:");
     println!("      {}", s("ssh_command"));
@@ -465,7 +487,9 @@ fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
     }
     if let Some(rdp) = answer["rdp_command"].as_str() {
         println!();
-        println!("  Remote desktop (Windows): run this, then point your RDP client at localhost:3389");
+        println!(
+            "  Remote desktop (Windows): run this, then point your RDP client at localhost:3389"
+        );
         println!("      {rdp}");
     }
     println!();
@@ -481,8 +505,8 @@ fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
 fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), Failure> {
     let exe = std::env::current_exe()?;
     let log = state_path.with_extension("log");
-    let log_file = std::fs::File::create(&log)
-        .map_err(|e| Failure(format!("{}: {e}", log.display())))?;
+    let log_file =
+        std::fs::File::create(&log).map_err(|e| Failure(format!("{}: {e}", log.display())))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["runner", "refresh", "--job-id", job])
         .env("CI_GATEWAY_URL", &common.gateway)
@@ -547,7 +571,9 @@ async fn refresh(common: Common) -> Result<ExitCode, Failure> {
                     match e.status().map(|s| s.as_u16()) {
                         Some(404 | 410) => return Ok(ExitCode::SUCCESS),
                         Some(401 | 403) => return Ok(ExitCode::FAILURE),
-                        _ => next = tokio::time::Instant::now() + period.min(Duration::from_secs(5)),
+                        _ => {
+                            next = tokio::time::Instant::now() + period.min(Duration::from_secs(5))
+                        }
                     }
                 }
             }
@@ -600,12 +626,16 @@ async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
     let mut unreachable_since: Option<tokio::time::Instant> = None;
     let mut last = String::new();
     let mut first = true;
+    let mut had_sessions = false;
     loop {
         let answer = if first {
             api.finish(&job).await
         } else {
-            api.get(&job, Some(Duration::from_secs(crate::api::MAX_WAIT_SECONDS)))
-                .await
+            api.get(
+                &job,
+                Some(Duration::from_secs(crate::api::MAX_WAIT_SECONDS)),
+            )
+            .await
         };
         let job_state = match answer {
             Ok(v) => {
@@ -624,7 +654,9 @@ async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
                     return Ok(ExitCode::SUCCESS);
                 }
                 Some(404) => {
-                    println!("ci-gateway: job {job} is not registered at the gateway; nothing to hold");
+                    println!(
+                        "ci-gateway: job {job} is not registered at the gateway; nothing to hold"
+                    );
                     return Ok(ExitCode::SUCCESS);
                 }
                 Some(_) => return Err(Failure(format!("job {job}: {e}"))),
@@ -644,6 +676,10 @@ async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
             },
         };
         match job_state["hold"]["state"].as_str() {
+            Some("released") if had_sessions => {
+                println!("ci-gateway: the last session closed; the runner is released");
+                return Ok(ExitCode::SUCCESS);
+            }
             Some("released") => {
                 println!("ci-gateway: nobody is connected; the runner is released");
                 return Ok(ExitCode::SUCCESS);
@@ -654,9 +690,14 @@ async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
             }
             _ => {}
         }
+        had_sessions |= job_state["active_sessions"].as_u64().unwrap_or(0) > 0;
         let now = summary(&job_state);
         // Who is connected changes rarely; say it when it does.
-        let who = now.split("; the hold").next().unwrap_or_default().to_string();
+        let who = now
+            .split("; the hold")
+            .next()
+            .unwrap_or_default()
+            .to_string();
         if who != last {
             println!("ci-gateway: {now}");
             last = who;
@@ -697,14 +738,18 @@ async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure> {
         (None, Some(s)) => Some(s.authorized_keys.clone()),
         (None, None) => {
             let user = args.user.clone().or_else(current_user).unwrap_or_default();
-            default_authorized_keys(&user, cfg!(windows)).ok().map(|(p, _)| p)
+            default_authorized_keys(&user, cfg!(windows))
+                .ok()
+                .map(|(p, _)| p)
         }
     };
     if let Some(keys_path) = keys_path.filter(|p| p.exists()) {
-        match authorized_keys::edit_file(&keys_path, None, |t| {
-            Ok(authorized_keys::remove(t, &job))
-        }) {
-            Ok(true) => println!("ci-gateway: removed job {job}'s lines from {}", keys_path.display()),
+        match authorized_keys::edit_file(&keys_path, None, |t| Ok(authorized_keys::remove(t, &job)))
+        {
+            Ok(true) => println!(
+                "ci-gateway: removed job {job}'s lines from {}",
+                keys_path.display()
+            ),
             Ok(false) => {}
             Err(e) => return Err(Failure(e)),
         }

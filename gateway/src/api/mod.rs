@@ -155,8 +155,8 @@ pub fn user_commands(
         job.actor,
         public.jump_spec()
     );
-    let rdp = (job.os == Os::Windows)
-        .then(|| format!("ssh {p}-N -L 3389:localhost:3389 {id}@{host}"));
+    let rdp =
+        (job.os == Os::Windows).then(|| format!("ssh {p}-N -L 3389:localhost:3389 {id}@{host}"));
     (ssh, jump, config, rdp)
 }
 

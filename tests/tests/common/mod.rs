@@ -108,6 +108,10 @@ pub struct FakeGithub {
     pub hits: Arc<AtomicUsize>,
     pub down: Arc<AtomicBool>,
     pub delay_ms: Arc<AtomicUsize>,
+    /// Served at `/repos/{o}/{r}/actions/runs/{run}/attempts/{n}/jobs`.
+    pub run_jobs: Arc<Mutex<serde_json::Value>>,
+    /// The Authorization headers GitHub saw on that route.
+    pub run_jobs_auth: Arc<Mutex<Vec<String>>>,
     pub url: String,
 }
 
@@ -120,6 +124,10 @@ impl FakeGithub {
         gh.url = format!("http://{}", listener.local_addr().expect("addr"));
         let app = Router::new()
             .route("/users/{login}/keys", get(user_keys))
+            .route(
+                "/repos/{owner}/{repo}/actions/runs/{run}/attempts/{attempt}/jobs",
+                get(run_jobs),
+            )
             .with_state(gh.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -133,6 +141,19 @@ impl FakeGithub {
             keys.iter().map(|k| k.to_string()).collect(),
         );
     }
+}
+
+async fn run_jobs(
+    State(gh): State<FakeGithub>,
+    headers: axum::http::HeaderMap,
+) -> Json<serde_json::Value> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    gh.run_jobs_auth.lock().expect("lock").push(auth);
+    Json(gh.run_jobs.lock().expect("lock").clone())
 }
 
 async fn user_keys(
@@ -281,7 +302,17 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(data_dir: &Path, github_url: &str, extra: &[(&str, &str)]) -> Gateway {
+        let ssh_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ssh");
+        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind api");
+        let ssh = ssh_l.local_addr().expect("addr");
+        let api = api_l.local_addr().expect("addr");
         let mut env = vec![
+            // The commands the API hands out are the ones that work here.
+            ("CI_GATEWAY__SSH__PUBLIC_HOST".to_string(), ssh.to_string()),
             (
                 "CI_GATEWAY__GITHUB__API_URL".to_string(),
                 github_url.to_string(),
@@ -309,14 +340,6 @@ impl Gateway {
         let config =
             ci_gateway::config::Config::load_with_env(None, env).expect("test config is valid");
         let gw = Arc::new(ci_gateway::Gateway::new(config).expect("gateway starts"));
-        let ssh_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind ssh");
-        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind api");
-        let ssh = ssh_l.local_addr().expect("addr");
-        let api = api_l.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(ci_gateway::run(gw.clone(), ssh_l, api_l, async move {
             let _ = stopped.await;
@@ -606,6 +629,24 @@ impl World {
     }
 
     pub async fn with_config(runner_ip: &str, job: &str, extra: &[(&str, &str)]) -> World {
+        let world = Self::unregistered(runner_ip, job, extra).await;
+        let (status, body) = world
+            .gateway
+            .register(job, registration(&world.runner, "octocat"))
+            .await;
+        assert_eq!(status, 200, "registration failed: {body}");
+        let lines: Vec<String> = body["authorized_keys"]
+            .as_array()
+            .expect("authorized_keys")
+            .iter()
+            .map(|l| l.as_str().expect("line").to_string())
+            .collect();
+        world.runner.install(&lines);
+        world
+    }
+
+    /// The world before its job registers (the runner agent's tests).
+    pub async fn unregistered(runner_ip: &str, job: &str, extra: &[(&str, &str)]) -> World {
         require_tools();
         let dir = tempdir();
         let octocat = keygen(dir.path(), "octocat", "ed25519");
@@ -622,17 +663,6 @@ impl World {
         config.extend_from_slice(extra);
         let data = dir.path().join("data");
         let gateway = Gateway::start(&data, &github.url, &config).await;
-        let (status, body) = gateway
-            .register(job, registration(&runner, "octocat"))
-            .await;
-        assert_eq!(status, 200, "registration failed: {body}");
-        let lines: Vec<String> = body["authorized_keys"]
-            .as_array()
-            .expect("authorized_keys")
-            .iter()
-            .map(|l| l.as_str().expect("line").to_string())
-            .collect();
-        runner.install(&lines);
         World {
             dir,
             github,

@@ -463,6 +463,34 @@ mod tests {
     }
 
     #[test]
+    fn public_host_takes_a_name_and_an_optional_port() {
+        let ok = [
+            ("gw.example.com", "gw.example.com", 22),
+            ("gw.example.com:2222", "gw.example.com", 2222),
+            ("127.0.0.1:2222", "127.0.0.1", 2222),
+            ("[2001:db8::1]:22", "2001:db8::1", 22),
+            ("[::1]", "::1", 22),
+        ];
+        for (raw, host, port) in ok {
+            let a = PublicAddress::parse(raw).expect(raw);
+            assert_eq!((a.host.as_str(), a.port), (host, port), "{raw}");
+        }
+        for bad in [
+            "",
+            "gw.example.com:0",
+            "gw:x",
+            "a b",
+            "[::1",
+            "[nope]:22",
+            "gw -p 22",
+        ] {
+            assert!(PublicAddress::parse(bad).is_err(), "{bad:?}");
+        }
+        let err = load("[ssh]\npublic_host = \"gw -p 22\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("ssh.public_host"), "{err}");
+    }
+
+    #[test]
     fn invalid_admin_login_is_rejected() {
         let err = load("[access]\nadmins = [\"not a login\"]\n", &[]).unwrap_err();
         assert!(err.to_string().contains("access.admins"), "{err}");

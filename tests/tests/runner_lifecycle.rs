@@ -227,7 +227,7 @@ async fn register_installs_keys_prints_working_commands_and_deregister_undoes_it
     let ssh_line = format!("ssh -p {port} {}@127.0.0.1", world.job);
     assert!(first.stdout.contains(&ssh_line), "{}", first.stdout);
     let jump_line = format!(
-        "ssh -J octocat@127.0.0.1:{port} {}@{}",
+        "ssh -J octocat@127.0.0.1:{port} {}@job-{}",
         world.runner.user, world.job
     );
     assert!(first.stdout.contains(&jump_line), "{}", first.stdout);
@@ -258,8 +258,8 @@ async fn register_installs_keys_prints_working_commands_and_deregister_undoes_it
     assert_eq!(jump.stdout.trim(), "end-to-end");
 
     // Deregistering kicks whoever is still on, and removes only our lines.
-    let session = ssh_session(&world, &world.octocat.path, &["sleep", "60"]);
-    wait_for_sessions(&world, 1).await;
+    let session = ssh_session(&world, &world.octocat.path, &["echo started; sleep 60"]);
+    session.wait_for_text("started").await;
     let dereg = finish(agent(&world, "deregister", &[])).await;
     assert_eq!(dereg.code, 0, "{dereg:?}");
     assert!(dereg.stdout.contains("deregistered"), "{}", dereg.stdout);
@@ -400,8 +400,8 @@ async fn the_hold_deadline_warns_job_mode_users_then_closes_their_sessions() {
     )
     .await;
     register(&world, &["--no-refresh"]).await;
-    let session = ssh_session(&world, &world.octocat.path, &["sleep", "60"]);
-    wait_for_sessions(&world, 1).await;
+    let session = ssh_session(&world, &world.octocat.path, &["echo started; sleep 60"]);
+    session.wait_for_text("started").await;
     let wait = Running::start(agent(&world, "wait", &[]));
     // The warning reaches the user's terminal (stderr of the session) ...
     session
@@ -440,8 +440,8 @@ async fn the_connect_grace_holds_for_a_first_session() {
     let body: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(body["hold"]["state"], "holding", "{body}");
     // Someone connects within the grace: the runner stays past it.
-    let mut session = ssh_session(&world, &world.octocat.path, &["sleep", "60"]);
-    wait_for_sessions(&world, 1).await;
+    let mut session = ssh_session(&world, &world.octocat.path, &["echo started; sleep 60"]);
+    session.wait_for_text("started").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, body) = world.gateway.job(&world.job).await;
     assert_eq!(status, 200, "{body}");
@@ -476,8 +476,8 @@ async fn the_refresher_keeps_a_job_alive_and_a_dead_runner_expires() {
 
     // The runner dies (its refresher with it): the job expires and its
     // sessions are closed with the reason.
-    let session = ssh_session(&world, &world.octocat.path, &["sleep", "60"]);
-    wait_for_sessions(&world, 1).await;
+    let session = ssh_session(&world, &world.octocat.path, &["echo started; sleep 60"]);
+    session.wait_for_text("started").await;
     let state = world
         .dir
         .path()
@@ -595,5 +595,54 @@ async fn agent_errors_are_one_clear_line() {
     assert_eq!(
         std::fs::read_to_string(&world.runner.authorized_keys).expect("read"),
         ""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_resumes_after_a_gateway_restart() {
+    let grace = [("CI_GATEWAY__HOLD__CONNECT_GRACE", "3s")];
+    let world = World::with_config("127.0.0.60", "9876543260", &grace).await;
+    let (status, body) = world
+        .gateway
+        .http(
+            "POST",
+            &format!("/v1/jobs/{}/finished", world.job),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let World {
+        dir,
+        github,
+        runner,
+        gateway,
+        octocat,
+        job,
+        mallory,
+        hubot,
+        admin,
+    } = world;
+    gateway.stop().await;
+    let gateway = Gateway::start(&dir.path().join("data"), &github.url, &grace).await;
+    let world = World {
+        dir,
+        github,
+        runner,
+        gateway,
+        octocat,
+        mallory,
+        hubot,
+        admin,
+        job,
+    };
+    let (status, body) = world.gateway.job(&world.job).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["hold"]["state"], "holding", "{body}");
+    // The restarted gateway's hold task ends it when the grace is over.
+    let reason = gone(&world).await;
+    assert!(
+        reason.contains("finished with nobody connected"),
+        "{reason}"
     );
 }

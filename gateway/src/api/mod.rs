@@ -143,8 +143,9 @@ pub fn user_commands(
     let p = public.port_flag();
     let host = &public.host;
     let ssh = format!("ssh {p}{id}@{host}");
+    // `job-<id>`: OpenSSH would read a bare number up to 2^32 as an IPv4 address.
     let jump = format!(
-        "ssh -J {}@{} {}@{id}",
+        "ssh -J {}@{} {}@job-{id}",
         job.actor,
         public.jump_spec(),
         job.user
@@ -476,6 +477,37 @@ mod tests {
             let err = validate(job(), body(json.clone()), src, 1, None).expect_err("invalid");
             assert!(err.starts_with(field), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn user_commands_follow_the_public_address_and_os() {
+        use crate::config::PublicAddress;
+        let mut reg = validate(
+            job(),
+            body(json!({"actor": "octocat", "user": "runner", "host_keys": [KEY]})),
+            "10.0.0.9".parse().expect("ip"),
+            1,
+            None,
+        )
+        .expect("valid");
+        let default_port = PublicAddress::parse("gw.example.com").expect("addr");
+        let (ssh, jump, config, rdp) = user_commands(&default_port, &reg);
+        assert_eq!(ssh, "ssh 42@gw.example.com");
+        assert_eq!(jump, "ssh -J octocat@gw.example.com runner@job-42");
+        assert_eq!(
+            config,
+            "Host job-*\n  User runner\n  ProxyJump octocat@gw.example.com\n"
+        );
+        assert_eq!(rdp, None);
+        reg.os = Os::Windows;
+        let other = PublicAddress::parse("[::1]:2222").expect("addr");
+        let (ssh, jump, _, rdp) = user_commands(&other, &reg);
+        assert_eq!(ssh, "ssh -p 2222 42@::1");
+        assert_eq!(jump, "ssh -J octocat@[::1]:2222 runner@job-42");
+        assert_eq!(
+            rdp.as_deref(),
+            Some("ssh -p 2222 -N -L 3389:localhost:3389 42@::1")
+        );
     }
 
     #[test]

@@ -97,32 +97,29 @@ async fn bad_api_requests_get_a_json_4xx_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_host_key_and_ca_survive_a_restart() {
     let w = World::new("127.0.0.42", "9876543242").await;
-    let World {
-        dir,
-        github,
-        runner,
-        gateway,
-        octocat,
-        job,
-        ..
-    } = w;
-    let host_key = gateway.gw.host_key.public_key().clone();
-    let ca = gateway.gw.ca.public_key().clone();
-    gateway.stop().await;
-    let gateway = Gateway::start(&dir.path().join("data"), &github.url, &[]).await;
+    let host_key = w.gateway.gw.host_key.public_key().clone();
+    let ca = w.gateway.gw.ca.public_key().clone();
+    let w = w.restart(&[]).await;
+    let gateway = &w.gateway;
     assert_eq!(
         gateway.gw.host_key.public_key(),
         &host_key,
         "host key changed"
     );
     assert_eq!(gateway.gw.ca.public_key(), &ca, "CA changed");
-    let (status, body) = gateway.job(&job).await;
+    let (status, body) = gateway.job(&w.job).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["actor"], "octocat");
     // The runner's installed CA line still admits the gateway.
-    let r = ssh(&gateway, &octocat.path, &job, &["echo after-restart"], None).await;
+    let r = ssh(
+        gateway,
+        &w.octocat.path,
+        &w.job,
+        &["echo after-restart"],
+        None,
+    )
+    .await;
     assert_eq!(r.stdout.trim(), "after-restart", "{r:?}");
-    drop(runner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

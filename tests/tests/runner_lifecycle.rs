@@ -547,49 +547,45 @@ async fn without_a_job_id_the_agent_finds_it_through_githubs_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_errors_are_one_clear_line() {
     let world = World::unregistered("127.0.0.58", "9876543258", &[]).await;
-    // A wrong token.
     let mut args = register_args(&world);
     args.push("--no-refresh".into());
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = agent(&world, "register", &args_ref);
-    cmd.env("CI_GATEWAY_TOKEN", "not-the-token-0123456789");
-    let run = finish(cmd).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(
-        run.stderr.contains("401") && run.stderr.contains("bearer token"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        !run.stderr.contains("not-the-token"),
-        "the token is never printed"
-    );
-    // An unreachable gateway (nothing listens on port 9 of 127.0.0.58).
-    let mut cmd = agent(&world, "register", &args_ref);
-    cmd.args(["--gateway", "http://127.0.0.58:9"]);
-    let run = finish(cmd).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(
-        run.stderr.contains("cannot reach the gateway"),
-        "{}",
-        run.stderr
-    );
-    // No host keys where it looks.
-    let mut cmd = agent(&world, "register", &args_ref);
-    cmd.args(["--host-key", "/nonexistent/ssh_host_ed25519_key.pub"]);
-    let run = finish(cmd).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(
-        run.stderr.contains("/nonexistent/ssh_host_ed25519_key.pub"),
-        "{}",
-        run.stderr
-    );
-    // A bad job id.
-    let mut cmd = agent(&world, "register", &args_ref);
-    cmd.args(["--job-id", "12abc"]);
-    let run = finish(cmd).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(run.stderr.contains("--job-id"), "{}", run.stderr);
+    // (what is changed, what stderr must say)
+    let cases: [(&[&str], Option<&str>, &str); 4] = [
+        (&[], Some("not-the-token-0123456789"), "bearer token"),
+        // Nothing listens on port 9 of 127.0.0.58.
+        (
+            &["--gateway", "http://127.0.0.58:9"],
+            None,
+            "cannot reach the gateway",
+        ),
+        (
+            &["--host-key", "/nonexistent/ssh_host_ed25519_key.pub"],
+            None,
+            "/nonexistent/ssh_host_ed25519_key.pub",
+        ),
+        (&["--job-id", "12abc"], None, "--job-id"),
+    ];
+    for (overrides, token, says) in cases {
+        let mut cmd = agent(&world, "register", &args_ref);
+        cmd.args(overrides);
+        if let Some(token) = token {
+            cmd.env("CI_GATEWAY_TOKEN", token);
+        }
+        let run = finish(cmd).await;
+        assert_eq!(run.code, 1, "{overrides:?}: {run:?}");
+        assert!(run.stderr.contains(says), "{overrides:?}: {}", run.stderr);
+        assert_eq!(
+            run.stderr.trim().lines().count(),
+            1,
+            "one line: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("not-the-token"),
+            "the token is never printed"
+        );
+    }
     // Nothing was registered or written by any of them.
     assert_eq!(world.gateway.job(&world.job).await.0, 404);
     assert_eq!(
@@ -612,30 +608,7 @@ async fn a_hold_resumes_after_a_gateway_restart() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let World {
-        dir,
-        github,
-        runner,
-        gateway,
-        octocat,
-        job,
-        mallory,
-        hubot,
-        admin,
-    } = world;
-    gateway.stop().await;
-    let gateway = Gateway::start(&dir.path().join("data"), &github.url, &grace).await;
-    let world = World {
-        dir,
-        github,
-        runner,
-        gateway,
-        octocat,
-        mallory,
-        hubot,
-        admin,
-        job,
-    };
+    let world = world.restart(&grace).await;
     let (status, body) = world.gateway.job(&world.job).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["hold"]["state"], "holding", "{body}");

@@ -678,6 +678,34 @@ impl World {
 }
 
 impl World {
+    /// Stops the gateway and starts a new one on the same data directory.
+    pub async fn restart(self, extra: &[(&str, &str)]) -> World {
+        let World {
+            dir,
+            github,
+            runner,
+            gateway,
+            octocat,
+            mallory,
+            hubot,
+            admin,
+            job,
+        } = self;
+        gateway.stop().await;
+        let gateway = Gateway::start(&dir.path().join("data"), &github.url, extra).await;
+        World {
+            dir,
+            github,
+            runner,
+            gateway,
+            octocat,
+            mallory,
+            hubot,
+            admin,
+            job,
+        }
+    }
+
     /// The live state (session count, kick signal) of the world's job.
     pub fn live(&self) -> Arc<ci_gateway::registry::Live> {
         let id = ci_gateway::ids::JobId::parse(&self.job).expect("job id");

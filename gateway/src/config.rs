@@ -47,6 +47,7 @@ pub struct Config {
     pub hold: HoldConfig,
     pub upstream: UpstreamConfig,
     pub storage: StorageConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +152,13 @@ pub struct UpstreamConfig {
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Empty: `<data_dir>/audit.jsonl`.
+    pub path: PathBuf,
 }
 
 impl Config {
@@ -299,6 +307,14 @@ impl Config {
             host: self.ssh.listen.ip().to_string(),
             port: self.ssh.listen.port(),
         })
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        if self.audit.path.as_os_str().is_empty() {
+            self.storage.data_dir.join("audit.jsonl")
+        } else {
+            self.audit.path.clone()
+        }
     }
 
     pub fn host_key_path(&self) -> PathBuf {

@@ -131,22 +131,27 @@ async fn hold(gw: Arc<Gateway>, job: JobId) {
         let now = unix_now();
         let count = *sessions.borrow_and_update();
         had_sessions |= count > 0;
-        let reason = match state(Some(finished), count, now, cfg.max, cfg.connect_grace) {
+        let ending = match state(Some(finished), count, now, cfg.max, cfg.connect_grace) {
             HoldState::Running | HoldState::Holding => None,
-            HoldState::Expired => Some(format!(
-                "job {job}: the hold of {} after the job finished is over",
-                humantime::format_duration(cfg.max)
+            HoldState::Expired => Some((
+                "hold_over",
+                format!(
+                    "job {job}: the hold of {} after the job finished is over",
+                    humantime::format_duration(cfg.max)
+                ),
             )),
-            HoldState::Released if had_sessions => Some(format!(
-                "job {job} finished and its last session closed; the runner was released"
+            HoldState::Released if had_sessions => Some((
+                "released",
+                format!("job {job} finished and its last session closed; the runner was released"),
             )),
-            HoldState::Released => Some(format!(
-                "job {job} finished with nobody connected; the runner was released"
+            HoldState::Released => Some((
+                "released",
+                format!("job {job} finished with nobody connected; the runner was released"),
             )),
         };
-        if let Some(reason) = reason {
+        if let Some((kind, reason)) = ending {
             tracing::info!(job = %job, "{reason}");
-            if let Err(e) = gw.registry.remove(job, reason).await {
+            if let Err(e) = gw.end_job(job, kind, reason).await {
                 tracing::error!(job = %job, "ending the hold: {e}");
             }
             return;
@@ -163,6 +168,10 @@ async fn hold(gw: Arc<Gateway>, job: JobId) {
                 humantime::format_duration(cfg.max)
             );
             tracing::info!(job = %job, sessions = count, "hold warning: {} left", left);
+            gw.audit.record(
+                "hold_warning",
+                json!({"job": job.to_string(), "seconds_left": left, "sessions": count}),
+            );
             live.notify(line);
         }
         let mut wake = deadline;
@@ -198,7 +207,7 @@ pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
             let reason =
                 format!("job {job} expired: its runner stopped refreshing the registration");
             tracing::info!(job = %job, "{reason}");
-            if let Err(e) = gw.registry.remove(job, reason).await {
+            if let Err(e) = gw.end_job(job, "expired", reason).await {
                 tracing::error!(job = %job, "expiring: {e}");
             }
         }

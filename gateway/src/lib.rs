@@ -11,6 +11,7 @@
 //! - [`access`] — who may reach which job: one pure function.
 //! - [`keys`] — host key, CA and certificates the gateway owns.
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
+//! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
 //! - [`hold`] — hold window after a job finishes, registration expiry.
 //! - [`agent`] — `ci-gateway runner …`, the runner's side of the API.
@@ -23,6 +24,7 @@
 pub mod access;
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod github;
@@ -54,6 +56,7 @@ pub struct Gateway {
     /// The plain key for runners that do not take certificates (Windows).
     pub client_key: Arc<PrivateKey>,
     pub tokens: Vec<Secret<String>>,
+    pub audit: audit::Audit,
     pub upstream_config: Arc<russh::client::Config>,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
@@ -96,6 +99,9 @@ impl Gateway {
             (config.registration.tokens.clone(), None)
         };
         let upstream_config = Arc::new(ssh::upstream::client_config(config.ssh.keepalive_interval));
+        let audit_path = config.audit_path();
+        let audit = audit::Audit::open(&audit_path)
+            .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
         Ok(Gateway {
             config,
             registry,
@@ -105,10 +111,39 @@ impl Gateway {
             host_key,
             client_key,
             tokens,
+            audit,
             upstream_config,
             generated_token_file,
             stopping: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Ends a job: removes it, closes its sessions with `reason`, and records
+    /// it. `kind` says why (deregistered, released, expired, hold_over).
+    /// Returns whether the job was registered.
+    pub async fn end_job(
+        &self,
+        job: ids::JobId,
+        kind: &str,
+        reason: String,
+    ) -> Result<bool, registry::StoreError> {
+        let sessions = match self.registry.lookup(job) {
+            registry::Lookup::Active(_, live) => live.active_sessions(),
+            _ => 0,
+        };
+        let existed = self.registry.remove(job, reason.clone()).await?;
+        if existed {
+            self.audit.record(
+                "job_ended",
+                serde_json::json!({
+                    "job": job.to_string(),
+                    "kind": kind,
+                    "reason": reason,
+                    "sessions_closed": sessions,
+                }),
+            );
+        }
+        Ok(existed)
     }
 
     /// Resolves once `run` has been told to stop.

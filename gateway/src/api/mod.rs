@@ -252,6 +252,29 @@ async fn put_job(
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(job = %job, actor = %registration.actor, host = %registration.host, port = registration.port, refresh = previous.is_some(), "job registered");
+    // A refresh that changes nothing is not news; one that does is.
+    let changed = previous.as_deref().is_none_or(|p| {
+        let mut p = p.clone();
+        p.refreshed_at = registration.refreshed_at;
+        p != *registration
+    });
+    if changed {
+        gw.audit.record(
+        if previous.is_some() { "job_changed" } else { "job_registered" },
+        json!({
+            "job": job.to_string(),
+            "actor": registration.actor.as_str(),
+            "allowed_users": registration.allowed_users.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            "host": registration.host.to_string(),
+            "port": registration.port,
+            "user": registration.user,
+            "os": registration.os,
+            "repository": registration.repository,
+            "run_id": registration.run_id,
+            "source": peer.ip().to_string(),
+        }),
+    );
+    }
     let authorized_keys = authorized_keys(&gw, &registration).await;
     let (ssh_command, jump_command, ssh_config, rdp_command) =
         user_commands(&gw.config.public_address(), &registration);
@@ -382,6 +405,10 @@ async fn finish_job(
     let value = job_json(&gw, &reg, &live)?;
     if newly {
         tracing::info!(job = %job, sessions = live.active_sessions(), "job finished; hold starts");
+        gw.audit.record(
+            "job_finished",
+            json!({"job": job.to_string(), "sessions": live.active_sessions(), "hold": value["hold"]["state"]}),
+        );
         crate::hold::start(gw.clone(), job);
     }
     Ok(Json(value))
@@ -394,8 +421,7 @@ async fn delete_job(
     let job = job_id(&raw)?;
     let reason = format!("job {job} ended: the runner deregistered it");
     let existed = gw
-        .registry
-        .remove(job, reason)
+        .end_job(job, "deregistered", reason)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(job = %job, existed, "job deregistered");

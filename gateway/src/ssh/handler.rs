@@ -71,6 +71,56 @@ pub struct Connection {
     pub authenticated: Arc<std::sync::atomic::AtomicBool>,
     /// Dropped with the connection: the tasks it spawned end with it.
     alive: tokio::sync::watch::Sender<()>,
+    /// What the audit trail's `session_end` reports.
+    usage: Arc<Usage>,
+    /// When the session started (job mode: authenticated; jump mode: first
+    /// forward), and who it was.
+    session: Option<(std::time::Instant, String)>,
+    /// The username as sent, for the audit trail.
+    user: String,
+}
+
+/// Bytes and the last exit status of a connection's channels.
+#[derive(Default)]
+struct Usage {
+    to_runner: std::sync::atomic::AtomicU64,
+    to_user: std::sync::atomic::AtomicU64,
+    exit_status: std::sync::Mutex<Option<u32>>,
+}
+
+impl Usage {
+    fn add(&self, to_runner: u64, to_user: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.to_runner.fetch_add(to_runner, Relaxed);
+        self.to_user.fetch_add(to_user, Relaxed);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let Some((started, login)) = self.session.take() else {
+            return;
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        let (mode, jobs): (&str, Vec<String>) = match &self.state {
+            State::Job { job, .. } => ("job", vec![job.job_id.to_string()]),
+            _ => ("jump", self.guards.keys().map(|j| j.to_string()).collect()),
+        };
+        self.gw.audit.record(
+            "session_end",
+            serde_json::json!({
+                "conn": self.id,
+                "login": login,
+                "mode": mode,
+                "jobs": jobs,
+                "source": self.peer.to_string(),
+                "bytes_to_runner": self.usage.to_runner.load(Relaxed),
+                "bytes_to_user": self.usage.to_user.load(Relaxed),
+                "duration_seconds": started.elapsed().as_secs_f64(),
+                "exit_status": *self.usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()),
+            }),
+        );
+    }
 }
 
 impl Connection {
@@ -88,6 +138,9 @@ impl Connection {
             open_channels: Default::default(),
             authenticated: Default::default(),
             alive: tokio::sync::watch::Sender::new(()),
+            usage: Default::default(),
+            session: None,
+            user: String::new(),
         }
     }
 
@@ -107,8 +160,18 @@ impl Connection {
         if !matches!(self.state, State::Fresh) {
             return;
         }
+        self.user = crate::audit::shown(user);
         let refuse = |this: &mut Self, reason: String| {
             info!(conn = this.id, peer = %this.peer, "refused: {reason}");
+            this.gw.audit.record(
+                "refused",
+                serde_json::json!({
+                    "conn": this.id,
+                    "source": this.peer.to_string(),
+                    "user": this.user,
+                    "reason": reason,
+                }),
+            );
             this.disconnect_later(format!("ci-gateway: {reason}"));
             this.state = State::Refused;
         };
@@ -157,6 +220,62 @@ impl Connection {
             }
         }
         None
+    }
+
+    /// Writes `session_start` durably; the session proceeds only after that.
+    async fn audit_session_start(
+        &mut self,
+        login: &str,
+        job: JobId,
+        mode: &str,
+    ) -> Result<(), String> {
+        self.gw
+            .audit
+            .record_durable(
+                "session_start",
+                serde_json::json!({
+                    "conn": self.id,
+                    "login": login,
+                    "job": job.to_string(),
+                    "mode": mode,
+                    "source": self.peer.to_string(),
+                }),
+            )
+            .await?;
+        if self.session.is_none() {
+            self.session = Some((std::time::Instant::now(), login.to_string()));
+        }
+        Ok(())
+    }
+
+    fn audit_forward(&self, job: JobId, mode: &str, destination: &str) {
+        let login = self.session.as_ref().map(|(_, l)| l.as_str());
+        self.gw.audit.record(
+            "forward",
+            serde_json::json!({
+                "conn": self.id,
+                "login": login,
+                "job": job.to_string(),
+                "mode": mode,
+                "destination": destination,
+            }),
+        );
+    }
+
+    /// Records an authentication attempt (the key's fingerprint, never the key).
+    fn audit_auth(&self, result: &str, key: &PublicKey, login: Option<&GithubLogin>) {
+        self.gw.audit.record(
+            "auth",
+            serde_json::json!({
+                "conn": self.id,
+                "result": result,
+                "source": self.peer.to_string(),
+                "user": self.user,
+                "login": login.map(|l| l.as_str()),
+                "key_type": key.algorithm().as_str(),
+                "key_fingerprint": crate::keys::fingerprint(key).to_string(),
+            }),
+        );
     }
 
     fn reject() -> Auth {
@@ -296,7 +415,12 @@ impl server::Handler for Connection {
         self.resolve(user);
         Ok(match self.identify(offer.public_key).await {
             Some(_) => Auth::Accept,
-            None => Self::reject(),
+            None => {
+                if !matches!(self.state, State::Refused) {
+                    self.audit_auth("key_not_accepted", offer.public_key, None);
+                }
+                Self::reject()
+            }
         })
     }
 
@@ -308,6 +432,7 @@ impl server::Handler for Connection {
         self.resolve(user);
         let Some(login) = self.identify(key.public_key).await else {
             info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
+            self.audit_auth("failure", key.public_key, None);
             return Ok(Self::reject());
         };
         let who = Identity {
@@ -318,6 +443,7 @@ impl server::Handler for Connection {
             State::Fresh | State::Refused => return Ok(Self::reject()),
         }
         info!(conn = self.id, peer = %self.peer, %login, user, key = %crate::keys::fingerprint(key.public_key), "authenticated");
+        self.audit_auth("success", key.public_key, Some(&login));
         Ok(Auth::Accept)
     }
 
@@ -337,6 +463,15 @@ impl server::Handler for Connection {
             .as_ref()
             .map(|i| i.login.to_string())
             .unwrap_or_default();
+        // On disk before anything reaches the runner.
+        if let Err(e) = self.audit_session_start(&login, job.job_id, "job").await {
+            session.disconnect(
+                Disconnect::ByApplication,
+                &format!("ci-gateway: cannot record the session ({e}); refusing it"),
+                "en",
+            )?;
+            return Ok(());
+        }
         // Counted from now on: an open connection keeps the runner held even
         // while it is still connecting or only forwarding ports.
         self.guards.insert(
@@ -452,6 +587,13 @@ impl server::Handler for Connection {
                             conn = self.id,
                             host_to_connect, port_to_connect, "forward opened on the runner"
                         );
+                        if let State::Job { job, .. } = &self.state {
+                            let dest = format!(
+                                "{}:{port_to_connect}",
+                                crate::audit::shown(host_to_connect)
+                            );
+                            self.audit_forward(job.job_id, "job", &dest);
+                        }
                         self.bridge(channel, up, reply);
                     }
                     Ok(Err(e)) => self.refuse_channel(
@@ -611,6 +753,7 @@ impl Connection {
             },
         );
         let open = self.open_channels.clone();
+        let usage = self.usage.clone();
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
@@ -618,6 +761,10 @@ impl Connection {
                 crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx)
                     .await;
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            usage.add(bytes.to_runner, bytes.to_user);
+            if let Some(status) = bytes.exit_status {
+                *usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+            }
             debug!(conn, to_runner = bytes.to_runner, to_user = bytes.to_user, exit_status = ?bytes.exit_status, "channel closed");
         });
     }
@@ -688,6 +835,12 @@ impl Connection {
         // Port 22 means the runner's registered SSH port.
         let target_port = if port == 22 { job.port } else { port };
         let addr = SocketAddr::new(job.host, target_port);
+        if !self.guards.contains_key(&job_id) {
+            self.audit_session_start(login.as_str(), job_id, "jump")
+                .await
+                .map_err(|e| format!("cannot record the session ({e}); refusing it"))?;
+        }
+        self.audit_forward(job_id, "jump", &addr.to_string());
         let timeout = self.gw.config.upstream.connect_timeout;
         let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -723,6 +876,7 @@ impl Connection {
         reply: server::ChannelOpenHandle,
     ) {
         let open = self.open_channels.clone();
+        let usage = self.usage.clone();
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
@@ -736,6 +890,9 @@ impl Connection {
             )
             .await;
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok((to_runner, to_user)) = result {
+                usage.add(to_runner, to_user);
+            }
             debug!(conn, ?result, "jump forward closed");
         });
     }

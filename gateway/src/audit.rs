@@ -1,0 +1,204 @@
+//! The audit trail (DESIGN §7): append-only JSON lines at `audit.path`
+//! (default `<data_dir>/audit.jsonl`), one object per event, each with `ts`
+//! (RFC 3339, UTC) and `event`.
+//!
+//! One writer thread owns the file. Events reach it through a bounded queue;
+//! when the disk is slower than the events, senders wait (backpressure): an
+//! event is never dropped. [`Audit::record_durable`] returns only after the
+//! line is on disk (fdatasync), and a session does not start before its
+//! `session_start` is: a crash right after cannot lose it.
+//!
+//! What goes in: logins, job ids, source addresses, key fingerprints, byte
+//! counts, reasons. What never does: tokens, keys, certificates (nothing
+//! here takes one; the fields are built from ids and fingerprints only).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+/// Events queued before senders wait for the writer.
+const QUEUE: usize = 16 * 1024;
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+struct Entry {
+    line: Vec<u8>,
+    ack: Option<Ack>,
+}
+
+pub struct Audit {
+    tx: mpsc::SyncSender<Entry>,
+    path: PathBuf,
+}
+
+impl Audit {
+    /// Opens (creating, 0600) the log at `path` for appending and starts the
+    /// writer thread.
+    pub fn open(path: &Path) -> std::io::Result<Audit> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(path)?;
+        let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUE);
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(file, rx))?;
+        Ok(Audit {
+            tx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn line(event: &str, fields: Value) -> Vec<u8> {
+        let mut object = Map::new();
+        object.insert(
+            "ts".into(),
+            json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()),
+        );
+        object.insert("event".into(), json!(event));
+        if let Value::Object(fields) = fields {
+            object.extend(fields);
+        }
+        let mut line = serde_json::to_vec(&Value::Object(object)).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+
+    /// Appends an event (written promptly, synced with the next durable one).
+    pub fn record(&self, event: &str, fields: Value) {
+        let entry = Entry {
+            line: Self::line(event, fields),
+            ack: None,
+        };
+        if self.tx.send(entry).is_err() {
+            tracing::error!(event, "audit writer is gone; event not recorded");
+        }
+    }
+
+    /// Appends an event and returns once it is on disk.
+    pub async fn record_durable(&self, event: &str, fields: Value) -> Result<(), String> {
+        let (ack, done) = oneshot::channel();
+        let entry = Entry {
+            line: Self::line(event, fields),
+            ack: Some(ack),
+        };
+        let tx = self.tx.clone();
+        // A full queue blocks the sender; keep that off the async workers.
+        tokio::task::spawn_blocking(move || tx.send(entry))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "the audit writer is gone".to_string())?;
+        done.await
+            .map_err(|_| "the audit writer is gone".to_string())?
+    }
+}
+
+fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut buf = Vec::with_capacity(batch.iter().map(|e| e.line.len()).sum());
+        for e in &batch {
+            buf.extend_from_slice(&e.line);
+        }
+        let durable = batch.iter().any(|e| e.ack.is_some());
+        let mut result = file.write_all(&buf).map_err(|e| e.to_string());
+        if result.is_ok() && durable {
+            result = file.sync_data().map_err(|e| e.to_string());
+        }
+        if let Err(e) = &result {
+            tracing::error!("audit log write failed: {e}");
+        }
+        for e in batch {
+            if let Some(ack) = e.ack {
+                let _ = ack.send(result.clone());
+            }
+        }
+    }
+    let _ = file.sync_data();
+}
+
+/// A username as the client sent it, safe to log: at most 128 characters.
+pub fn shown(user: &str) -> String {
+    let mut s: String = user.chars().take(128).collect();
+    if user.chars().count() > 128 {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_are_json_lines_in_order_and_durable_ones_are_synced() {
+        let dir = std::env::temp_dir().join(format!("cigw-audit-{}", rand::random::<u64>()));
+        let path = dir.join("audit.jsonl");
+        let audit = Audit::open(&path).expect("open");
+        for i in 0..100 {
+            audit.record("auth", json!({"n": i, "user": "a\"b\nc"}));
+        }
+        audit
+            .record_durable("session_start", json!({"job": "42"}))
+            .await
+            .expect("durable");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 101);
+        assert_eq!(lines[7]["n"], 7);
+        assert_eq!(lines[7]["user"], "a\"b\nc");
+        assert_eq!(lines[100]["event"], "session_start");
+        assert!(lines[100]["ts"].as_str().expect("ts").ends_with('Z'));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        drop(audit);
+        // Reopening appends.
+        let audit = Audit::open(&path).expect("reopen");
+        audit
+            .record_durable("again", json!({}))
+            .await
+            .expect("durable");
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .lines()
+                .count(),
+            102
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn long_usernames_are_cut() {
+        assert_eq!(shown("octocat"), "octocat");
+        let long = "x".repeat(10_000);
+        assert_eq!(shown(&long).chars().count(), 129);
+    }
+}

@@ -71,6 +71,13 @@ pub struct SshConfig {
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     pub max_channels_per_connection: usize,
+    /// Failed logins a source address may have per `failed_auth_window`
+    /// before its connections are refused until the budget refills.
+    pub max_failed_auths_per_source: u32,
+    /// The same per username (a login or job id attacked from many sources).
+    pub max_failed_auths_per_user: u32,
+    #[serde(with = "humantime_serde")]
+    pub failed_auth_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +89,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Requests per minute each token may make.
+    pub requests_per_minute_per_token: u32,
+    /// Requests with a missing or wrong token a source may make per minute.
+    pub max_bad_tokens_per_source: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,10 +254,11 @@ impl Config {
                 ));
             }
         }
-        let positive: [(&'static str, Duration); 9] = [
+        let positive: [(&'static str, Duration); 10] = [
             ("ssh.auth_timeout", self.ssh.auth_timeout),
             ("ssh.idle_timeout", self.ssh.idle_timeout),
             ("ssh.keepalive_interval", self.ssh.keepalive_interval),
+            ("ssh.failed_auth_window", self.ssh.failed_auth_window),
             ("github.key_cache_ttl", self.github.key_cache_ttl),
             ("github.fetch_timeout", self.github.fetch_timeout),
             ("registration.ttl", self.registration.ttl),
@@ -277,6 +289,29 @@ impl Config {
             ("registration.max_jobs", self.registration.max_jobs),
         ];
         for (key, value) in counts {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let budgets: [(&'static str, u32); 4] = [
+            (
+                "ssh.max_failed_auths_per_source",
+                self.ssh.max_failed_auths_per_source,
+            ),
+            (
+                "ssh.max_failed_auths_per_user",
+                self.ssh.max_failed_auths_per_user,
+            ),
+            (
+                "api.requests_per_minute_per_token",
+                self.api.requests_per_minute_per_token,
+            ),
+            (
+                "api.max_bad_tokens_per_source",
+                self.api.max_bad_tokens_per_source,
+            ),
+        ];
+        for (key, value) in budgets {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }

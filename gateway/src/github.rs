@@ -20,6 +20,8 @@ use crate::ids::GithubLogin;
 const MAX_CACHED_LOGINS: usize = 50_000;
 /// At most this many keys are taken from one account.
 const MAX_KEYS_PER_LOGIN: usize = 100;
+/// GitHub requests in flight at once; more askers wait (within the timeout).
+const MAX_FETCHES_IN_FLIGHT: usize = 32;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyFetchError {
@@ -46,6 +48,7 @@ pub struct KeySource {
     stale_for: Duration,
     fetch_timeout: Duration,
     fetches: std::sync::atomic::AtomicU64,
+    in_flight: tokio::sync::Semaphore,
 }
 
 #[derive(serde::Deserialize)]
@@ -83,6 +86,7 @@ impl KeySource {
             stale_for: config.stale_for,
             fetch_timeout: config.fetch_timeout,
             fetches: Default::default(),
+            in_flight: tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT),
         })
     }
 
@@ -151,10 +155,13 @@ impl KeySource {
         let Some(client) = &self.client else {
             return Err("no GitHub client".into());
         };
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let route = format!("/users/{login}/keys");
-        let request = client.get::<Vec<GithubKey>, _, ()>(route, None);
+        let request = async {
+            let _permit = self.in_flight.acquire().await;
+            self.fetches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            client.get::<Vec<GithubKey>, _, ()>(route, None).await
+        };
         let result = match tokio::time::timeout(self.fetch_timeout, request).await {
             Err(_) => return Err(format!("no answer within {:?}", self.fetch_timeout)),
             Ok(result) => result,

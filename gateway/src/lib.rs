@@ -10,6 +10,7 @@
 //! - [`github`] — people's SSH keys from GitHub (octocrab), cached.
 //! - [`access`] — who may reach which job: one pure function.
 //! - [`keys`] — host key, CA and certificates the gateway owns.
+//! - [`limits`] — failed-login and API rate limits (governor).
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
@@ -31,6 +32,7 @@ pub mod github;
 pub mod hold;
 pub mod ids;
 pub mod keys;
+pub mod limits;
 pub mod registry;
 pub mod secret;
 pub mod ssh;
@@ -57,6 +59,8 @@ pub struct Gateway {
     pub client_key: Arc<PrivateKey>,
     pub tokens: Vec<Secret<String>>,
     pub audit: audit::Audit,
+    pub auth_limits: limits::AuthLimits,
+    pub api_limits: limits::ApiLimits,
     pub upstream_config: Arc<russh::client::Config>,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
@@ -99,6 +103,21 @@ impl Gateway {
             (config.registration.tokens.clone(), None)
         };
         let upstream_config = Arc::new(ssh::upstream::client_config(config.ssh.keepalive_interval));
+        let auth_limits = limits::AuthLimits::new(
+            limits::quota(
+                config.ssh.max_failed_auths_per_source,
+                config.ssh.failed_auth_window,
+            ),
+            limits::quota(
+                config.ssh.max_failed_auths_per_user,
+                config.ssh.failed_auth_window,
+            ),
+        );
+        let minute = Duration::from_secs(60);
+        let api_limits = limits::ApiLimits::new(
+            limits::quota(config.api.requests_per_minute_per_token, minute),
+            limits::quota(config.api.max_bad_tokens_per_source, minute),
+        );
         let audit_path = config.audit_path();
         let audit = audit::Audit::open(&audit_path)
             .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
@@ -112,6 +131,8 @@ impl Gateway {
             client_key,
             tokens,
             audit,
+            auth_limits,
+            api_limits,
             upstream_config,
             generated_token_file,
             stopping: tokio::sync::watch::Sender::new(false),
@@ -197,11 +218,21 @@ pub async fn run(
     let tick =
         (gw.config.registration.ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
     let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
+    let limits_gw = gw.clone();
+    let limit_sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            every.tick().await;
+            limits_gw.auth_limits.sweep();
+            limits_gw.api_limits.sweep();
+        }
+    });
     shutdown.await;
     gw.stopping.send_replace(true);
     let _ = stop_tx.send(true);
     let _ = ssh.await;
     let _ = api.await;
     sweeper.abort();
+    limit_sweeper.abort();
     Ok(())
 }

@@ -66,25 +66,58 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 }
 
 async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(wait) = source.and_then(|ip| gw.api_limits.source_blocked(ip)) {
+        return too_many(wait, "too many requests with a wrong token from your address");
+    }
     let presented = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = presented.is_some_and(|p| {
+    // Every token is compared (constant time each), so the time taken does
+    // not say which one nearly matched.
+    let matched = presented.and_then(|p| {
         gw.tokens
             .iter()
-            .any(|t| crate::secret::constant_time_eq(t.expose().as_bytes(), p.as_bytes()))
+            .enumerate()
+            .fold(None, |found, (i, t)| {
+                let eq = crate::secret::constant_time_eq(t.expose().as_bytes(), p.as_bytes());
+                found.or(eq.then_some(i))
+            })
     });
-    if !ok {
+    let Some(index) = matched else {
+        if let Some(ip) = source {
+            gw.api_limits.bad_token(ip);
+        }
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or unknown bearer token".into(),
         )
         .into_response();
+    };
+    if let Err(wait) = gw.api_limits.request(&format!("token-{index}")) {
+        return too_many(wait, "this token is over its request rate");
     }
     next.run(request).await
+}
+
+fn too_many(wait: std::time::Duration, what: &str) -> Response {
+    let secs = wait.as_secs().max(1);
+    let mut response = ApiError(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("{what}; retry in {secs}s"),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(secs),
+    );
+    response
 }
 
 fn job_id(raw: &str) -> Result<JobId, ApiError> {

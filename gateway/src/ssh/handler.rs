@@ -161,7 +161,15 @@ impl Connection {
             return;
         }
         self.user = crate::audit::shown(user);
+        if let Err(blocked) = self.gw.auth_limits.check(self.peer.ip(), user) {
+            info!(conn = self.id, peer = %self.peer, "refused: {blocked}");
+            self.disconnect_later(format!("ci-gateway: {blocked}"));
+            self.state = State::Refused;
+            return;
+        }
         let refuse = |this: &mut Self, reason: String| {
+            // Guessing job ids or sending garbage spends the failure budget.
+            let _ = this.gw.auth_limits.failed(this.peer.ip(), user);
             info!(conn = this.id, peer = %this.peer, "refused: {reason}");
             this.gw.audit.record(
                 "refused",
@@ -260,6 +268,25 @@ impl Connection {
                 "destination": destination,
             }),
         );
+    }
+
+    /// Counts a failed login; once the source or username is out of budget
+    /// the connection is closed with the reason.
+    fn spend_failure(&mut self, user: &str) {
+        if let Err(blocked) = self.gw.auth_limits.failed(self.peer.ip(), user) {
+            info!(conn = self.id, peer = %self.peer, "closing: {blocked}");
+            self.gw.audit.record(
+                "rate_limited",
+                serde_json::json!({
+                    "conn": self.id,
+                    "source": self.peer.to_string(),
+                    "user": self.user,
+                    "reason": blocked.to_string(),
+                }),
+            );
+            self.disconnect_later(format!("ci-gateway: {blocked}"));
+            self.state = State::Refused;
+        }
     }
 
     /// Records an authentication attempt (the key's fingerprint, never the key).
@@ -418,6 +445,7 @@ impl server::Handler for Connection {
             None => {
                 if !matches!(self.state, State::Refused) {
                     self.audit_auth("key_not_accepted", offer.public_key, None);
+                    self.spend_failure(user);
                 }
                 Self::reject()
             }
@@ -433,6 +461,7 @@ impl server::Handler for Connection {
         let Some(login) = self.identify(key.public_key).await else {
             info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
             self.audit_auth("failure", key.public_key, None);
+            self.spend_failure(user);
             return Ok(Self::reject());
         };
         let who = Identity {

@@ -105,6 +105,12 @@ pub async fn run(
                 }
             },
         };
+        // A source that spent its failed-login budget is refused before any
+        // key exchange work.
+        if let Some(wait) = gw.auth_limits.source_blocked(peer.ip()) {
+            debug!(%peer, "refused: too many failed logins ({}s left)", wait.as_secs());
+            continue;
+        }
         let Some(slot) = per_source.take(peer.ip(), gw.config.ssh.max_connections_per_source)
         else {
             debug!(%peer, "too many connections from this source");

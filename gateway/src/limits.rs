@@ -1,0 +1,310 @@
+//! Abuse limits (governor): failed authentications per source address and
+//! per username, and API requests per token.
+//!
+//! A source or username that spends its budget of failures is blocked until
+//! the budget refills: its new SSH connections are dropped at accept (before
+//! any key exchange work) and its logins are refused without asking GitHub.
+//! Everyone else is untouched; the budgets are per key. IPv6 sources are
+//! keyed by their /64 (one host owns a whole /64). Memory stays bounded:
+//! limiter state of keys back at full budget is dropped every sweep, and the
+//! block lists are capped.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// Blocked keys remembered at most (beyond it the soonest-to-expire go).
+const MAX_BLOCKED: usize = 100_000;
+
+/// The key of a source address.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
+}
+
+/// `n` events per `window`, all of them allowed in a burst.
+pub fn quota(n: u32, window: Duration) -> Quota {
+    let n = NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN);
+    let per = (window / n.get()).max(Duration::from_micros(1));
+    Quota::with_period(per)
+        .unwrap_or_else(|| Quota::per_second(n))
+        .allow_burst(n)
+}
+
+struct Budget<K: std::hash::Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
+    blocked: Mutex<HashMap<K, Instant>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Budget<K> {
+    fn new(quota: Quota) -> Self {
+        Budget {
+            limiter: RateLimiter::keyed(quota),
+            blocked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn blocked_for(&self, key: &K) -> Option<Duration> {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let until = *blocked.get(key)?;
+        let now = Instant::now();
+        if until <= now {
+            blocked.remove(key);
+            return None;
+        }
+        Some(until - now)
+    }
+
+    /// Spends one unit; returns how long the key is blocked if it is now out.
+    fn spend(&self, key: &K) -> Option<Duration> {
+        match self.limiter.check_key(key) {
+            Ok(()) => None,
+            Err(not_until) => {
+                let wait = not_until
+                    .wait_time_from(DefaultClock::default().now())
+                    .max(Duration::from_secs(1));
+                let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+                if blocked.len() >= MAX_BLOCKED {
+                    let now = Instant::now();
+                    blocked.retain(|_, until| *until > now);
+                    if blocked.len() >= MAX_BLOCKED {
+                        if let Some(k) = blocked
+                            .iter()
+                            .min_by_key(|(_, until)| **until)
+                            .map(|(k, _)| k.clone())
+                        {
+                            blocked.remove(&k);
+                        }
+                    }
+                }
+                blocked.insert(key.clone(), Instant::now() + wait);
+                Some(wait)
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        let now = Instant::now();
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, until| *until > now);
+    }
+
+    fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// Failed-authentication budgets of the SSH side.
+pub struct AuthLimits {
+    sources: Budget<IpAddr>,
+    users: Budget<String>,
+}
+
+/// Why a login is refused before any key is looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocked {
+    Source(Duration),
+    User(Duration),
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocked::Source(d) => write!(
+                f,
+                "too many failed logins from your address; try again in {}s",
+                d.as_secs().max(1)
+            ),
+            Blocked::User(d) => write!(
+                f,
+                "too many failed logins for this user; try again in {}s",
+                d.as_secs().max(1)
+            ),
+        }
+    }
+}
+
+impl AuthLimits {
+    pub fn new(per_source: Quota, per_user: Quota) -> AuthLimits {
+        AuthLimits {
+            sources: Budget::new(per_source),
+            users: Budget::new(per_user),
+        }
+    }
+
+    /// Whether new connections from `ip` are refused right now.
+    pub fn source_blocked(&self, ip: IpAddr) -> Option<Duration> {
+        self.sources.blocked_for(&source_key(ip))
+    }
+
+    /// Whether a login as `user` from `ip` is refused right now.
+    pub fn check(&self, ip: IpAddr, user: &str) -> Result<(), Blocked> {
+        if let Some(d) = self.sources.blocked_for(&source_key(ip)) {
+            return Err(Blocked::Source(d));
+        }
+        if let Some(d) = self.users.blocked_for(&user_key(user)) {
+            return Err(Blocked::User(d));
+        }
+        Ok(())
+    }
+
+    /// Counts one failed authentication (or refused username) against both.
+    pub fn failed(&self, ip: IpAddr, user: &str) -> Result<(), Blocked> {
+        if let Some(d) = self.sources.spend(&source_key(ip)) {
+            return Err(Blocked::Source(d));
+        }
+        if let Some(d) = self.users.spend(&user_key(user)) {
+            return Err(Blocked::User(d));
+        }
+        Ok(())
+    }
+
+    /// Drops the state of keys back at full budget (call periodically).
+    pub fn sweep(&self) {
+        self.sources.sweep();
+        self.users.sweep();
+    }
+
+    /// Keys with limiter state, for tests and metrics.
+    pub fn tracked(&self) -> usize {
+        self.sources.tracked() + self.users.tracked()
+    }
+}
+
+/// Usernames are keyed case-insensitively and cut short (a 10 KiB username
+/// does not become a 10 KiB key).
+fn user_key(user: &str) -> String {
+    user.chars().take(64).collect::<String>().to_lowercase()
+}
+
+/// API requests per token.
+pub struct ApiLimits {
+    tokens: Budget<String>,
+    bad_tokens: Budget<IpAddr>,
+}
+
+impl ApiLimits {
+    pub fn new(per_token: Quota, bad_tokens_per_source: Quota) -> ApiLimits {
+        ApiLimits {
+            tokens: Budget::new(per_token),
+            bad_tokens: Budget::new(bad_tokens_per_source),
+        }
+    }
+
+    /// Spends one request of `token_id` (an index or name, never the token).
+    pub fn request(&self, token_id: &str) -> Result<(), Duration> {
+        match self.tokens.spend(&token_id.to_string()) {
+            None => Ok(()),
+            Some(d) => Err(d),
+        }
+    }
+
+    pub fn source_blocked(&self, ip: IpAddr) -> Option<Duration> {
+        self.bad_tokens.blocked_for(&source_key(ip))
+    }
+
+    /// Counts a request with a missing or wrong token.
+    pub fn bad_token(&self, ip: IpAddr) {
+        let _ = self.bad_tokens.spend(&source_key(ip));
+    }
+
+    pub fn sweep(&self) {
+        self.tokens.sweep();
+        self.bad_tokens.sweep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flooding_source_is_blocked_and_nobody_else_is() {
+        let limits = AuthLimits::new(
+            quota(5, Duration::from_secs(60)),
+            quota(1000, Duration::from_secs(60)),
+        );
+        let flooder: IpAddr = "10.0.0.1".parse().expect("ip");
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        for _ in 0..5 {
+            assert_eq!(limits.failed(flooder, "octocat"), Ok(()));
+        }
+        assert!(matches!(limits.failed(flooder, "octocat"), Err(Blocked::Source(_))));
+        assert!(limits.source_blocked(flooder).is_some());
+        assert!(matches!(limits.check(flooder, "anyone"), Err(Blocked::Source(_))));
+        assert_eq!(limits.check(other, "octocat"), Ok(()));
+        assert!(limits.source_blocked(other).is_none());
+    }
+
+    #[test]
+    fn a_username_under_attack_from_many_sources_is_blocked() {
+        let limits = AuthLimits::new(
+            quota(1000, Duration::from_secs(60)),
+            quota(3, Duration::from_secs(60)),
+        );
+        for i in 0..3u8 {
+            let ip = IpAddr::from([10, 0, 1, i]);
+            assert_eq!(limits.failed(ip, "OctoCat"), Ok(()));
+        }
+        let ip = IpAddr::from([10, 0, 2, 1]);
+        assert!(matches!(limits.failed(ip, "octocat"), Err(Blocked::User(_))));
+        assert!(matches!(limits.check(ip, "OCTOCAT"), Err(Blocked::User(_))));
+        assert_eq!(limits.check(ip, "hubot"), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert_eq!(source_key(mapped), "10.0.0.1".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn state_of_idle_keys_is_dropped() {
+        let limits = AuthLimits::new(
+            quota(1000, Duration::from_millis(10)),
+            quota(1000, Duration::from_millis(10)),
+        );
+        for i in 0..1000u32 {
+            let _ = limits.failed(IpAddr::from(i.to_be_bytes()), &format!("u{i}"));
+        }
+        assert!(limits.tracked() >= 1000);
+        std::thread::sleep(Duration::from_millis(30));
+        limits.sweep();
+        assert_eq!(limits.tracked(), 0);
+    }
+
+    #[test]
+    fn api_tokens_have_their_own_budgets() {
+        let limits = ApiLimits::new(
+            quota(2, Duration::from_secs(60)),
+            quota(2, Duration::from_secs(60)),
+        );
+        assert!(limits.request("token-0").is_ok());
+        assert!(limits.request("token-0").is_ok());
+        assert!(limits.request("token-0").is_err());
+        assert!(limits.request("token-1").is_ok());
+    }
+}

@@ -221,9 +221,10 @@ impl ApiLimits {
         self.bad_tokens.blocked_for(&source_key(ip))
     }
 
-    /// Counts a request with a missing or wrong token.
-    pub fn bad_token(&self, ip: IpAddr) {
-        let _ = self.bad_tokens.spend(&source_key(ip));
+    /// Counts a request with a missing or wrong token; returns how long the
+    /// source is blocked if this one used up its budget.
+    pub fn bad_token(&self, ip: IpAddr) -> Option<Duration> {
+        self.bad_tokens.spend(&source_key(ip))
     }
 
     pub fn sweep(&self) {
@@ -247,9 +248,15 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(limits.failed(flooder, "octocat"), Ok(()));
         }
-        assert!(matches!(limits.failed(flooder, "octocat"), Err(Blocked::Source(_))));
+        assert!(matches!(
+            limits.failed(flooder, "octocat"),
+            Err(Blocked::Source(_))
+        ));
         assert!(limits.source_blocked(flooder).is_some());
-        assert!(matches!(limits.check(flooder, "anyone"), Err(Blocked::Source(_))));
+        assert!(matches!(
+            limits.check(flooder, "anyone"),
+            Err(Blocked::Source(_))
+        ));
         assert_eq!(limits.check(other, "octocat"), Ok(()));
         assert!(limits.source_blocked(other).is_none());
     }
@@ -265,7 +272,10 @@ mod tests {
             assert_eq!(limits.failed(ip, "OctoCat"), Ok(()));
         }
         let ip = IpAddr::from([10, 0, 2, 1]);
-        assert!(matches!(limits.failed(ip, "octocat"), Err(Blocked::User(_))));
+        assert!(matches!(
+            limits.failed(ip, "octocat"),
+            Err(Blocked::User(_))
+        ));
         assert!(matches!(limits.check(ip, "OCTOCAT"), Err(Blocked::User(_))));
         assert_eq!(limits.check(ip, "hubot"), Ok(()));
     }
@@ -278,7 +288,10 @@ mod tests {
         assert_eq!(source_key(a), source_key(b));
         assert_ne!(source_key(a), source_key(c));
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
-        assert_eq!(source_key(mapped), "10.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            source_key(mapped),
+            "10.0.0.1".parse::<IpAddr>().expect("ip")
+        );
     }
 
     #[test]

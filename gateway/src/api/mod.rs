@@ -62,7 +62,33 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(gw.clone(), deadline))
         .with_state(gw)
+}
+
+/// Every request, body included, is done within `api.request_timeout` (plus
+/// the long-poll wait for a GET), so a client trickling a body cannot hold a
+/// connection.
+async fn deadline(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let mut limit = gw.config.api.request_timeout;
+    if request.method() == axum::http::Method::GET {
+        limit += std::time::Duration::from_secs(MAX_WAIT_SECONDS);
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request took longer than {}s", limit.as_secs()),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
@@ -71,7 +97,10 @@ async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: N
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     if let Some(wait) = source.and_then(|ip| gw.api_limits.source_blocked(ip)) {
-        return too_many(wait, "too many requests with a wrong token from your address");
+        return too_many(
+            wait,
+            "too many requests with a wrong token from your address",
+        );
     }
     let presented = request
         .headers()
@@ -82,17 +111,17 @@ async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: N
     // Every token is compared (constant time each), so the time taken does
     // not say which one nearly matched.
     let matched = presented.and_then(|p| {
-        gw.tokens
-            .iter()
-            .enumerate()
-            .fold(None, |found, (i, t)| {
-                let eq = crate::secret::constant_time_eq(t.expose().as_bytes(), p.as_bytes());
-                found.or(eq.then_some(i))
-            })
+        gw.tokens.iter().enumerate().fold(None, |found, (i, t)| {
+            let eq = crate::secret::constant_time_eq(t.expose().as_bytes(), p.as_bytes());
+            found.or(eq.then_some(i))
+        })
     });
     let Some(index) = matched else {
-        if let Some(ip) = source {
-            gw.api_limits.bad_token(ip);
+        if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
+            return too_many(
+                wait,
+                "too many requests with a wrong token from your address",
+            );
         }
         return ApiError(
             StatusCode::UNAUTHORIZED,

@@ -158,24 +158,31 @@ async fn serve_connection(
     let _ = shared.set(handle.clone());
     let deadline = async {
         tokio::time::sleep(auth_timeout).await;
-        if !authenticated.load(std::sync::atomic::Ordering::Relaxed) {
-            info!(conn = id, %peer, "not authenticated within {auth_timeout:?}; closing");
-            let _ = handle
-                .disconnect(
-                    Disconnect::ByApplication,
-                    "ci-gateway: authentication took too long".into(),
-                    "en".into(),
-                )
-                .await;
+        if authenticated.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::future::pending::<()>().await;
         }
-        std::future::pending::<()>().await
+        info!(conn = id, %peer, "not authenticated within {auth_timeout:?}; closing");
+        // Say why if the key exchange got that far; a peer stuck mid-packet
+        // (or mid key exchange) cannot be told, and is cut off regardless.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            handle.disconnect(
+                Disconnect::ByApplication,
+                "ci-gateway: authentication took too long".into(),
+                "en".into(),
+            ),
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
+    let mut session = session;
     tokio::select! {
-        result = session => {
+        result = &mut session => {
             if let Err(e) = result {
                 debug!(conn = id, %peer, "connection ended: {e}");
             }
         }
-        _ = deadline => {}
+        // The session loop runs in its own task; cut it off for real.
+        _ = deadline => session.abort(),
     }
 }

@@ -1066,12 +1066,19 @@ async fn start_reading<R: AsyncRead + Unpin>(
 pub struct RunningSession<H: Handler> {
     handle: Handle,
     join: JoinHandle<Result<(), H::Error>>,
+    abort: futures::future::AbortHandle,
 }
 
 impl<H: Handler> RunningSession<H> {
     /// Returns a new handle for the session.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// ci-gateway patch: stops the session task at once, closing the
+    /// connection (a peer stuck mid-packet cannot be sent a disconnect).
+    pub fn abort(&self) {
+        self.abort.abort();
     }
 }
 
@@ -1130,9 +1137,14 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    let (run, abort) = futures::future::abortable(session.run(stream, handler));
+    let join = russh_util::runtime::spawn(async move { run.await.unwrap_or(Ok(())) });
 
-    Ok(RunningSession { handle, join })
+    Ok(RunningSession {
+        handle,
+        join,
+        abort,
+    })
 }
 
 async fn read_ssh_id<R: AsyncRead + Unpin>(

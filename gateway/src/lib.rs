@@ -176,6 +176,16 @@ impl Gateway {
     }
 }
 
+/// The warning for an API without TLS, unless it listens on loopback only.
+pub fn plain_http_warning(addr: std::net::SocketAddr) -> Option<String> {
+    (!addr.ip().is_loopback()).then(|| {
+        format!(
+            "THE RUNNER API SERVES PLAIN HTTP ON {addr}, A NON-LOOPBACK ADDRESS: registration tokens \
+             cross the network in clear. Set api.tls_cert and api.tls_key."
+        )
+    })
+}
+
 /// Serves SSH and the API until `shutdown` resolves.
 pub async fn run(
     gw: Arc<Gateway>,
@@ -184,10 +194,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = if gw.config.api.tls_cert.as_os_str().is_empty() {
-        if !api_listener.local_addr()?.ip().is_loopback() {
-            tracing::warn!(
-                "THE RUNNER API SERVES PLAIN HTTP ON A NON-LOOPBACK ADDRESS: tokens cross the network in clear. Set api.tls_cert and api.tls_key."
-            );
+        if let Some(warning) = plain_http_warning(api_listener.local_addr()?) {
+            tracing::warn!("{warning}");
         }
         None
     } else {
@@ -235,4 +243,18 @@ pub async fn run(
     sweeper.abort();
     limit_sweeper.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_http_is_flagged_off_loopback_only() {
+        for quiet in ["127.0.0.1:8022", "[::1]:8022", "127.9.9.9:1"] {
+            assert_eq!(super::plain_http_warning(quiet.parse().expect("addr")), None);
+        }
+        for loud in ["0.0.0.0:8022", "10.0.0.5:8022", "[::]:8022"] {
+            let w = super::plain_http_warning(loud.parse().expect("addr")).expect(loud);
+            assert!(w.contains("PLAIN HTTP") && w.contains("api.tls_cert"), "{w}");
+        }
+    }
 }

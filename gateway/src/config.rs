@@ -121,6 +121,16 @@ pub struct RegistrationConfig {
     /// Whether a registration's `allowed_users` are honoured.
     pub allow_extra_users: bool,
     pub max_jobs: usize,
+    /// GitHub Actions OIDC tokens as bearer: on when `oidc_audience` is set.
+    pub oidc_issuer: String,
+    pub oidc_audience: String,
+    /// `owner/repo` glob patterns (`*` matches within a segment) whose jobs
+    /// may register with an OIDC token.
+    pub allowed_repositories: Vec<String>,
+    /// A token naming an unknown key refetches the issuer's keys at most
+    /// this often.
+    #[serde(with = "humantime_serde")]
+    pub oidc_jwks_refetch: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +216,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("registration.tokens")
                 .with_list_parse_key("access.admins")
+                .with_list_parse_key("registration.allowed_repositories")
                 .with_list_parse_key("access.jump_ports")
                 .with_list_parse_key("hold.warn_before")
                 .try_parsing(true)
@@ -218,6 +229,23 @@ impl Config {
 
     /// Checks everything that can be checked without the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.registration.oidc_audience.is_empty() {
+            let issuer = &self.registration.oidc_issuer;
+            if let Err(e) = crate::oidc::check_issuer_url(issuer) {
+                return Err(invalid("registration.oidc_issuer", e));
+            }
+            if self.registration.allowed_repositories.is_empty() {
+                return Err(invalid(
+                    "registration.allowed_repositories",
+                    "OIDC registration needs at least one pattern (e.g. \"acme/*\")",
+                ));
+            }
+            for p in &self.registration.allowed_repositories {
+                if let Err(e) = crate::oidc::check_pattern(p) {
+                    return Err(invalid("registration.allowed_repositories", e));
+                }
+            }
+        }
         let url = &self.github.api_url;
         if !(url.starts_with("https://") || url.starts_with("http://")) {
             return Err(invalid(

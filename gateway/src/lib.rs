@@ -11,6 +11,7 @@
 //! - [`access`] — who may reach which job: one pure function.
 //! - [`keys`] — host key, CA and certificates the gateway owns.
 //! - [`limits`] — failed-login and API rate limits (governor).
+//! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
@@ -33,6 +34,7 @@ pub mod hold;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod oidc;
 pub mod registry;
 pub mod secret;
 pub mod ssh;
@@ -60,6 +62,8 @@ pub struct Gateway {
     pub tokens: Vec<Secret<String>>,
     pub audit: audit::Audit,
     pub auth_limits: limits::AuthLimits,
+    /// Set when `registration.oidc_audience` is.
+    pub oidc: Option<oidc::Verifier>,
     pub api_limits: limits::ApiLimits,
     pub upstream_config: Arc<russh::client::Config>,
     /// Where a generated registration token was written, if one was.
@@ -118,6 +122,20 @@ impl Gateway {
             limits::quota(config.api.requests_per_minute_per_token, minute),
             limits::quota(config.api.max_bad_tokens_per_source, minute),
         );
+        let reg = &config.registration;
+        let oidc = if reg.oidc_audience.is_empty() {
+            None
+        } else {
+            Some(
+                oidc::Verifier::new(
+                    &reg.oidc_issuer,
+                    &reg.oidc_audience,
+                    &reg.allowed_repositories,
+                    reg.oidc_jwks_refetch,
+                )
+                .map_err(|e| anyhow::anyhow!("registration.oidc_issuer: {e}"))?,
+            )
+        };
         let audit_path = config.audit_path();
         let audit = audit::Audit::open(&audit_path)
             .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
@@ -133,6 +151,7 @@ impl Gateway {
             audit,
             auth_limits,
             api_limits,
+            oidc,
             upstream_config,
             generated_token_file,
             stopping: tokio::sync::watch::Sender::new(false),
@@ -250,11 +269,17 @@ mod tests {
     #[test]
     fn plain_http_is_flagged_off_loopback_only() {
         for quiet in ["127.0.0.1:8022", "[::1]:8022", "127.9.9.9:1"] {
-            assert_eq!(super::plain_http_warning(quiet.parse().expect("addr")), None);
+            assert_eq!(
+                super::plain_http_warning(quiet.parse().expect("addr")),
+                None
+            );
         }
         for loud in ["0.0.0.0:8022", "10.0.0.5:8022", "[::]:8022"] {
             let w = super::plain_http_warning(loud.parse().expect("addr")).expect(loud);
-            assert!(w.contains("PLAIN HTTP") && w.contains("api.tls_cert"), "{w}");
+            assert!(
+                w.contains("PLAIN HTTP") && w.contains("api.tls_cert"),
+                "{w}"
+            );
         }
     }
 }

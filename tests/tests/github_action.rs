@@ -155,12 +155,16 @@ fn the_action_declares_its_interface() {
     let action = load("action.yml");
     assert_eq!(s(&action["runs"]["using"]), "composite");
     let inputs = &action["inputs"];
-    for required in ["command", "gateway", "token"] {
+    for required in ["command", "gateway"] {
         assert_eq!(
             inputs[required]["required"].as_bool(),
             Some(true),
             "{required}"
         );
+    }
+    // A token or an OIDC audience: the agent says so if neither is given.
+    for credential in ["token", "oidc-audience"] {
+        assert_eq!(s(&inputs[credential]["default"]), "", "{credential}");
     }
     assert_eq!(s(&inputs["job-id"]["default"]), "${{ job.check_run_id }}");
     let steps = action["runs"]["steps"].as_vec().expect("steps");

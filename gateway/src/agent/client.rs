@@ -22,9 +22,23 @@ const POLL_SLACK: Duration = Duration::from_secs(15);
 /// Answers are small JSON; a bigger one is not the gateway's.
 const MAX_ANSWER: usize = 1 << 20;
 
+/// How the agent proves itself to the gateway.
+#[derive(Clone)]
+pub enum Credential {
+    /// A registration token (or none, for public endpoints).
+    Token(Secret<String>),
+    /// A fresh GitHub Actions OIDC token for each request, from the job's
+    /// token endpoint (`ACTIONS_ID_TOKEN_REQUEST_URL`/`_TOKEN`).
+    ActionsOidc {
+        url: String,
+        request_token: Secret<String>,
+        audience: String,
+    },
+}
+
 pub struct Api {
     base: String,
-    token: Secret<String>,
+    credential: Credential,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
@@ -50,6 +64,14 @@ impl ApiError {
 
 impl Api {
     pub fn new(base: &str, token: Secret<String>, ca_cert: Option<&Path>) -> Result<Api, String> {
+        Self::with_credential(base, Credential::Token(token), ca_cert)
+    }
+
+    pub fn with_credential(
+        base: &str,
+        credential: Credential,
+        ca_cert: Option<&Path>,
+    ) -> Result<Api, String> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(format!(
@@ -91,7 +113,11 @@ impl Api {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(20))
             .build(connector);
-        Ok(Api { base, token, http })
+        Ok(Api {
+            base,
+            credential,
+            http,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -113,23 +139,84 @@ impl Api {
             Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| transport(e.to_string()))?),
             None => Bytes::new(),
         };
+        let bearer = self.bearer().await?;
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
             .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token.expose()),
-            )
-            .header(
                 hyper::header::USER_AGENT,
                 concat!("ci-gateway-runner/", env!("CARGO_PKG_VERSION")),
             );
+        if !bearer.expose().is_empty() {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", bearer.expose()),
+            );
+        }
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let request = request
             .body(Full::new(bytes))
             .map_err(|e| transport(e.to_string()))?;
+        let (status, body) = self.exchange(request, timeout).await?;
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+        Err(ApiError::Status { status, message })
+    }
+
+    /// The bearer for the next request.
+    async fn bearer(&self) -> Result<Secret<String>, ApiError> {
+        let (url, request_token, audience) = match &self.credential {
+            Credential::Token(t) => return Ok(t.clone()),
+            Credential::ActionsOidc {
+                url,
+                request_token,
+                audience,
+            } => (url, request_token, audience),
+        };
+        let failed = |reason: String| ApiError::Transport {
+            base: "the Actions OIDC token endpoint".into(),
+            reason,
+        };
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{url}{separator}audience={audience}"))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", request_token.expose()),
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| failed(e.to_string()))?;
+        let (status, body) = self
+            .exchange(request, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match value["value"].as_str() {
+            Some(token) if status.is_success() => Ok(Secret::new(token.to_string())),
+            _ => Err(failed(format!("answered {status} without a token (does the job have `permissions: id-token: write`?)"))),
+        }
+    }
+
+    /// Sends `request`; returns the status and the (bounded) body.
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ApiError> {
+        let transport = |reason: String| ApiError::Transport {
+            base: self.base.clone(),
+            reason,
+        };
         let answer = async {
             let response = self
                 .http
@@ -144,19 +231,9 @@ impl Api {
                 .to_bytes();
             Ok::<_, ApiError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(timeout, answer)
+        tokio::time::timeout(timeout, answer)
             .await
-            .map_err(|_| transport(format!("no answer within {}s", timeout.as_secs())))??;
-        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(value);
-        }
-        let message = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
-        Err(ApiError::Status { status, message })
+            .map_err(|_| transport(format!("no answer within {}s", timeout.as_secs())))?
     }
 
     pub async fn register(&self, job: &str, body: &Value) -> Result<Value, ApiError> {

@@ -47,7 +47,11 @@ pub struct Common {
     pub gateway: String,
     /// A registration token of the gateway.
     #[arg(long, env = "CI_GATEWAY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// Instead of a token: prove the job with a GitHub Actions OIDC token for
+    /// this audience (the job needs `permissions: id-token: write`).
+    #[arg(long, env = "CI_GATEWAY_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
     /// GitHub's numeric job id (`${{ job.check_run_id }}`). Without it, on
     /// GitHub Actions, it is looked up through the REST API (needs
     /// GITHUB_TOKEN with `actions: read`).
@@ -175,12 +179,30 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn api(common: &Common) -> Result<Api, Failure> {
-    Api::new(
-        &common.gateway,
-        Secret::new(common.token.clone()),
-        common.ca_cert.as_deref(),
-    )
-    .map_err(Failure)
+    let credential = match (&common.token, &common.oidc_audience) {
+        (Some(token), _) => client::Credential::Token(Secret::new(token.clone())),
+        (None, Some(audience)) => {
+            let (Some(url), Some(request_token)) = (
+                env("ACTIONS_ID_TOKEN_REQUEST_URL"),
+                env("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
+            ) else {
+                return Err(Failure(
+                    "--oidc-audience needs ACTIONS_ID_TOKEN_REQUEST_URL and _TOKEN: give the job `permissions: id-token: write`".into(),
+                ));
+            };
+            client::Credential::ActionsOidc {
+                url,
+                request_token: Secret::new(request_token),
+                audience: audience.clone(),
+            }
+        }
+        (None, None) => {
+            return Err(Failure(
+                "no credential: set CI_GATEWAY_TOKEN (--token) or CI_GATEWAY_OIDC_AUDIENCE (--oidc-audience)".into(),
+            ))
+        }
+    };
+    Api::with_credential(&common.gateway, credential, common.ca_cert.as_deref()).map_err(Failure)
 }
 
 fn state_path(common: &Common, job: &str) -> PathBuf {
@@ -383,17 +405,23 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         None => "linux".into(),
     };
     let windows = os == "windows";
-    let actor = args
-        .actor
-        .clone()
-        .or_else(|| env("GITHUB_TRIGGERING_ACTOR"))
-        .or_else(|| env("GITHUB_ACTOR"))
-        .ok_or_else(|| {
-            Failure(
-                "no actor: pass --actor (on GitHub Actions it defaults to the triggering actor)"
-                    .into(),
-            )
-        })?;
+    // With OIDC the gateway takes the actor from the token; send one only
+    // when it was given explicitly (it must then agree).
+    let oidc = args.common.token.is_none() && args.common.oidc_audience.is_some();
+    let actor = match args.actor.clone() {
+        Some(a) => Some(a),
+        None if oidc => None,
+        None => Some(
+            env("GITHUB_TRIGGERING_ACTOR")
+                .or_else(|| env("GITHUB_ACTOR"))
+                .ok_or_else(|| {
+                    Failure(
+                        "no actor: pass --actor (on GitHub Actions it defaults to the triggering actor)"
+                            .into(),
+                    )
+                })?,
+        ),
+    };
     let user = args
         .user
         .clone()
@@ -412,13 +440,15 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         }
     }
     let mut body = json!({
-        "actor": actor,
         "user": user,
         "port": args.port,
         "host_keys": host_keys,
         "os": os,
         "allowed_users": args.allowed_users.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).collect::<Vec<_>>(),
     });
+    if let Some(actor) = &actor {
+        body["actor"] = json!(actor);
+    }
     if let Some(host) = &args.host {
         body["host"] = json!(host);
     }
@@ -510,11 +540,20 @@ fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), 
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["runner", "refresh", "--job-id", job])
         .env("CI_GATEWAY_URL", &common.gateway)
-        .env("CI_GATEWAY_TOKEN", &common.token)
         .env_remove("CI_GATEWAY_JOB_ID")
         .stdin(std::process::Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
+    match (&common.token, &common.oidc_audience) {
+        (Some(token), _) => {
+            cmd.env("CI_GATEWAY_TOKEN", token);
+        }
+        (None, Some(audience)) => {
+            cmd.env_remove("CI_GATEWAY_TOKEN")
+                .env("CI_GATEWAY_OIDC_AUDIENCE", audience);
+        }
+        (None, None) => {}
+    }
     if let Some(ca) = &common.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -48,6 +48,78 @@ impl From<JsonRejection> for ApiError {
         let text: String = r.body_text().chars().take(300).collect();
         ApiError(status, text)
     }
+}
+
+/// Who is calling: a configured token (by index) or a verified OIDC token.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Token(usize),
+    Oidc(Arc<crate::oidc::Claims>),
+}
+
+/// With an OIDC caller, the identity comes from the token: the body may
+/// repeat it but not contradict it. Pure.
+pub fn apply_claims(
+    job: JobId,
+    body: &mut RegisterRequest,
+    claims: &crate::oidc::Claims,
+) -> Result<(), String> {
+    if let Some(check_run) = claims.check_run_id {
+        if check_run != job.get() {
+            return Err(format!("the token is for job {check_run}, not job {job}"));
+        }
+    }
+    if let Some(actor) = &body.actor {
+        if !actor.eq_ignore_ascii_case(&claims.actor) {
+            return Err(format!("actor: the token says {}", claims.actor));
+        }
+    }
+    if let Some(repo) = &body.repository {
+        if !repo.eq_ignore_ascii_case(&claims.repository) {
+            return Err(format!("repository: the token says {}", claims.repository));
+        }
+    }
+    if let (Some(run), Some(token_run)) = (body.run_id, claims.run_id) {
+        if run != token_run {
+            return Err(format!("run_id: the token says {token_run}"));
+        }
+    }
+    body.actor = Some(claims.actor.clone());
+    body.repository = Some(claims.repository.clone());
+    body.run_id = claims.run_id.or(body.run_id);
+    Ok(())
+}
+
+/// Whether `caller` may act on the registered `job`: any configured token
+/// may; an OIDC token only on its own job (same job id, or same repository
+/// and run).
+fn authorize(caller: &Caller, job: &Registration) -> Result<(), ApiError> {
+    let Caller::Oidc(claims) = caller else {
+        return Ok(());
+    };
+    let same_job = claims.check_run_id == Some(job.job_id.get());
+    let same_run = job
+        .repository
+        .as_deref()
+        .is_some_and(|r| r.eq_ignore_ascii_case(&claims.repository))
+        && job.run_id.is_some()
+        && job.run_id == claims.run_id;
+    if same_job || same_run {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("this token is not for job {}", job.job_id),
+        ))
+    }
+}
+
+/// Looks the job up and checks that `caller` may act on it.
+fn authorized(gw: &Gateway, caller: &Caller, job: JobId) -> Result<(), ApiError> {
+    if let Lookup::Active(reg, _) = gw.registry.lookup(job) {
+        authorize(caller, &reg)?;
+    }
+    Ok(())
 }
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -91,7 +163,11 @@ async fn deadline(State(gw): State<Arc<Gateway>>, request: Request, next: Next) 
     }
 }
 
-async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(gw): State<Arc<Gateway>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let source = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -116,22 +192,37 @@ async fn require_token(State(gw): State<Arc<Gateway>>, request: Request, next: N
             found.or(eq.then_some(i))
         })
     });
-    let Some(index) = matched else {
-        if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
-            return too_many(
-                wait,
-                "too many requests with a wrong token from your address",
-            );
+    let caller = match (matched, presented, &gw.oidc) {
+        (Some(index), _, _) => Ok(Caller::Token(index)),
+        (None, Some(p), Some(verifier)) if crate::oidc::Verifier::looks_like_jwt(p) => {
+            match verifier.verify(p).await {
+                Ok(claims) => Ok(Caller::Oidc(Arc::new(claims))),
+                Err(reason) => Err(format!("OIDC token refused: {reason}")),
+            }
         }
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token".into(),
-        )
-        .into_response();
+        _ => Err("missing or unknown bearer token".to_string()),
     };
-    if let Err(wait) = gw.api_limits.request(&format!("token-{index}")) {
+    let caller = match caller {
+        Ok(c) => c,
+        Err(reason) => {
+            tracing::info!(source = ?source, "API request refused: {reason}");
+            if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
+                return too_many(
+                    wait,
+                    "too many requests with a wrong token from your address",
+                );
+            }
+            return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
+        }
+    };
+    let budget = match &caller {
+        Caller::Token(i) => format!("token-{i}"),
+        Caller::Oidc(c) => format!("oidc:{}", c.repository.to_lowercase()),
+    };
+    if let Err(wait) = gw.api_limits.request(&budget) {
         return too_many(wait, "this token is over its request rate");
     }
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 
@@ -161,7 +252,10 @@ fn truncate(s: &str) -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    pub actor: String,
+    /// Required with a static token; with an OIDC token it comes from the
+    /// token (and must agree if given).
+    #[serde(default)]
+    pub actor: Option<String>,
     #[serde(default)]
     pub host: Option<String>,
     #[serde(default)]
@@ -231,7 +325,8 @@ pub fn validate(
     now: u64,
     previous: Option<&Registration>,
 ) -> Result<Registration, String> {
-    let actor = GithubLogin::parse(&body.actor).map_err(|e| format!("actor: {e}"))?;
+    let actor = GithubLogin::parse(body.actor.as_deref().ok_or("actor: required")?)
+        .map_err(|e| format!("actor: {e}"))?;
     if !valid_runner_user(&body.user) {
         return Err("user: not a valid account name".into());
     }
@@ -294,11 +389,16 @@ pub fn validate(
 async fn put_job(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     body: Result<Json<RegisterRequest>, JsonRejection>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
     let job = job_id(&raw)?;
-    let Json(body) = body?;
+    let Json(mut body) = body?;
+    if let Caller::Oidc(claims) = &caller {
+        apply_claims(job, &mut body, claims).map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
+    }
+    authorized(&gw, &caller, job)?;
     let previous = match gw.registry.lookup(job) {
         Lookup::Active(reg, _) => Some(reg),
         // Job ids are not reused (a re-run gets new ones): an ended job stays
@@ -334,6 +434,10 @@ async fn put_job(
             "repository": registration.repository,
             "run_id": registration.run_id,
             "source": peer.ip().to_string(),
+            "credential": match &caller {
+                Caller::Token(i) => format!("token #{i}"),
+                Caller::Oidc(_) => "oidc".to_string(),
+            },
         }),
     );
     }
@@ -394,10 +498,12 @@ pub const MAX_WAIT_SECONDS: u64 = 25;
 
 async fn get_job(
     State(gw): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     query: Result<axum::extract::Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
+    authorized(&gw, &caller, job)?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     if let (Some(wait), Lookup::Active(_, live)) = (query.wait, gw.registry.lookup(job)) {
         let mut sessions = live.watch_sessions();
@@ -443,9 +549,11 @@ fn job_json(
 
 async fn finish_job(
     State(gw): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
+    authorized(&gw, &caller, job)?;
     let (reg, newly) = match gw.registry.mark_finished(job).await {
         Ok(Some(found)) => found,
         Ok(None) => {
@@ -478,9 +586,11 @@ async fn finish_job(
 
 async fn delete_job(
     State(gw): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
+    authorized(&gw, &caller, job)?;
     let reason = format!("job {job} ended: the runner deregistered it");
     let existed = gw
         .end_job(job, "deregistered", reason)
@@ -596,6 +706,50 @@ mod tests {
             rdp.as_deref(),
             Some("ssh -p 2222 -N -L 3389:localhost:3389 42@::1")
         );
+    }
+
+    #[test]
+    fn oidc_claims_rule_the_identity() {
+        let claims = crate::oidc::Claims {
+            actor: "octocat".into(),
+            repository: "acme/widgets".into(),
+            run_id: Some(77),
+            check_run_id: Some(42),
+        };
+        // Nothing in the body: taken from the token.
+        let mut b = body(json!({"user": "runner", "host_keys": [KEY]}));
+        apply_claims(job(), &mut b, &claims).expect("ok");
+        assert_eq!(b.actor.as_deref(), Some("octocat"));
+        assert_eq!(b.repository.as_deref(), Some("acme/widgets"));
+        assert_eq!(b.run_id, Some(77));
+        // The same, repeated (any case): fine.
+        let mut b = body(
+            json!({"actor": "OctoCat", "repository": "acme/widgets", "run_id": 77, "user": "r", "host_keys": [KEY]}),
+        );
+        apply_claims(job(), &mut b, &claims).expect("agreeing body");
+        // Anything contradicting the token is refused, naming the field.
+        for (json, field) in [
+            (
+                json!({"actor": "mallory", "user": "r", "host_keys": [KEY]}),
+                "actor",
+            ),
+            (
+                json!({"repository": "evil/repo", "user": "r", "host_keys": [KEY]}),
+                "repository",
+            ),
+            (
+                json!({"run_id": 1, "user": "r", "host_keys": [KEY]}),
+                "run_id",
+            ),
+        ] {
+            let mut b = body(json);
+            let err = apply_claims(job(), &mut b, &claims).expect_err("contradiction");
+            assert!(err.starts_with(field), "{err}");
+        }
+        let mut b = body(json!({"user": "r", "host_keys": [KEY]}));
+        let other_job = JobId::parse("43").expect("id");
+        let err = apply_claims(other_job, &mut b, &claims).expect_err("other job");
+        assert!(err.contains("job 42"), "{err}");
     }
 
     #[test]

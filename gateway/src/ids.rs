@@ -193,4 +193,32 @@ mod tests {
         assert!(!valid_runner_user(""));
         assert!(!valid_runner_user("a\"b"));
     }
+
+    /// The fuzz target's property (fuzz/fuzz_targets/username.rs) on random
+    /// usernames from awkward characters, so stable CI checks it too.
+    #[test]
+    fn random_usernames_parse_to_something_valid_or_nothing() {
+        let chars = [
+            '0', '1', '9', 'a', 'Z', '-', '_', '.', '@', ' ', 'j', 'o', 'b', '\u{0}', 'é',
+            '\u{202e}', '/', ':',
+        ];
+        for _ in 0..20_000 {
+            let n = rand::random_range(0..24);
+            let user: String = (0..n)
+                .map(|_| chars[rand::random_range(0..chars.len())])
+                .collect();
+            match Target::parse_user(&user) {
+                Ok(Target::Job(job)) => {
+                    let shown = job.to_string();
+                    assert!(shown.bytes().all(|b| b.is_ascii_digit()), "{user:?}");
+                    assert_eq!(JobId::parse(&shown).expect("round trip"), job);
+                }
+                Ok(Target::Jump(login)) => {
+                    assert!(login.as_str().len() <= 39, "{user:?}");
+                    assert!(GithubLogin::parse(login.as_str()).is_ok(), "{user:?}");
+                }
+                Err(_) => {}
+            }
+        }
+    }
 }

@@ -262,6 +262,44 @@ mod tests {
         assert_eq!(remove("", "42"), "");
     }
 
+    /// The fuzz target's property (fuzz/fuzz_targets/authorized_keys.rs) on
+    /// random files built from awkward pieces, so stable CI checks it too.
+    #[test]
+    fn install_then_remove_gives_the_file_back_on_random_files() {
+        let pieces = [
+            "ssh-rsa AAAA me",
+            "\n",
+            "\r\n",
+            "# comment",
+            "",
+            " ",
+            "\t",
+            "# ci-gateway job 1 begin (managed by `ci-gateway runner`; do not edit)",
+            "# ci-gateway job 1 end",
+            "# ci-gateway job 42 end",
+            "é",
+            "\u{feff}",
+        ];
+        for _ in 0..5000 {
+            let n = rand::random_range(0..12);
+            let text: String = (0..n)
+                .map(|_| pieces[rand::random_range(0..pieces.len())])
+                .collect();
+            let once = install(&text, "42", &keys()).expect("install");
+            assert_eq!(
+                install(&once, "42", &keys()).expect("again"),
+                once,
+                "{text:?}"
+            );
+            assert_eq!(installed(&once, "42"), keys(), "{text:?}");
+            let mut expected = text.clone();
+            if !expected.is_empty() && !expected.ends_with('\n') {
+                expected.push_str(if text.contains("\r\n") { "\r\n" } else { "\n" });
+            }
+            assert_eq!(remove(&once, "42"), expected, "{text:?}");
+        }
+    }
+
     #[test]
     fn lines_that_would_break_the_file_are_refused() {
         for bad in ["ssh-ed25519 AAAA\nssh-rsa BBBB", "", "# comment"] {

@@ -54,6 +54,19 @@ async fn jump_mode_dials_nothing_but_the_jobs_runner_on_allowed_ports() {
             "4444444444:22".into(),
             "job 4444444444 is not registered".into(),
         ),
+        // Every address class, however spelled, is "not a job".
+        ("[::1]:22".into(), "is not a job".into()),
+        ("0.0.0.0:22".into(), "is not a job".into()),
+        ("10.0.0.1:22".into(), "is not a job".into()),
+        ("169.254.0.1:22".into(), "is not a job".into()),
+        ("[fe80::1]:22".into(), "is not a job".into()),
+        ("[::ffff:127.0.0.1]:22".into(), "is not a job".into()),
+        ("0x7f000001:22".into(), "is not a job".into()),
+        // 127.0.0.1 as one decimal number is read as a job id, never an IP.
+        (
+            "2130706433:22".into(),
+            "job 2130706433 is not registered".into(),
+        ),
     ];
     for (dest, expected) in cases {
         let mut args = client_opts(&w.octocat.path);
@@ -71,6 +84,18 @@ async fn jump_mode_dials_nothing_but_the_jobs_runner_on_allowed_ports() {
             "{dest}: expected {expected:?} in {r:?}"
         );
     }
+    // After all that, the job's own runner is still one jump away.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["echo", "still-reachable"],
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "still-reachable", "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

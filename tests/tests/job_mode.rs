@@ -462,3 +462,27 @@ async fn the_pty_takes_the_clients_size_and_follows_window_resizes() {
     );
     assert!(lines.contains(&"50 132"), "resize not forwarded: {r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cipher_openssh_offers_by_default_is_served() {
+    let w = World::new("127.0.0.27", "9876543227").await;
+    for cipher in [
+        "chacha20-poly1305@openssh.com",
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "aes128-ctr",
+        "aes192-ctr",
+        "aes256-ctr",
+    ] {
+        let flag = format!("-c{cipher}");
+        let r = ssh(
+            &w.gateway,
+            &w.octocat.path,
+            &w.job,
+            &[&flag, "echo", cipher],
+            None,
+        )
+        .await;
+        assert_eq!(r.stdout.trim(), cipher, "{r:?}");
+    }
+}

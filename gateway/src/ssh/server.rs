@@ -38,6 +38,7 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         maximum_packet_size: 32768,
         channel_buffer_size: 1024,
         nodelay: true,
+        preferred: crate::ssh::preferred(),
         ..Default::default()
     }
 }

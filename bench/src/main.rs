@@ -1,0 +1,938 @@
+//! ci-gateway against an OpenSSH `sshd` used as a jump host, side by side in
+//! one run, on loopback addresses only (issue 5; docs/performance.md).
+//!
+//! Starts a runner `sshd` (127.0.0.201), an OpenSSH jump `sshd` (127.0.0.202),
+//! the release-built gateway (127.0.0.203) and a plain TCP sink (127.0.0.204,
+//! the far end of forwards and idle jump sessions); runs every case in
+//! alternation (A B A B …) after a warm-up; prints a table and writes JSON
+//! with medians, min/max and gateway/OpenSSH ratios.
+
+#![forbid(unsafe_code)]
+
+mod load;
+mod procs;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RUNNER_IP: &str = "127.0.0.201";
+const JUMP_IP: &str = "127.0.0.202";
+const GATEWAY_IP: &str = "127.0.0.203";
+const SINK_IP: &str = "127.0.0.204";
+const JOB: &str = "9000000001";
+const SINK_JOB: &str = "9000000002";
+const TOKEN: &str = "bench-registration-token-0123456789";
+const GIB: u64 = 1 << 30;
+
+struct Opts {
+    gateway: PathBuf,
+    out: PathBuf,
+    quick: bool,
+    /// Internal: run only the TCP sink (its own process, so that the load
+    /// generator's descriptors and the sink's are counted apart).
+    sink: bool,
+}
+
+impl Opts {
+    fn parse() -> anyhow::Result<Opts> {
+        let mut gateway = None;
+        let mut out = PathBuf::from("bench/results.json");
+        let mut quick = false;
+        let mut sink = false;
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--sink" => sink = true,
+                "--gateway" => gateway = args.next().map(PathBuf::from),
+                "--out" => out = args.next().map(PathBuf::from).context("--out PATH")?,
+                "--quick" => quick = true,
+                other => bail!("unknown argument {other:?} (--gateway PATH, --out PATH, --quick)"),
+            }
+        }
+        if sink {
+            return Ok(Opts {
+                gateway: PathBuf::new(),
+                out,
+                quick,
+                sink,
+            });
+        }
+        Ok(Opts {
+            gateway: gateway.context("--gateway PATH (the release ci-gateway binary)")?,
+            out,
+            quick,
+            sink,
+        })
+    }
+}
+
+/// Sizes and counts of one run.
+struct Plan {
+    bytes: u64,
+    rounds: usize,
+    setup_samples: usize,
+    idle_counts: Vec<usize>,
+    concurrent: usize,
+    hold: Duration,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on {addr}")
+}
+
+fn keygen(path: &Path) -> anyhow::Result<String> {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+        .arg(path)
+        .status()
+        .context("ssh-keygen (install openssh-client)")?
+        .success();
+    anyhow::ensure!(ok, "ssh-keygen failed");
+    Ok(std::fs::read_to_string(path.with_extension("pub"))?
+        .trim()
+        .to_string())
+}
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sshd(
+    dir: &Path,
+    name: &str,
+    ip: &str,
+    authorized_keys: &Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let sshd = ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("sshd is missing: install openssh-server")?;
+    let host_key = dir.join(format!("{name}_host_key"));
+    keygen(&host_key)?;
+    let port = free_port(ip)?;
+    let config = dir.join(format!("{name}_sshd_config"));
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nLogLevel ERROR\n\
+             MaxStartups 4000:100:8000\nMaxSessions 10\nUseDNS no\n",
+            hk = host_key.display(),
+            ak = authorized_keys.display(),
+            pid = dir.join(format!("{name}.pid")).display(),
+        ),
+    )?;
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .spawn()?;
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    let proc = Proc(child);
+    wait_listening(addr)?;
+    Ok((proc, addr))
+}
+
+/// Everything running for one benchmark.
+struct Rig {
+    dir: PathBuf,
+    key: PathBuf,
+    user: String,
+    runner: (Proc, SocketAddr),
+    jump: (Proc, SocketAddr),
+    gateway: Proc,
+    gw_ssh: SocketAddr,
+    sink: SocketAddr,
+    _sink: Proc,
+}
+
+impl Rig {
+    async fn start(opts: &Opts) -> anyhow::Result<Rig> {
+        let dir = std::env::temp_dir().join(format!("cigw-bench-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        let user = current_user();
+        let key = dir.join("me");
+        let me_pub = keygen(&key)?;
+        // The runner trusts what the agent installs; the jump host trusts me.
+        let runner_ak = dir.join("runner_authorized_keys");
+        std::fs::write(&runner_ak, "")?;
+        let jump_ak = dir.join("jump_authorized_keys");
+        std::fs::write(&jump_ak, format!("{me_pub}\n"))?;
+        let runner = sshd(&dir, "runner", RUNNER_IP, &runner_ak)?;
+        let jump = sshd(&dir, "jump", JUMP_IP, &jump_ak)?;
+        let (sink_proc, sink) = spawn_sink()?;
+
+        let ssh_port = free_port(GATEWAY_IP)?;
+        let api_port = free_port(GATEWAY_IP)?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[ssh]
+listen = "{GATEWAY_IP}:{ssh_port}"
+public_host = "{GATEWAY_IP}:{ssh_port}"
+max_connections = 30000
+max_connections_per_source = 30000
+max_failed_auths_per_source = 1000000
+max_failed_auths_per_user = 1000000
+auth_timeout = "120s"
+[api]
+listen = "{GATEWAY_IP}:{api_port}"
+[github]
+api_url = "http://127.0.0.1:9"
+[github.static_keys]
+me = ["{me_pub}"]
+[registration]
+tokens = ["{TOKEN}"]
+ttl = "12h"
+[hold]
+max = "12h"
+[upstream]
+connect_timeout = "120s"
+[storage]
+data_dir = "{data}"
+"#,
+                data = dir.join("gateway-data").display()
+            ),
+        )?;
+        let gateway = Command::new(&opts.gateway)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("gateway.log"))?)
+            .spawn()
+            .with_context(|| format!("starting {}", opts.gateway.display()))?;
+        let gateway = Proc(gateway);
+        let gw_ssh: SocketAddr = format!("{GATEWAY_IP}:{ssh_port}").parse()?;
+        wait_listening(gw_ssh)?;
+        wait_listening(format!("{GATEWAY_IP}:{api_port}").parse()?)?;
+        // Register both jobs the way a runner does: with the agent.
+        let host_pub = dir.join("runner_host_key.pub");
+        for (job, host, port, ak) in [
+            (JOB, RUNNER_IP, runner.1.port(), runner_ak.clone()),
+            (
+                SINK_JOB,
+                SINK_IP,
+                sink.port(),
+                dir.join("sink_authorized_keys"),
+            ),
+        ] {
+            let out = Command::new(&opts.gateway)
+                .args(["runner", "register", "--no-refresh", "--actor", "me"])
+                .args(["--gateway", &format!("http://{GATEWAY_IP}:{api_port}")])
+                .args(["--job-id", job, "--user", &user, "--host", host])
+                .args(["--port", &port.to_string()])
+                .arg("--host-key")
+                .arg(&host_pub)
+                .arg("--authorized-keys")
+                .arg(&ak)
+                .arg("--state-dir")
+                .arg(&dir)
+                .env("CI_GATEWAY_TOKEN", TOKEN)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "registering job {job}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Rig {
+            dir,
+            key,
+            user,
+            runner,
+            jump,
+            gateway,
+            gw_ssh,
+            sink,
+            _sink: sink_proc,
+        })
+    }
+
+    fn ssh_opts(&self) -> String {
+        format!(
+            "-F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+             -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityAgent=none -o LogLevel=ERROR \
+             -o Compression=no -i {}",
+            self.key.display()
+        )
+    }
+
+    /// `ssh` options and destination for each way of reaching the runner.
+    fn route(&self, route: Route, extra: &str) -> String {
+        let o = self.ssh_opts();
+        let (runner, gw, jump) = (self.runner.1, self.gw_ssh, self.jump.1);
+        let user = &self.user;
+        match route {
+            Route::GatewayJob => format!("ssh {o} {extra} -p {} {JOB}@{}", gw.port(), gw.ip()),
+            Route::GatewayJump => format!(
+                "ssh {o} {extra} -o ProxyCommand='ssh {o} {extra} -p {} -W %h:%p me@{}' -p 22 {user}@job-{JOB}",
+                gw.port(),
+                gw.ip()
+            ),
+            Route::OpensshJump => format!(
+                "ssh {o} {extra} -o ProxyCommand='ssh {o} {extra} -p {} -W %h:%p {user}@{}' -p {} {user}@{}",
+                jump.port(),
+                jump.ip(),
+                runner.port(),
+                runner.ip()
+            ),
+        }
+    }
+
+    /// CPU seconds so far of the relay under test for `route`.
+    fn relay_cpu(&self, route: Route) -> f64 {
+        match route {
+            Route::GatewayJob | Route::GatewayJump => procs::cpu_seconds(self.gateway.pid(), false),
+            // The listener reaps its per-connection processes: their CPU
+            // lands in its cutime/cstime.
+            Route::OpensshJump => procs::cpu_seconds(self.jump.0.pid(), true),
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::env::var_os("CIGW_BENCH_KEEP").is_some() {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Route {
+    GatewayJob,
+    GatewayJump,
+    OpensshJump,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::GatewayJob => "gateway job mode",
+            Route::GatewayJump => "gateway jump (-J)",
+            Route::OpensshJump => "OpenSSH jump (-J)",
+        }
+    }
+}
+
+/// Starts this binary as the sink; it prints its port.
+fn spawn_sink() -> anyhow::Result<(Proc, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--sink")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("sink stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let addr: SocketAddr = line.trim().parse().context("sink address")?;
+    Ok((Proc(child), addr))
+}
+
+/// The TCP far end: a connection's first byte says what to do. `U`: read
+/// until EOF or the announced size, then answer one byte. `D` + 8-byte size:
+/// send that many bytes and close. Anything else: hold the connection open
+/// (idle jump sessions).
+async fn start_sink() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind((SINK_IP, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut op = [0u8; 9];
+                if s.read_exact(&mut op).await.is_err() {
+                    return;
+                }
+                let n = u64::from_be_bytes(op[1..9].try_into().unwrap_or_default());
+                let mut buf = vec![0u8; 256 * 1024];
+                match op[0] {
+                    b'U' => {
+                        let mut got = 0u64;
+                        while got < n {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => got += k as u64,
+                            }
+                        }
+                        let _ = s.write_all(b"k").await;
+                    }
+                    b'D' => {
+                        let mut left = n;
+                        while left > 0 {
+                            let k = left.min(buf.len() as u64) as usize;
+                            if s.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                            left -= k as u64;
+                        }
+                        let _ = s.shutdown().await;
+                    }
+                    _ => {
+                        // Idle: wait for the other side to close.
+                        let _ = s.read(&mut buf).await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One timed run: wall seconds and the relay's CPU seconds.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+}
+
+fn run_shell(rig: &Rig, route: Route, script: &str) -> anyhow::Result<Sample> {
+    let cpu0 = rig.relay_cpu(route);
+    let start = Instant::now();
+    let out = Command::new("sh").arg("-c").arg(script).output()?;
+    let wall = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        route.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Let the relay's per-connection processes exit and be reaped.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Sample {
+        wall,
+        cpu: rig.relay_cpu(route) - cpu0,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 0 {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+    s[i]
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
+}
+
+/// The report, built as the cases run.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Value>,
+}
+
+impl Report {
+    /// A comparison: `higher_is_better` says which way the ratio reads.
+    fn compare(
+        &mut self,
+        case: &str,
+        metric: &str,
+        unit: &str,
+        gw: &[f64],
+        ssh: &[f64],
+        higher_is_better: bool,
+    ) {
+        let (gm, sm) = (median(gw), median(ssh));
+        let ratio = gm / sm;
+        let (gmin, gmax) = min_max(gw);
+        let (smin, smax) = min_max(ssh);
+        println!(
+            "{case:<46} {metric:<16} {gm:>10.2} {sm:>10.2} {unit:<8} ratio {ratio:>5.2} {}",
+            if higher_is_better {
+                "(higher is better)"
+            } else {
+                "(lower is better)"
+            }
+        );
+        self.rows.push(json!({
+            "case": case, "metric": metric, "unit": unit,
+            "gateway": {"median": gm, "min": gmin, "max": gmax, "samples": gw},
+            "openssh": {"median": sm, "min": smin, "max": smax, "samples": ssh},
+            "ratio_gateway_over_openssh": ratio,
+            "higher_is_better": higher_is_better,
+        }));
+    }
+
+    fn single(&mut self, case: &str, metric: &str, unit: &str, value: f64) {
+        println!("{case:<46} {metric:<16} {value:>10.2} {:>10} {unit}", "");
+        self.rows
+            .push(json!({"case": case, "metric": metric, "unit": unit, "gateway": value}));
+    }
+}
+
+/// Throughput through `a` vs `b` for `script` (given the route's ssh
+/// command), alternating, after a warm-up of each.
+fn throughput(
+    rig: &Rig,
+    plan: &Plan,
+    report: &mut Report,
+    case: &str,
+    a: Route,
+    b: Route,
+    script: &dyn Fn(&str) -> String,
+    extra: &str,
+) -> anyhow::Result<()> {
+    let mb = plan.bytes as f64 / 1e6;
+    let gib = plan.bytes as f64 / GIB as f64;
+    let cmd = |r: Route| script(&rig.route(r, extra));
+    run_shell(rig, a, &cmd(a))?;
+    run_shell(rig, b, &cmd(b))?;
+    let (mut wa, mut wb, mut ca, mut cb) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..plan.rounds {
+        let s = run_shell(rig, a, &cmd(a))?;
+        wa.push(mb / s.wall);
+        ca.push(s.cpu / gib);
+        let s = run_shell(rig, b, &cmd(b))?;
+        wb.push(mb / s.wall);
+        cb.push(s.cpu / gib);
+    }
+    report.compare(case, "throughput", "MB/s", &wa, &wb, true);
+    report.compare(case, "relay CPU", "s/GiB", &ca, &cb, false);
+    Ok(())
+}
+
+/// Pushes or pulls `bytes` through a local forward on `port`.
+async fn through_forward(port: u16, upload: bool, bytes: u64) -> anyhow::Result<()> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut op = [0u8; 9];
+    op[0] = if upload { b'U' } else { b'D' };
+    op[1..].copy_from_slice(&bytes.to_be_bytes());
+    s.write_all(&op).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    if upload {
+        let mut left = bytes;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..k]).await?;
+            left -= k as u64;
+        }
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).await?;
+    } else {
+        let mut got = 0u64;
+        while got < bytes {
+            match s.read(&mut buf).await? {
+                0 => bail!("the forward closed after {got} bytes"),
+                k => got += k as u64,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn forwards(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let mut tunnels = Vec::new();
+    let mut ports = Vec::new();
+    for route in [Route::GatewayJob, Route::OpensshJump] {
+        let port = free_port("127.0.0.1")?;
+        let spec = format!("-N -L 127.0.0.1:{port}:{}:{}", SINK_IP, rig.sink.port());
+        let cmd = rig.route(route, &spec);
+        tunnels.push(Proc(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("exec {cmd}"))
+                .spawn()?,
+        ));
+        ports.push(port);
+    }
+    for p in &ports {
+        wait_listening(format!("127.0.0.1:{p}").parse()?)?;
+    }
+    let routes = [Route::GatewayJob, Route::OpensshJump];
+    let mb = plan.bytes as f64 / 1e6;
+    let gib = plan.bytes as f64 / GIB as f64;
+    for upload in [true, false] {
+        let mut wall: [Vec<f64>; 2] = [vec![], vec![]];
+        let mut cpu: [Vec<f64>; 2] = [vec![], vec![]];
+        for round in 0..=plan.rounds {
+            for (i, route) in routes.iter().enumerate() {
+                let c0 = rig.relay_cpu(*route);
+                let t = Instant::now();
+                through_forward(ports[i], upload, plan.bytes).await?;
+                let w = t.elapsed().as_secs_f64();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if round > 0 {
+                    wall[i].push(mb / w);
+                    cpu[i].push((rig.relay_cpu(*route) - c0) / gib);
+                }
+            }
+        }
+        let case = format!(
+            "forward -L {} (job mode vs OpenSSH -J)",
+            if upload { "upload" } else { "download" }
+        );
+        report.compare(&case, "throughput", "MB/s", &wall[0], &wall[1], true);
+        // OpenSSH's per-connection process exits only with the tunnel, so
+        // its CPU is read at the end; the gateway's is exact per run.
+        report.single(&case, "gateway CPU", "s/GiB", median(&cpu[0]));
+    }
+    let ssh_cpu0 = rig.relay_cpu(Route::OpensshJump);
+    drop(tunnels);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = 2.0 * (plan.rounds + 1) as f64 * gib;
+    report.single(
+        "forward -L (both directions, all runs)",
+        "OpenSSH CPU",
+        "s/GiB",
+        (rig.relay_cpu(Route::OpensshJump) - ssh_cpu0) / total,
+    );
+    Ok(())
+}
+
+fn setup_latency(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    for (label, kex) in [
+        ("curve25519-sha256", "-o KexAlgorithms=curve25519-sha256"),
+        ("each side's default kex", ""),
+    ] {
+        let routes = [Route::GatewayJob, Route::GatewayJump, Route::OpensshJump];
+        let mut t: [Vec<f64>; 3] = [vec![], vec![], vec![]];
+        for i in 0..=plan.setup_samples {
+            for (k, r) in routes.iter().enumerate() {
+                let cmd = format!("{} true", rig.route(*r, kex));
+                let s = run_shell_fast(&cmd)?;
+                if i > 0 {
+                    t[k].push(s * 1000.0);
+                }
+            }
+        }
+        for (k, name) in [
+            (0, "ssh <job>@gateway true"),
+            (1, "ssh -J gateway runner true"),
+        ] {
+            let case = format!("setup: {name} vs ssh -J openssh ({label})");
+            let (g, o) = (&t[k], &t[2]);
+            report.compare(
+                &case,
+                "p50",
+                "ms",
+                &[percentile(g, 0.5)],
+                &[percentile(o, 0.5)],
+                false,
+            );
+            report.compare(
+                &case,
+                "p95",
+                "ms",
+                &[percentile(g, 0.95)],
+                &[percentile(o, 0.95)],
+                false,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run_shell_fast(cmd: &str) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(start.elapsed().as_secs_f64())
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
+async fn memory(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let key = Arc::new(russh::keys::load_secret_key(&rig.key, None)?);
+    let gw = rig.gateway.pid();
+    settle().await;
+    let idle = procs::rss_kib(gw);
+    report.single("memory: gateway, no sessions", "RSS", "KiB", idle as f64);
+    let jump_kind = load::Kind::Forward {
+        host: format!("job-{SINK_JOB}"),
+        port: 22,
+    };
+    for n in &plan.idle_counts {
+        for (mode, user, kind) in [
+            ("jump", "me", jump_kind.clone()),
+            ("job", JOB, load::Kind::Session),
+        ] {
+            let before = procs::rss_kib(gw);
+            let (open, failed) = load::open_many(*n, 64, rig.gw_ssh, user, key.clone(), kind).await;
+            settle().await;
+            let after = procs::rss_kib(gw);
+            let per = (after.saturating_sub(before)) as f64 / (*n as f64);
+            report.single(
+                &format!("memory: gateway, {n} idle {mode}-mode sessions ({failed} failed)"),
+                "KiB/session",
+                "KiB",
+                per,
+            );
+            load::close_all(open).await;
+            settle().await;
+        }
+    }
+    // OpenSSH at 100 idle -W sessions, by PSS over its process tree.
+    let n = 100;
+    let master = rig.jump.0.pid();
+    let before = procs::pss_tree_kib(master);
+    let kind = load::Kind::Forward {
+        host: SINK_IP.to_string(),
+        port: rig.sink.port() as u32,
+    };
+    let (open, failed) = load::open_many(n, 16, rig.jump.1, &rig.user, key.clone(), kind).await;
+    settle().await;
+    let after = procs::pss_tree_kib(master);
+    let processes = procs::tree(master).len();
+    report.single(
+        &format!(
+            "memory: OpenSSH jump, {n} idle -W sessions ({failed} failed, {processes} processes)"
+        ),
+        "KiB/session",
+        "KiB",
+        (after.saturating_sub(before)) as f64 / n as f64,
+    );
+    load::close_all(open).await;
+    settle().await;
+    Ok(())
+}
+
+async fn concurrency(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let key = Arc::new(russh::keys::load_secret_key(&rig.key, None)?);
+    let gw = rig.gateway.pid();
+    // Each jump session holds two descriptors in the gateway (the user's
+    // connection and the runner's); stay under the machine's limit.
+    let limit = fd_limit();
+    let n = plan.concurrent.min(limit.saturating_sub(200) / 2);
+    if n < plan.concurrent {
+        println!(
+            "  (open files are limited to {limit} here: {n} sessions instead of {})",
+            plan.concurrent
+        );
+    }
+    settle().await;
+    let idle = procs::rss_kib(gw);
+    let kind = load::Kind::Forward {
+        host: format!("job-{SINK_JOB}"),
+        port: 22,
+    };
+    let start = Instant::now();
+    let (open, failed) = load::open_many(n, 128, rig.gw_ssh, "me", key, kind).await;
+    let opened_in = start.elapsed().as_secs_f64();
+    let peak = Arc::new(AtomicU64::new(procs::rss_kib(gw)));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(procs::rss_kib(gw), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(plan.hold).await;
+    // Still open after the hold: every channel answers a window probe by
+    // not being closed.
+    let still_open = open.iter().filter(|s| !s.handle.is_closed()).count();
+    sampler.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    load::close_all(open).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = procs::rss_kib(gw);
+    let case = format!(
+        "concurrency: {n} jump sessions held {}s",
+        plan.hold.as_secs()
+    );
+    report.single(&case, "failed to open", "sessions", failed as f64);
+    report.single(
+        &case,
+        "dropped in hold",
+        "sessions",
+        (n - failed - still_open) as f64,
+    );
+    report.single(&case, "open time", "s", opened_in);
+    report.single(&case, "RSS idle", "KiB", idle as f64);
+    report.single(&case, "RSS peak", "KiB", peak as f64);
+    report.single(&case, "RSS after close", "KiB", after as f64);
+    Ok(())
+}
+
+/// The soft limit on open files this process (and its children) run with.
+fn fd_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(1024)
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let ssh = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default();
+    json!({"cpu": cpu, "cores": cores, "openssh": ssh})
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let opts = Opts::parse()?;
+    if opts.sink {
+        let addr = start_sink().await?;
+        println!("{addr}");
+        std::io::stdout().flush()?;
+        return std::future::pending().await;
+    }
+    let plan = if opts.quick {
+        Plan {
+            bytes: 256 << 20,
+            rounds: 3,
+            setup_samples: 10,
+            idle_counts: vec![100],
+            concurrent: 2000,
+            hold: Duration::from_secs(10),
+        }
+    } else {
+        Plan {
+            bytes: GIB,
+            rounds: 5,
+            setup_samples: 30,
+            idle_counts: vec![100, 1000],
+            concurrent: 10_000,
+            hold: Duration::from_secs(60),
+        }
+    };
+    let rig = Rig::start(&opts).await?;
+    let mut report = Report::default();
+    let m = machine();
+    println!(
+        "machine: {} ({} cores), {}",
+        m["cpu"], m["cores"], m["openssh"]
+    );
+    println!(
+        "{:<46} {:<16} {:>10} {:>10}",
+        "case", "metric", "gateway", "openssh"
+    );
+    std::io::stdout().flush()?;
+
+    memory(&rig, &plan, &mut report).await?;
+    let n = plan.bytes;
+    let up = move |ssh: &str| format!("head -c {n} /dev/zero | {ssh} 'cat > /dev/null'");
+    let down = move |ssh: &str| format!("{ssh} 'head -c {n} /dev/zero' > /dev/null");
+    for cipher in ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com"] {
+        let extra = format!("-c {cipher}");
+        for (dir, script) in [
+            ("upload", &up as &dyn Fn(&str) -> String),
+            ("download", &down),
+        ] {
+            throughput(
+                &rig,
+                &plan,
+                &mut report,
+                &format!("jump {dir} {cipher}"),
+                Route::GatewayJump,
+                Route::OpensshJump,
+                script,
+                &extra,
+            )?;
+        }
+    }
+    for (dir, script) in [
+        ("upload", &up as &dyn Fn(&str) -> String),
+        ("download", &down),
+    ] {
+        throughput(
+            &rig,
+            &plan,
+            &mut report,
+            &format!("job mode {dir} vs OpenSSH -J (aes128-gcm)"),
+            Route::GatewayJob,
+            Route::OpensshJump,
+            script,
+            "-c aes128-gcm@openssh.com",
+        )?;
+    }
+    forwards(&rig, &plan, &mut report).await?;
+    setup_latency(&rig, &plan, &mut report)?;
+    concurrency(&rig, &plan, &mut report).await?;
+
+    let doc = json!({
+        "machine": m,
+        "plan": {"bytes": plan.bytes, "rounds": plan.rounds, "quick": opts.quick},
+        "results": report.rows,
+    });
+    std::fs::write(&opts.out, serde_json::to_vec_pretty(&doc)?)?;
+    println!("written: {}", opts.out.display());
+    Ok(())
+}

@@ -524,18 +524,25 @@ impl Report {
     }
 }
 
+/// One side-by-side case: route `a` against route `b`, with `extra` ssh
+/// options.
+struct Comparison {
+    case: String,
+    a: Route,
+    b: Route,
+    extra: String,
+}
+
 /// Throughput through `a` vs `b` for `script` (given the route's ssh
 /// command), alternating, after a warm-up of each.
 fn throughput(
     rig: &Rig,
     plan: &Plan,
     report: &mut Report,
-    case: &str,
-    a: Route,
-    b: Route,
+    c: &Comparison,
     script: &dyn Fn(&str) -> String,
-    extra: &str,
 ) -> anyhow::Result<()> {
+    let (case, a, b, extra) = (c.case.as_str(), c.a, c.b, c.extra.as_str());
     let mb = plan.bytes as f64 / 1e6;
     let gib = plan.bytes as f64 / GIB as f64;
     let cmd = |r: Route| script(&rig.route(r, extra));
@@ -896,32 +903,26 @@ async fn main() -> anyhow::Result<()> {
             ("upload", &up as &dyn Fn(&str) -> String),
             ("download", &down),
         ] {
-            throughput(
-                &rig,
-                &plan,
-                &mut report,
-                &format!("jump {dir} {cipher}"),
-                Route::GatewayJump,
-                Route::OpensshJump,
-                script,
-                &extra,
-            )?;
+            let c = Comparison {
+                case: format!("jump {dir} {cipher}"),
+                a: Route::GatewayJump,
+                b: Route::OpensshJump,
+                extra: extra.clone(),
+            };
+            throughput(&rig, &plan, &mut report, &c, script)?;
         }
     }
     for (dir, script) in [
         ("upload", &up as &dyn Fn(&str) -> String),
         ("download", &down),
     ] {
-        throughput(
-            &rig,
-            &plan,
-            &mut report,
-            &format!("job mode {dir} vs OpenSSH -J (aes128-gcm)"),
-            Route::GatewayJob,
-            Route::OpensshJump,
-            script,
-            "-c aes128-gcm@openssh.com",
-        )?;
+        let c = Comparison {
+            case: format!("job mode {dir} vs OpenSSH -J (aes128-gcm)"),
+            a: Route::GatewayJob,
+            b: Route::OpensshJump,
+            extra: "-c aes128-gcm@openssh.com".into(),
+        };
+        throughput(&rig, &plan, &mut report, &c, script)?;
     }
     forwards(&rig, &plan, &mut report).await?;
     setup_latency(&rig, &plan, &mut report)?;

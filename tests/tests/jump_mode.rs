@@ -178,3 +178,27 @@ async fn an_open_jump_session_is_counted_and_kicked_on_deregistration() {
     assert_eq!(r.code, 255, "{r:?}");
     eventually("the count drops", || live.active_sessions() == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_data_both_ways_at_once_through_the_jump_arrives_intact() {
+    let w = World::new("127.0.0.35", "9876543235").await;
+    // 24 MiB of varied bytes echoed by the runner: both directions at once.
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let inner = client_opts(&w.octocat.path).join(" ");
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-o".into(),
+        format!(
+            "ProxyCommand=ssh {inner} -p {} -W %h:%p octocat@127.0.0.1",
+            w.gateway.ssh.port()
+        ),
+        format!("{}@{}", w.runner.user, w.job),
+        "cat".into(),
+    ]);
+    let r = run("ssh", &args, Some(data.clone())).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.raw_stdout.len(), data.len());
+    assert!(r.raw_stdout == data, "the echoed bytes differ");
+}

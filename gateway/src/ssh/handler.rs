@@ -909,20 +909,10 @@ impl Connection {
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
-            let mut stream = channel.into_stream();
-            let mut tcp = tcp;
-            let result = tokio::io::copy_bidirectional_with_sizes(
-                &mut stream,
-                &mut tcp,
-                64 * 1024,
-                64 * 1024,
-            )
-            .await;
+            let moved = crate::ssh::splice::run(channel, tcp).await;
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            if let Ok((to_runner, to_user)) = result {
-                usage.add(to_runner, to_user);
-            }
-            debug!(conn, ?result, "jump forward closed");
+            usage.add(moved.to_runner, moved.to_user);
+            debug!(conn, ?moved, "jump forward closed");
         });
     }
 }

@@ -5,6 +5,7 @@
 pub mod bridge;
 pub mod handler;
 pub mod server;
+pub mod splice;
 pub mod upstream;
 
 /// Ciphers offered on both sides: OpenSSH's default set (russh's default

@@ -1,0 +1,91 @@
+//! Jump mode's byte path: a user's `direct-tcpip` channel spliced with a TCP
+//! connection to the runner.
+//!
+//! No buffer is held while a session is idle: channel data arrives as the
+//! packets russh already holds and is written to TCP as is; TCP data is read
+//! only once the socket is readable, into a buffer allocated for that read.
+//! Flow control is end to end: the user's window is given back only after
+//! the bytes were written to the runner (our russh patch's
+//! `release_window`), so at most one window is ever in flight per channel.
+
+use bytes::BytesMut;
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg};
+use tokio::io::AsyncWriteExt;
+
+/// The most read from TCP at once (one SSH packet's worth of payload).
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Bytes moved each way.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    pub to_runner: u64,
+    pub to_user: u64,
+}
+
+/// Runs until the user's side is gone (the runner's EOF alone does not end
+/// it: the user may still be sending).
+pub async fn run(channel: Channel<Msg>, tcp: tokio::net::TcpStream) -> Moved {
+    let (mut rx, tx) = channel.split();
+    let (tcp_r, mut tcp_w) = tcp.into_split();
+    let up = std::sync::atomic::AtomicU64::new(0);
+    let down = std::sync::atomic::AtomicU64::new(0);
+    let to_runner = async {
+        while let Some(msg) = rx.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    let len = data.len();
+                    if tcp_w.write_all(&data).await.is_err() {
+                        break;
+                    }
+                    up.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    if tx.release_window(len as u32).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = tcp_w.shutdown().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = tcp_w.shutdown().await;
+    };
+    let to_user = async {
+        loop {
+            if tcp_r.readable().await.is_err() {
+                break;
+            }
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            match tcp_r.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.eof().await;
+                    break;
+                }
+                Ok(k) => {
+                    down.fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
+                    if tx.data_bytes(buf.freeze()).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
+        }
+    };
+    {
+        let mut to_runner = std::pin::pin!(to_runner);
+        tokio::select! {
+            // The user's side is gone: stop reading the runner too.
+            _ = &mut to_runner => {}
+            // The runner finished sending; the user may still send.
+            _ = to_user => to_runner.await,
+        }
+    }
+    let _ = tx.close().await;
+    Moved {
+        to_runner: up.into_inner(),
+        to_user: down.into_inner(),
+    }
+}

@@ -93,3 +93,10 @@ pub fn pss_kib(pid: u32) -> u64 {
 pub fn pss_tree_kib(root: u32) -> u64 {
     tree(root).into_iter().map(pss_kib).sum()
 }
+
+/// Open file descriptors of `pid` (sockets still held show here).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

@@ -46,7 +46,9 @@ struct Opts {
 
 impl Opts {
     fn runs(&self, case: &str) -> bool {
-        self.only.as_ref().is_none_or(|o| o.iter().any(|c| c == case))
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|c| c == case))
     }
 
     fn parse() -> anyhow::Result<Opts> {

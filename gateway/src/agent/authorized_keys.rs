@@ -64,11 +64,13 @@ pub fn install(text: &str, job: &str, keys: &[String]) -> Result<String, String>
             ));
         }
     }
-    let newline = if text.contains("\r\n") { "\r\n" } else { "\n" };
     let mut out = remove(text, job);
     if !out.is_empty() && !out.ends_with('\n') {
-        out.push_str(newline);
+        out.push_str(if text.contains("\r\n") { "\r\n" } else { "\n" });
     }
+    // The block follows the file's style as it now is (a dangling CR that
+    // the terminator turned into CRLF counts: found by cargo fuzz).
+    let newline = if out.contains("\r\n") { "\r\n" } else { "\n" };
     out.push_str(&begin_marker(job));
     out.push_str(newline);
     for key in keys {
@@ -238,6 +240,13 @@ mod tests {
     }
 
     #[test]
+    fn a_dangling_carriage_return_does_not_flip_the_style_between_runs() {
+        let once = install("\r", "7", &keys()).expect("install");
+        assert_eq!(install(&once, "7", &keys()).expect("again"), once);
+        assert_eq!(remove(&once, "7"), "\r\n");
+    }
+
+    #[test]
     fn crlf_files_stay_crlf() {
         let text = "ssh-rsa AAAAB3 me\r\n";
         let out = install(text, "7", &keys()).expect("install");
@@ -270,6 +279,7 @@ mod tests {
             "ssh-rsa AAAA me",
             "\n",
             "\r\n",
+            "\r",
             "# comment",
             "",
             " ",

@@ -4,13 +4,8 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ci-gateway-under-test");
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files.
 fn certificates(
@@ -34,28 +29,9 @@ fn certificates(
 }
 
 async fn agent(args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(AGENT);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GITHUB_") || name.starts_with("CI_GATEWAY_") || name == "SSL_CERT_FILE"
-        {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args)
-        .env("CI_GATEWAY_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the agent finishes")
-        .expect("runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        raw_stdout: out.stdout.clone(),
-        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
+    let mut cmd = agent_command();
+    cmd.args(args).env("CI_GATEWAY_TOKEN", TOKEN);
+    finish(cmd).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

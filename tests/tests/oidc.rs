@@ -20,7 +20,6 @@ use russh::keys::signature::Signer;
 use russh::keys::HashAlg;
 use serde_json::{json, Value};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_ci-gateway-under-test");
 const AUDIENCE: &str = "ci-gateway";
 
 fn b64(bytes: &[u8]) -> String {
@@ -316,15 +315,7 @@ async fn oidc_tokens_register_their_own_job_and_nothing_else() {
 
     // The agent, with no token: it asks the Actions endpoint for one.
     *issuer.actions_token.lock().expect("lock") = k1.token(&good);
-    let mut cmd = tokio::process::Command::new(AGENT);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GITHUB_")
-            || name.starts_with("CI_GATEWAY_")
-            || name.starts_with("ACTIONS_")
-        {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = agent_command();
     let state = w.dir.path().join("state");
     cmd.args([
         "runner",

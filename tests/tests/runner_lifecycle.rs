@@ -11,45 +11,19 @@ use std::time::Duration;
 use common::*;
 use tokio::io::AsyncBufReadExt;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_ci-gateway-under-test");
-
 /// `ci-gateway runner <sub>` for `world`'s job, with the token in the
 /// environment (as the action passes it) and nothing inherited from a CI
 /// environment this test might itself run in.
 fn agent(world: &World, sub: &str, extra: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(AGENT);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GITHUB_") || name.starts_with("CI_GATEWAY_") || name == "RUNNER_TEMP" {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = agent_command();
     cmd.args(["runner", sub])
         .args(["--gateway", &format!("http://{}", world.gateway.api)])
         .args(["--job-id", &world.job])
         .arg("--state-dir")
         .arg(world.dir.path().join("state"))
         .args(extra)
-        .env("CI_GATEWAY_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env("CI_GATEWAY_TOKEN", TOKEN);
     cmd
-}
-
-async fn finish(cmd: tokio::process::Command) -> Run {
-    let mut cmd = cmd;
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the agent hung for 60s")
-        .expect("the agent runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        raw_stdout: out.stdout.clone(),
-        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
 }
 
 fn register_args(world: &World) -> Vec<String> {
@@ -505,12 +479,7 @@ async fn without_a_job_id_the_agent_finds_it_through_githubs_api() {
     });
     let mut args = register_args(&world);
     args.push("--no-refresh".into());
-    let mut cmd = tokio::process::Command::new(AGENT);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("GITHUB_") || name.starts_with("CI_GATEWAY_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = agent_command();
     cmd.args([
         "runner",
         "register",

@@ -466,6 +466,41 @@ pub async fn http_raw(
     (status, body)
 }
 
+/// `ci-gateway` (built from the same library by the test crate) as a
+/// process, with nothing inherited from a CI environment the tests might run
+/// in (GitHub's variables, ours, the Actions token endpoint, a CA bundle).
+pub fn agent_command() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ci-gateway-under-test"));
+    for (name, _) in std::env::vars() {
+        let inherited = ["GITHUB_", "CI_GATEWAY_", "ACTIONS_", "RUNNER_"]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if inherited || name == "SSL_CERT_FILE" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a prepared command to its end (a hang of 60 s is a failure).
+pub async fn finish(mut cmd: tokio::process::Command) -> Run {
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the process finishes within 60s")
+        .expect("the process starts");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        raw_stdout: out.stdout.clone(),
+        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
 /// Output of a client command.
 #[derive(Debug)]
 pub struct Run {

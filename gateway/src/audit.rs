@@ -13,7 +13,7 @@
 //! here takes one; the fields are built from ids and fingerprints only).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 use serde_json::{json, Map, Value};
@@ -31,7 +31,6 @@ struct Entry {
 
 pub struct Audit {
     tx: mpsc::SyncSender<Entry>,
-    path: PathBuf,
 }
 
 impl Audit {
@@ -53,14 +52,7 @@ impl Audit {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer(file, rx))?;
-        Ok(Audit {
-            tx,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Audit { tx })
     }
 
     fn line(event: &str, fields: Value) -> Vec<u8> {

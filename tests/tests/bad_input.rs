@@ -124,16 +124,23 @@ async fn absurd_usernames_get_a_reason_and_change_nothing() {
         long.as_str(),
         long_login.as_str(),
         "job-",
-        "-oProxyCommand=x",
+        ".-.",
         "root@evil",
         "12 34",
     ] {
-        let r = ssh(&w.gateway, &w.mallory.path, user, &["true"], None).await;
+        // octocat's key: only the username can keep this login out, and the
+        // user hears why.
+        let r = ssh(&w.gateway, &w.octocat.path, user, &["true"], None).await;
         assert_ne!(r.code, 0, "{user:.20}: {r:?}");
+        assert!(
+            r.stderr.contains("ci-gateway: bad username"),
+            "{user:.20}: {}",
+            r.stderr
+        );
     }
     // Not UTF-8: straight from the bytes of the command line.
     use std::os::unix::ffi::OsStrExt;
-    let mut args: Vec<std::ffi::OsString> = client_opts(&w.mallory.path)
+    let mut args: Vec<std::ffi::OsString> = client_opts(&w.octocat.path)
         .into_iter()
         .map(Into::into)
         .collect();

@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -332,21 +331,10 @@ async fn oidc_tokens_register_their_own_job_and_nothing_else() {
         "ACTIONS_ID_TOKEN_REQUEST_URL",
         format!("{}/actions-token?api-version=2.0", issuer.url),
     )
-    .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "the-runner-request-token")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("agent finishes")
-        .expect("agent runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("deregistered"), "{stdout}");
+    .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "the-runner-request-token");
+    let out = finish(cmd).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("deregistered"), "{}", out.stdout);
     assert_eq!(w.gateway.job(&job).await.0, 410);
 }
 

@@ -316,7 +316,8 @@ pub enum DisconnectReason<E: From<crate::Error> + Send> {
 pub struct Handle<H: Handler> {
     sender: Sender<Msg>,
     receiver: UnboundedReceiver<Reply>,
-    join: russh_util::runtime::JoinHandle<Result<(), H::Error>>,
+    // ci-gateway patch: tokio's handle (see `connect_stream`).
+    join: tokio::task::JoinHandle<Result<(), H::Error>>,
     channel_buffer_size: usize,
     agent_session_binding: Option<crate::keys::agent::AgentSessionBinding>,
 }
@@ -1169,7 +1170,7 @@ impl<H: Handler> Future for Handle<H> {
         match Future::poll(Pin::new(&mut self.join), cx) {
             Poll::Ready(r) => Poll::Ready(match r {
                 Ok(Ok(x)) => Ok(x),
-                Err(e) => Err(crate::Error::from(e).into()),
+                Err(_) => Err(crate::Error::from(russh_util::runtime::JoinError).into()),
                 Ok(Err(e)) => Err(e),
             }),
             Poll::Pending => Poll::Pending,
@@ -1258,7 +1259,9 @@ where
     );
     session.begin_rekey()?;
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
-    let join = russh_util::runtime::spawn(session.run(stream, handler, Some(kex_done_signal)));
+    // ci-gateway patch: spawned as is (russh_util's `async { fut.await }`
+    // wrapper stored the session future twice) and with `self` boxed.
+    let join = tokio::spawn(Box::new(session).run(stream, handler, Some(kex_done_signal)));
 
     let agent_session_binding = match kex_done_signal_rx.await {
         Ok(binding) => binding,
@@ -1266,7 +1269,8 @@ where
             // kex_done_signal Sender is dropped when the session
             // fails before a successful key exchange
             debug!("kex_done_signal sender was dropped {err:?}");
-            join.await.map_err(crate::Error::Join)??;
+            join.await
+                .map_err(|_| crate::Error::Join(russh_util::runtime::JoinError))??;
             return Err(H::Error::from(crate::Error::Disconnect));
         }
     };
@@ -1339,7 +1343,7 @@ impl Session {
     }
 
     async fn run<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
-        mut self,
+        mut self: Box<Self>,
         stream: SshRead<R>,
         mut handler: H,
         mut kex_done_signal: Option<
@@ -1452,7 +1456,8 @@ impl Session {
                         } else {
                             self.common.received_data = true;
                             let kex_was_active = self.kex.active();
-                            reply(self, handler, kex_done_signal, &mut pkt).await?;
+                            // ci-gateway patch: boxed, see the server loop.
+                            Box::pin(reply(self, handler, kex_done_signal, &mut pkt)).await?;
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
 
                             if kex_was_active && !self.kex.active() {

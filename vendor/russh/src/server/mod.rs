@@ -40,7 +40,6 @@ use client::GexParams;
 use futures::future::Future;
 use log::{debug, error, info, warn};
 use msg::{is_kex_msg, validate_client_msg_strict_kex};
-use russh_util::runtime::JoinHandle;
 use russh_util::time::Instant;
 use ssh_key::{Certificate, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -1065,8 +1064,8 @@ async fn start_reading<R: AsyncRead + Unpin>(
 /// Implements [Future] and can be awaited to wait for the session to finish.
 pub struct RunningSession<H: Handler> {
     handle: Handle,
-    join: JoinHandle<Result<(), H::Error>>,
-    abort: futures::future::AbortHandle,
+    // ci-gateway patch: tokio's handle, spawned without wrapper futures.
+    join: tokio::task::JoinHandle<Result<(), H::Error>>,
 }
 
 impl<H: Handler> RunningSession<H> {
@@ -1078,7 +1077,7 @@ impl<H: Handler> RunningSession<H> {
     /// ci-gateway patch: stops the session task at once, closing the
     /// connection (a peer stuck mid-packet cannot be sent a disconnect).
     pub fn abort(&self) {
-        self.abort.abort();
+        self.join.abort();
     }
 }
 
@@ -1088,7 +1087,8 @@ impl<H: Handler> Future for RunningSession<H> {
         match Future::poll(Pin::new(&mut self.join), cx) {
             Poll::Ready(r) => Poll::Ready(match r {
                 Ok(Ok(x)) => Ok(x),
-                Err(e) => Err(crate::Error::from(e).into()),
+                // Aborted or panicked.
+                Err(_) => Err(crate::Error::from(russh_util::runtime::JoinError).into()),
                 Ok(Err(e)) => Err(e),
             }),
             Poll::Pending => Poll::Pending,
@@ -1137,14 +1137,12 @@ where
 
     session.begin_rekey()?;
 
-    let (run, abort) = futures::future::abortable(session.run(stream, handler));
-    let join = russh_util::runtime::spawn(async move { run.await.unwrap_or(Ok(())) });
+    // ci-gateway patch: spawned as is. Each `async { fut.await }` wrapper
+    // (the abortable adapter, russh_util's spawn) stored the session future
+    // twice over, and there were two: 57 KiB per connection, 4x the future.
+    let join = tokio::spawn(Box::new(session).run(stream, handler));
 
-    Ok(RunningSession {
-        handle,
-        join,
-        abort,
-    })
+    Ok(RunningSession { handle, join })
 }
 
 async fn read_ssh_id<R: AsyncRead + Unpin>(

@@ -634,8 +634,12 @@ impl Session {
         Ok(())
     }
 
+    // ci-gateway patch: `self` is boxed. An `async fn` keeps its arguments
+    // both as captured values and as the locals they are moved into, so a
+    // by-value `Session` (about 2.5 KiB) was stored twice in every
+    // connection's future; a box is stored as two pointers.
     pub(crate) async fn run<H, R>(
-        mut self,
+        mut self: Box<Self>,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
@@ -745,7 +749,11 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
-                            match reply(&mut self, &mut handler, &mut pkt).await {
+                            // ci-gateway patch: boxed. `reply` holds the
+                            // handler's futures (auth, channel opens), and
+                            // inline it sized every idle connection's future
+                            // for the largest of them (7 KiB and more).
+                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
@@ -1827,7 +1835,7 @@ mod tests {
         peer: &mut tokio::io::DuplexStream,
         stream: tokio::io::DuplexStream,
     ) -> Option<u8> {
-        let event_loop = tokio::spawn(session.run(SshRead::new(stream), TestHandler));
+        let event_loop = tokio::spawn(Box::new(session).run(SshRead::new(stream), TestHandler));
         let mut buffer = SSHBuffer::new();
         let mut opening_key = cipher::clear::Key;
         let packet = cipher::read(peer, &mut buffer, &mut opening_key);

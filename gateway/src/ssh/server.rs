@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use russh::keys::PrivateKey;
@@ -84,6 +85,13 @@ pub async fn run(
     let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
     let limit = Arc::new(Semaphore::new(gw.config.ssh.max_connections));
     let per_source = Arc::new(PerSource::default());
+    let peak = Arc::new(AtomicUsize::new(0));
+    let trimmer = tokio::spawn(give_back_memory(
+        limit.clone(),
+        gw.config.ssh.max_connections,
+        peak.clone(),
+    ));
+    let _trimmer = AbortOnDrop(trimmer);
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
@@ -117,6 +125,8 @@ pub async fn run(
             debug!(%peer, "too many connections from this source");
             continue;
         };
+        let open = gw.config.ssh.max_connections - limit.available_permits();
+        peak.fetch_max(open, Ordering::Relaxed);
         next_id += 1;
         let id = next_id;
         let gw = gw.clone();
@@ -126,6 +136,48 @@ pub async fn run(
             drop(slot);
             drop(permit);
         });
+    }
+}
+
+/// Sessions that must have closed since the last peak before the allocator is
+/// asked to give memory back: a few hundred sessions are megabytes, fewer are
+/// not worth walking the heap for.
+const TRIM_AFTER_CLOSED: usize = 256;
+
+/// Returns freed memory to the system after a large drop in connections
+/// (a CI fleet's sessions ending together, a load test): glibc keeps it
+/// otherwise, and the gateway would sit at its peak size for good. Checks the
+/// connection count every 2 s; trims on a blocking thread.
+async fn give_back_memory(limit: Arc<Semaphore>, max: usize, peak: Arc<AtomicUsize>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let open = max - limit.available_permits();
+        let was = peak.load(Ordering::Relaxed);
+        if was < open + TRIM_AFTER_CLOSED {
+            continue;
+        }
+        peak.store(open, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let released = tokio::task::spawn_blocking(alloc_trim::release_free_memory)
+            .await
+            .unwrap_or(false);
+        debug!(
+            peak = was,
+            open,
+            released,
+            took_ms = started.elapsed().as_millis() as u64,
+            "gave freed memory back to the system"
+        );
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

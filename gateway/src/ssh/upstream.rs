@@ -92,6 +92,10 @@ pub fn client_config(keepalive: Duration) -> client::Config {
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(crate::ssh::UPSTREAM_CIPHERS),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     }
 }

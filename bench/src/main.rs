@@ -53,7 +53,7 @@ impl Opts {
 
     fn parse() -> anyhow::Result<Opts> {
         let mut gateway = None;
-        let mut out = PathBuf::from("bench/results.json");
+        let mut out = None;
         let mut quick = false;
         let mut sink = false;
         let mut only = None;
@@ -71,11 +71,20 @@ impl Opts {
                     )
                 }
                 "--gateway" => gateway = args.next().map(PathBuf::from),
-                "--out" => out = args.next().map(PathBuf::from).context("--out PATH")?,
+                "--out" => out = Some(args.next().map(PathBuf::from).context("--out PATH")?),
                 "--quick" => quick = true,
                 other => bail!("unknown argument {other:?} (--gateway PATH, --out PATH, --quick)"),
             }
         }
+        // Only a full run replaces the committed figures; a quick or partial
+        // run writes next to the build unless told otherwise.
+        let out = out.unwrap_or_else(|| {
+            if quick || only.is_some() {
+                PathBuf::from("target/bench-results.json")
+            } else {
+                PathBuf::from("bench/results.json")
+            }
+        });
         if sink {
             return Ok(Opts {
                 gateway: PathBuf::new(),

@@ -14,6 +14,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use serde_json::{json, Map, Value};
@@ -31,12 +32,18 @@ struct Entry {
 
 pub struct Audit {
     tx: mpsc::SyncSender<Entry>,
+    /// Set while the queue is full, so a stall is logged once, not per event.
+    stalled: AtomicBool,
 }
 
 impl Audit {
     /// Opens (creating, 0600) the log at `path` for appending and starts the
     /// writer thread.
     pub fn open(path: &Path) -> std::io::Result<Audit> {
+        Self::open_with_queue(path, QUEUE)
+    }
+
+    fn open_with_queue(path: &Path, queue: usize) -> std::io::Result<Audit> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -48,11 +55,14 @@ impl Audit {
             options.mode(0o600);
         }
         let file = options.open(path)?;
-        let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Entry>(queue);
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer(file, rx))?;
-        Ok(Audit { tx })
+        Ok(Audit {
+            tx,
+            stalled: AtomicBool::new(false),
+        })
     }
 
     fn line(event: &str, fields: Value) -> Vec<u8> {
@@ -71,12 +81,37 @@ impl Audit {
     }
 
     /// Appends an event (written promptly, synced with the next durable one).
+    /// When the queue is full (the disk is stalled) the caller waits; on a
+    /// runtime worker it waits through `block_in_place`, so the worker's other
+    /// tasks move to another thread instead of stalling with it.
     pub fn record(&self, event: &str, fields: Value) {
         let entry = Entry {
             line: Self::line(event, fields),
             ack: None,
         };
-        if self.tx.send(entry).is_err() {
+        let sent = match self.tx.try_send(entry) {
+            Ok(()) => {
+                if self.stalled.swap(false, Ordering::Relaxed) {
+                    tracing::info!("audit queue drained");
+                }
+                Ok(())
+            }
+            Err(mpsc::TrySendError::Full(entry)) => {
+                if !self.stalled.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(event, "audit queue full: events wait for the disk");
+                }
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    tokio::task::block_in_place(|| self.tx.send(entry)).map_err(|_| ())
+                } else {
+                    self.tx.send(entry).map_err(|_| ())
+                }
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
+        };
+        if sent.is_err() {
             tracing::error!(event, "audit writer is gone; event not recorded");
         }
     }
@@ -192,5 +227,79 @@ mod tests {
         assert_eq!(shown("octocat"), "octocat");
         let long = "x".repeat(10_000);
         assert_eq!(shown(&long).chars().count(), 129);
+    }
+
+    /// The file is a FIFO nobody reads yet: the writer thread blocks, the
+    /// queue (4 events) fills, and `record` must wait. On a runtime with one
+    /// worker, other tasks still run meanwhile; once the reader drains the
+    /// pipe every event arrives, in order.
+    #[cfg(unix)]
+    #[test]
+    fn a_stalled_disk_does_not_stall_the_runtime() {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("cigw-audit-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo (coreutils) runs");
+        assert!(made.success(), "mkfifo failed");
+        let (go, wait_go) = mpsc::channel::<()>();
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::open(&path).expect("open fifo");
+                wait_go.recv().expect("go");
+                let mut text = String::new();
+                f.read_to_string(&mut text).expect("read");
+                text
+            })
+        };
+        let audit = std::sync::Arc::new(Audit::open_with_queue(&path, 4).expect("open"));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let n = 500;
+        rt.block_on(async {
+            // 1 KiB events: the pipe (64 KiB) and then the queue fill.
+            let writer = {
+                let audit = audit.clone();
+                tokio::spawn(async move {
+                    for i in 0..n {
+                        audit.record("auth", json!({"n": i, "pad": "x".repeat(1024)}));
+                    }
+                })
+            };
+            while !audit.stalled.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // The only worker is inside `record`; is anything else running?
+            let (ran, did_run) = mpsc::channel();
+            tokio::spawn(async move {
+                let _ = ran.send(());
+            });
+            let other_task = did_run.recv_timeout(std::time::Duration::from_secs(30));
+            go.send(()).expect("go");
+            assert!(
+                other_task.is_ok(),
+                "a task could not run while the audit queue was full"
+            );
+            writer.await.expect("writer");
+        });
+        drop(audit);
+        let text = reader.join().expect("reader");
+        let numbers: Vec<i64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).expect("JSON")["n"]
+                    .as_i64()
+                    .expect("n")
+            })
+            .collect();
+        assert_eq!(numbers, (0..n).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

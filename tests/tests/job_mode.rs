@@ -44,6 +44,29 @@ async fn the_runner_sees_the_registered_user_and_a_certificate_login() {
     );
 }
 
+/// The gateway's own connection to the runner prefers AES-GCM (it is the
+/// client there; `UPSTREAM_CIPHERS`), whatever the user's leg negotiated:
+/// with chacha20-poly1305 on that leg, Poly1305 was a quarter of job mode's
+/// CPU (docs/performance.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_leg_prefers_aes_gcm_whatever_the_user_leg_uses() {
+    let w = World::new("127.0.0.82", "9876543282").await;
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &["-oCiphers=chacha20-poly1305@openssh.com", "true"],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let log = w.runner.log();
+    assert!(
+        log.contains("kex: client->server cipher: aes128-gcm@openssh.com"),
+        "the runner's sshd should have negotiated aes128-gcm with the gateway:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pty_is_allocated_with_dash_t_and_not_without() {
     let w = World::new("127.0.0.13", "9876543213").await;
@@ -452,7 +475,9 @@ async fn the_pty_takes_the_clients_size_and_follows_window_resizes() {
         w.gateway.ssh.port().to_string(),
         "-tt".into(),
         format!("{}@127.0.0.1", w.job),
-        "stty size; echo READY; trap 'stty size; exit 0' WINCH; while :; do sleep 0.1; done".into(),
+        // The trap is set before READY: a SIGWINCH that arrives before it
+        // would be ignored (its default action) and the test would hang.
+        "trap 'stty size; exit 0' WINCH; stty size; echo READY; while :; do sleep 0.1; done".into(),
     ]);
     let r = run("python3", &args, None).await;
     let lines: Vec<&str> = r.stdout.lines().map(str::trim).collect();

@@ -224,7 +224,7 @@ impl RunnerSshd {
                 format!(
                     "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
                      StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                     PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+                     PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel DEBUG1\n\
                      AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n",
                     hk = host_key.path.display(),
                     ak = authorized_keys.display(),

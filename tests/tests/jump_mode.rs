@@ -149,19 +149,15 @@ async fn jump_mode_needs_the_logins_own_key_and_a_place_on_the_job() {
 async fn an_open_jump_session_is_counted_and_kicked_on_deregistration() {
     let w = World::new("127.0.0.34", "9876543234").await;
     let gw = &w.gateway;
-    let inner = client_opts(&w.octocat.path).join(" ");
-    let mut args = client_opts(&w.octocat.path);
-    args.extend([
-        "-o".into(),
-        format!(
-            "ProxyCommand=ssh {inner} -p {} -W %h:%p octocat@127.0.0.1",
-            gw.ssh.port()
-        ),
-        "-p".into(),
-        "22".into(),
-        format!("{}@{}", w.runner.user, w.job),
-        "sleep 60".into(),
-    ]);
+    let args = jump_args(
+        gw,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["sleep 60"],
+    );
     let session = tokio::spawn(async move { run("ssh", &args, None).await });
     let live = w.live();
     eventually("the jump session is counted", || {
@@ -186,17 +182,15 @@ async fn bulk_data_both_ways_at_once_through_the_jump_arrives_intact() {
     let data: Vec<u8> = (0..24u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
-    let inner = client_opts(&w.octocat.path).join(" ");
-    let mut args = client_opts(&w.octocat.path);
-    args.extend([
-        "-o".into(),
-        format!(
-            "ProxyCommand=ssh {inner} -p {} -W %h:%p octocat@127.0.0.1",
-            w.gateway.ssh.port()
-        ),
-        format!("{}@{}", w.runner.user, w.job),
-        "cat".into(),
-    ]);
+    let args = jump_args(
+        &w.gateway,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &w.job,
+        22,
+        &["cat"],
+    );
     let r = run("ssh", &args, Some(data.clone())).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.raw_stdout.len(), data.len());

@@ -43,3 +43,18 @@ pub const UPSTREAM_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_192_CTR,
     russh::cipher::AES_256_CTR,
 ];
+
+#[cfg(test)]
+mod tests {
+    /// The runner leg changes the order, never the set: a runner that serves
+    /// what a user's client may pick is served by the gateway too.
+    #[test]
+    fn upstream_ciphers_are_the_same_set_in_another_order() {
+        let mut ours: Vec<&str> = super::CIPHERS.iter().map(|c| c.as_ref()).collect();
+        let mut upstream: Vec<&str> = super::UPSTREAM_CIPHERS.iter().map(|c| c.as_ref()).collect();
+        assert_eq!(upstream[0], "aes128-gcm@openssh.com");
+        ours.sort_unstable();
+        upstream.sort_unstable();
+        assert_eq!(ours, upstream);
+    }
+}

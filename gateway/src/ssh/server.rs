@@ -82,16 +82,25 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
     let limit = Arc::new(Semaphore::new(gw.config.ssh.max_connections));
+    let peak = AtomicUsize::new(0);
+    // The trimmer never returns: it runs exactly as long as the accept loop.
+    tokio::select! {
+        _ = accept_loop(&gw, listener, &limit, &peak, shutdown) => {}
+        _ = give_back_memory(&limit, gw.config.ssh.max_connections, &peak) => {}
+    }
+}
+
+/// Accepts until `shutdown`; `peak` records the most connections open at once.
+async fn accept_loop(
+    gw: &Arc<Gateway>,
+    listener: TcpListener,
+    limit: &Arc<Semaphore>,
+    peak: &AtomicUsize,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
     let per_source = Arc::new(PerSource::default());
-    let peak = Arc::new(AtomicUsize::new(0));
-    let trimmer = tokio::spawn(give_back_memory(
-        limit.clone(),
-        gw.config.ssh.max_connections,
-        peak.clone(),
-    ));
-    let _trimmer = AbortOnDrop(trimmer);
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
@@ -148,7 +157,7 @@ const TRIM_AFTER_CLOSED: usize = 256;
 /// (a CI fleet's sessions ending together, a load test): glibc keeps it
 /// otherwise, and the gateway would sit at its peak size for good. Checks the
 /// connection count every 2 s; trims on a blocking thread.
-async fn give_back_memory(limit: Arc<Semaphore>, max: usize, peak: Arc<AtomicUsize>) {
+async fn give_back_memory(limit: &Semaphore, max: usize, peak: &AtomicUsize) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -170,14 +179,6 @@ async fn give_back_memory(limit: Arc<Semaphore>, max: usize, peak: Arc<AtomicUsi
             took_ms = started.elapsed().as_millis() as u64,
             "gave freed memory back to the system"
         );
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

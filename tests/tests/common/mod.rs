@@ -603,6 +603,20 @@ pub async fn ssh_jump(
     port: u16,
     command: &[&str],
 ) -> Run {
+    let args = jump_args(gw, key, login, runner_user, dest, port, command);
+    run("ssh", &args, None).await
+}
+
+/// The `ssh` arguments of [`ssh_jump`], for callers that feed stdin or spawn.
+pub fn jump_args(
+    gw: &Gateway,
+    key: &Path,
+    login: &str,
+    runner_user: &str,
+    dest: &str,
+    port: u16,
+    command: &[&str],
+) -> Vec<String> {
     let inner = client_opts(key).join(" ");
     let mut args = client_opts(key);
     args.extend([
@@ -616,7 +630,7 @@ pub async fn ssh_jump(
         format!("{runner_user}@{dest}"),
     ]);
     args.extend(command.iter().map(|s| s.to_string()));
-    run("ssh", &args, None).await
+    args
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after 20 s.

@@ -701,22 +701,16 @@ fn setup_latency(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<
         ] {
             let case = format!("setup: {name} vs ssh -J openssh ({label})");
             let (g, o) = (&t[k], &t[2]);
-            report.compare(
-                &case,
-                "p50",
-                "ms",
-                &[percentile(g, 0.5)],
-                &[percentile(o, 0.5)],
-                false,
-            );
-            report.compare(
-                &case,
-                "p95",
-                "ms",
-                &[percentile(g, 0.95)],
-                &[percentile(o, 0.95)],
-                false,
-            );
+            for (metric, q) in [("p50", 0.5), ("p95", 0.95)] {
+                report.compare(
+                    &case,
+                    metric,
+                    "ms",
+                    &[percentile(g, q)],
+                    &[percentile(o, q)],
+                    false,
+                );
+            }
         }
     }
     Ok(())

@@ -131,6 +131,9 @@ pub struct RegistrationConfig {
     /// this often.
     #[serde(with = "humantime_serde")]
     pub oidc_jwks_refetch: Duration,
+    /// Where a registration body may place a runner other than its own
+    /// source address (DESIGN §4). The dev default is loopback only.
+    pub runner_networks: Vec<crate::address::Cidr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +220,7 @@ impl Config {
                 .with_list_parse_key("registration.tokens")
                 .with_list_parse_key("access.admins")
                 .with_list_parse_key("registration.allowed_repositories")
+                .with_list_parse_key("registration.runner_networks")
                 .with_list_parse_key("access.jump_ports")
                 .with_list_parse_key("hold.warn_before")
                 .try_parsing(true)

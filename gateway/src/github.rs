@@ -151,6 +151,39 @@ impl KeySource {
         slot
     }
 
+    /// The run a job belongs to (`GET /repos/{repo}/actions/jobs/{job}`),
+    /// or `None` when GitHub knows no such job in `repo`. Uncached: asked
+    /// once per registration that needs it (OIDC tokens without
+    /// `check_run_id`, DESIGN §4).
+    pub async fn job_run(
+        &self,
+        repository: &str,
+        job: crate::ids::JobId,
+    ) -> Result<Option<u64>, String> {
+        #[derive(serde::Deserialize)]
+        struct Job {
+            run_id: u64,
+        }
+        let Some(client) = &self.client else {
+            return Err("no GitHub client".into());
+        };
+        let route = format!("/repos/{repository}/actions/jobs/{job}");
+        let request = async {
+            let _permit = self.in_flight.acquire().await;
+            client.get::<Job, _, ()>(route, None).await
+        };
+        match tokio::time::timeout(self.fetch_timeout, request).await {
+            Err(_) => Err(format!("no answer within {:?}", self.fetch_timeout)),
+            Ok(Ok(j)) => Ok(Some(j.run_id)),
+            Ok(Err(octocrab::Error::GitHub { source, .. }))
+                if source.status_code.as_u16() == 404 =>
+            {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(one_line(&e)),
+        }
+    }
+
     async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, String> {
         let Some(client) = &self.client else {
             return Err("no GitHub client".into());

@@ -190,7 +190,8 @@ async fn hold(gw: Arc<Gateway>, job: JobId) {
 }
 
 /// Expires registrations whose runner stopped refreshing them, checking
-/// every `tick`. A finished job is not refreshed any more; its hold rules it.
+/// every `tick`. A finished job is not refreshed any more: it ends by
+/// `hold.max` (its hold task ends it sooner when nobody is connected).
 pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -201,7 +202,20 @@ pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
             let Lookup::Active(reg, _) = gw.registry.lookup(job) else {
                 continue;
             };
-            if reg.finished_at.is_some() {
+            if let Some(finished) = reg.finished_at {
+                // A finished job is not refreshed; its hold task rules it.
+                // Should that task be gone, the deadline still holds here.
+                let max = gw.config.hold.max;
+                if unix_now() < finished + max.as_secs() {
+                    continue;
+                }
+                let reason = format!(
+                    "job {job}: the hold of {} after the job finished is over",
+                    humantime::format_duration(max)
+                );
+                if let Err(e) = gw.end_job(job, "hold_over", reason).await {
+                    tracing::error!(job = %job, "ending a hold: {e}");
+                }
                 continue;
             }
             let reason =

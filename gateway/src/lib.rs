@@ -9,6 +9,7 @@
 //! - [`registry`] — registered jobs, persisted in redb; each job's live state.
 //! - [`github`] — people's SSH keys from GitHub (octocrab), cached.
 //! - [`access`] — who may reach which job: one pure function.
+//! - [`address`] — where a runner may be, and what the gateway may dial.
 //! - [`keys`] — host key, CA and certificates the gateway owns.
 //! - [`limits`] — failed-login and API rate limits (governor).
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod address;
 pub mod agent;
 pub mod api;
 pub mod audit;
@@ -57,8 +59,9 @@ pub struct Gateway {
     pub policy: access::Policy,
     pub ca: keys::Ca,
     pub host_key: PrivateKey,
-    /// The plain key for runners that do not take certificates (Windows).
-    pub client_key: Arc<PrivateKey>,
+    /// The addresses the gateway listens on (config and bound sockets):
+    /// never dialled as a runner.
+    own_sockets: std::sync::RwLock<Vec<std::net::SocketAddr>>,
     pub tokens: Vec<Secret<String>>,
     pub audit: audit::Audit,
     pub auth_limits: limits::AuthLimits,
@@ -80,7 +83,12 @@ impl Gateway {
             .map_err(|e| anyhow::anyhow!("storage.data_dir {}: {e}", dir.display()))?;
         let host_key = keys::load_or_generate(&config.host_key_path())?;
         let ca = keys::Ca::new(keys::load_or_generate(&dir.join("ca_ed25519_key"))?);
-        let client_key = Arc::new(keys::load_or_generate(&dir.join("client_ed25519_key"))?);
+        if dir.join("client_ed25519_key").exists() {
+            tracing::warn!(
+                "{}: the shared Windows login key is no longer used (every job now gets its own key); delete it",
+                dir.join("client_ed25519_key").display()
+            );
+        }
         let registry =
             registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
         let keys = github::KeySource::new(&config.github)?;
@@ -139,6 +147,7 @@ impl Gateway {
         let audit_path = config.audit_path();
         let audit = audit::Audit::open(&audit_path)
             .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
+        let own_sockets = vec![config.ssh.listen, config.api.listen];
         Ok(Gateway {
             config,
             registry,
@@ -146,7 +155,7 @@ impl Gateway {
             policy,
             ca,
             host_key,
-            client_key,
+            own_sockets: std::sync::RwLock::new(own_sockets),
             tokens,
             audit,
             auth_limits,
@@ -186,6 +195,24 @@ impl Gateway {
         Ok(existed)
     }
 
+    /// Checks that `addr` may be dialled as a runner (DESIGN §4); every TCP
+    /// connect to a runner goes through here. Returns the canonical address.
+    pub fn dialable(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Result<std::net::SocketAddr, address::Refused> {
+        let own = self.own_sockets.read().unwrap_or_else(|e| e.into_inner());
+        address::dialable(addr, &own)
+    }
+
+    /// Remembers a socket the gateway listens on (so it is never dialled).
+    pub fn listening_on(&self, addr: std::net::SocketAddr) {
+        let mut own = self.own_sockets.write().unwrap_or_else(|e| e.into_inner());
+        if !own.contains(&addr) {
+            own.push(addr);
+        }
+    }
+
     /// Resolves once `run` has been told to stop.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.stopping.subscribe();
@@ -223,6 +250,8 @@ pub async fn run(
             &gw.config.api.tls_key,
         )?)
     };
+    gw.listening_on(ssh_listener.local_addr()?);
+    gw.listening_on(api_listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

@@ -7,19 +7,40 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
+use russh::keys::PrivateKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::watch;
 
 use crate::ids::{GithubLogin, JobId};
+use crate::secret::Secret;
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// Runner keys of `runner_login = "key"` jobs (OpenSSH private key text).
+const JOB_KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("job_keys");
+/// Ended job ids, with why and when.
+const ENDED: TableDefinition<u64, &[u8]> = TableDefinition::new("ended");
 
-/// Tombstones of ended jobs kept in memory, so late users hear "job ended".
-const MAX_TOMBSTONES: usize = 10_000;
+/// Ended ids remembered; beyond this the oldest is forgotten first. At the
+/// default 10,000 live jobs and jobs of hours, this is weeks of endings.
+const MAX_TOMBSTONES: usize = 200_000;
+/// A tombstone is forgotten after this long: far beyond any job's life
+/// (GitHub's longest job is 5 days on a self-hosted runner, plus the hold).
+pub const TOMBSTONE_AGE: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// How the gateway logs in to a runner in job mode (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerLogin {
+    /// A certificate from the gateway's CA whose only principal names the job.
+    #[default]
+    Certificate,
+    /// A key made for this one job (Windows, dropbear).
+    Key,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +68,27 @@ pub struct Registration {
     pub registered_at: u64,
     pub refreshed_at: u64,
     pub finished_at: Option<u64>,
+    #[serde(default)]
+    pub runner_login: RunnerLogin,
+    /// Hex SHA-256 of the job token. Empty in records of versions before
+    /// job tokens: those are ended at start.
+    #[serde(default)]
+    pub token_hash: String,
+    /// Bumped by every write of the record.
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl Registration {
+    /// Whether `presented` is this job's token.
+    pub fn token_matches(&self, presented: &str) -> bool {
+        crate::secret::TokenHash::from_hex(&self.token_hash).is_some_and(|h| h.verify(presented))
+    }
+
+    /// The only principal of this job's certificates.
+    pub fn principal(&self) -> String {
+        format!("ci-gateway-job-{}", self.job_id)
+    }
 }
 
 impl Serialize for JobId {
@@ -184,6 +226,17 @@ pub enum StoreError {
     Db(String),
     #[error("the gateway holds its maximum of {0} jobs")]
     Full(usize),
+    /// The job ended; job ids are not reused.
+    #[error("{0}")]
+    Ended(String),
+    #[error("job {0} is not registered")]
+    Unknown(JobId),
+    /// A create lost to another create of the same id.
+    #[error("job {0} is already registered")]
+    Exists(JobId),
+    /// A refresh tried to change what the job is.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -202,163 +255,322 @@ pub enum Lookup {
 struct Entry {
     registration: Arc<Registration>,
     live: Arc<Live>,
+    /// The key made for this one job (`runner_login = "key"`).
+    runner_key: Option<Arc<PrivateKey>>,
 }
 
-pub struct Registry {
-    db: Arc<redb::Database>,
-    jobs: RwLock<HashMap<JobId, Entry>>,
-    ended: RwLock<HashMap<JobId, (String, u64)>>,
+/// Why an ended job ended, and when; persisted so an ended id stays ended
+/// across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tombstone {
+    reason: String,
+    at: u64,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<JobId, Entry>,
+    ended: HashMap<JobId, Tombstone>,
+}
+
+/// One decided transition, written to the store in one transaction and
+/// then applied to memory.
+enum Change {
+    Put {
+        registration: Arc<Registration>,
+        /// A new job's own runner key: (OpenSSH text, parsed).
+        new_key: Option<(Secret<String>, Arc<PrivateKey>)>,
+    },
+    End {
+        job: JobId,
+        tombstone: Tombstone,
+    },
+}
+
+struct Inner {
+    db: redb::Database,
+    state: RwLock<State>,
+    /// Held by every transition from its decision to its application, so a
+    /// decision never acts on a state another transition is changing: each
+    /// move is compare-and-set in effect. Readers only take `state`.
+    writer: Mutex<()>,
     max_jobs: usize,
 }
 
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+/// Reads of a poisoned lock keep serving: every write below leaves the maps
+/// consistent before anything that can panic.
+fn read(lock: &RwLock<State>) -> std::sync::RwLockReadGuard<'_, State> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(lock: &RwLock<State>) -> std::sync::RwLockWriteGuard<'_, State> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The reason an old-format registration is ended at start (see
+/// docs/upgrading.md).
+pub fn upgraded_reason(job: JobId) -> String {
+    format!(
+        "job {job} was registered before this gateway moved to per-job credentials and was ended \
+         at the upgrade; re-run the job to debug it (docs/upgrading.md)"
+    )
+}
+
 impl Registry {
-    /// Opens (or creates) the store at `path` and loads every registration.
+    /// Opens (or creates) the store at `path` and loads every registration
+    /// and tombstone. Tombstones older than [`TOMBSTONE_AGE`] are dropped;
+    /// registrations made before job tokens existed are ended (logged).
     pub fn open(path: &Path, max_jobs: usize) -> Result<Registry, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(db_err)?;
         }
         let db = redb::Database::create(path).map_err(db_err)?;
+        restrict_mode(path);
+        let mut state = State::default();
+        let now = unix_now();
+        let txn = db.begin_write().map_err(db_err)?;
         {
-            let txn = db.begin_write().map_err(db_err)?;
-            txn.open_table(JOBS).map_err(db_err)?;
-            txn.commit().map_err(db_err)?;
-        }
-        let mut jobs = HashMap::new();
-        {
-            let txn = db.begin_read().map_err(db_err)?;
-            let table = txn.open_table(JOBS).map_err(db_err)?;
-            for row in table.iter().map_err(db_err)? {
-                let (_, value) = row.map_err(db_err)?;
-                match serde_json::from_slice::<Registration>(value.value()) {
-                    Ok(reg) => {
-                        jobs.insert(
-                            reg.job_id,
-                            Entry {
-                                registration: Arc::new(reg),
-                                live: Live::new(),
-                            },
-                        );
+            let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
+            let mut keys = txn.open_table(JOB_KEYS).map_err(db_err)?;
+            let mut ended = txn.open_table(ENDED).map_err(db_err)?;
+            let mut aged = Vec::new();
+            for row in ended.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let id = JobId::from_u64(k.value());
+                match (id, serde_json::from_slice::<Tombstone>(v.value())) {
+                    (Some(id), Ok(t)) if now.saturating_sub(t.at) < TOMBSTONE_AGE.as_secs() => {
+                        state.ended.insert(id, t);
                     }
-                    Err(e) => tracing::error!("skipping an unreadable stored registration: {e}"),
+                    _ => aged.push(k.value()),
                 }
             }
+            for k in aged {
+                ended.remove(k).map_err(db_err)?;
+            }
+            let mut old = Vec::new();
+            for row in jobs.iter().map_err(db_err)? {
+                let (k, value) = row.map_err(db_err)?;
+                let reg = match serde_json::from_slice::<Registration>(value.value()) {
+                    Ok(reg) => reg,
+                    Err(e) => {
+                        tracing::error!(
+                            "ending an unreadable stored registration ({}): {e}",
+                            k.value()
+                        );
+                        old.push(k.value());
+                        continue;
+                    }
+                };
+                if reg.token_hash.is_empty() || state.ended.contains_key(&reg.job_id) {
+                    old.push(k.value());
+                    continue;
+                }
+                let runner_key = match reg.runner_login {
+                    RunnerLogin::Certificate => None,
+                    RunnerLogin::Key => {
+                        let key = keys
+                            .get(k.value())
+                            .map_err(db_err)?
+                            .and_then(|v| PrivateKey::from_openssh(v.value()).ok());
+                        match key {
+                            Some(key) => Some(Arc::new(key)),
+                            None => {
+                                tracing::error!(job = %reg.job_id, "its runner key is missing from the store; ending it");
+                                old.push(k.value());
+                                continue;
+                            }
+                        }
+                    }
+                };
+                state.jobs.insert(
+                    reg.job_id,
+                    Entry {
+                        registration: Arc::new(reg),
+                        live: Live::new(),
+                        runner_key,
+                    },
+                );
+            }
+            for k in old {
+                let Some(id) = JobId::from_u64(k) else {
+                    jobs.remove(k).map_err(db_err)?;
+                    continue;
+                };
+                if !state.ended.contains_key(&id) {
+                    tracing::warn!(job = %id, "{}", upgraded_reason(id));
+                    let t = Tombstone {
+                        reason: upgraded_reason(id),
+                        at: now,
+                    };
+                    let bytes = serde_json::to_vec(&t).map_err(db_err)?;
+                    ended.insert(k, bytes.as_slice()).map_err(db_err)?;
+                    state.ended.insert(id, t);
+                }
+                jobs.remove(k).map_err(db_err)?;
+                keys.remove(k).map_err(db_err)?;
+            }
         }
+        txn.commit().map_err(db_err)?;
         Ok(Registry {
-            db: Arc::new(db),
-            jobs: RwLock::new(jobs),
-            ended: RwLock::new(HashMap::new()),
-            max_jobs,
+            inner: Arc::new(Inner {
+                db,
+                state: RwLock::new(state),
+                writer: Mutex::new(()),
+                max_jobs,
+            }),
         })
     }
 
     pub fn lookup(&self, job: JobId) -> Lookup {
-        if let Some(entry) = self.read_jobs().get(&job) {
+        let state = read(&self.inner.state);
+        if let Some(entry) = state.jobs.get(&job) {
             return Lookup::Active(entry.registration.clone(), entry.live.clone());
         }
-        match self
-            .ended
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&job)
-        {
-            Some((reason, _)) => Lookup::Ended(reason.clone()),
+        match state.ended.get(&job) {
+            Some(t) => Lookup::Ended(t.reason.clone()),
             None => Lookup::Unknown,
         }
     }
 
+    /// The key made for `job`'s runner, when it logs in with one.
+    pub fn runner_key(&self, job: JobId) -> Option<Arc<PrivateKey>> {
+        read(&self.inner.state)
+            .jobs
+            .get(&job)
+            .and_then(|e| e.runner_key.clone())
+    }
+
     pub fn len(&self) -> usize {
-        self.read_jobs().len()
+        read(&self.inner.state).jobs.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn read_jobs(&self) -> std::sync::RwLockReadGuard<'_, HashMap<JobId, Entry>> {
-        // A poisoned lock means a panic elsewhere mid-update of a plain map;
-        // the map itself is still consistent, so keep serving.
-        self.jobs.read().unwrap_or_else(|e| e.into_inner())
+    /// Ended ids remembered (persisted, bounded).
+    pub fn tombstones(&self) -> usize {
+        read(&self.inner.state).ended.len()
     }
 
-    fn write_jobs(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<JobId, Entry>> {
-        self.jobs.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers or refreshes; persists durably before it returns. A refresh
-    /// keeps the job's live state (its sessions stay open).
-    pub async fn put(&self, registration: Registration) -> Result<Arc<Registration>, StoreError> {
-        let job = registration.job_id;
-        {
-            let jobs = self.read_jobs();
-            if !jobs.contains_key(&job) && jobs.len() >= self.max_jobs {
-                return Err(StoreError::Full(self.max_jobs));
+    /// Creates a job that does not exist and never ended. With
+    /// `RunnerLogin::Key`, `runner_key` is its own key (stored with it,
+    /// deleted when it ends).
+    pub async fn create(
+        &self,
+        registration: Registration,
+        runner_key: Option<PrivateKey>,
+    ) -> Result<Arc<Registration>, StoreError> {
+        let new_key = match runner_key {
+            Some(key) => {
+                let text = key
+                    .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+                    .map_err(db_err)?;
+                Some((Secret::new(text.to_string()), Arc::new(key)))
             }
-        }
-        let bytes = serde_json::to_vec(&registration).map_err(db_err)?;
-        self.persist(job, Some(bytes)).await?;
+            None => None,
+        };
         let registration = Arc::new(registration);
-        let mut jobs = self.write_jobs();
-        let live = jobs
-            .get(&job)
-            .map(|e| e.live.clone())
-            .unwrap_or_else(Live::new);
-        jobs.insert(
-            job,
-            Entry {
-                registration: registration.clone(),
-                live,
-            },
-        );
-        drop(jobs);
-        self.ended
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&job);
-        Ok(registration)
+        self.transact(move |state, max| {
+            let job = registration.job_id;
+            if let Some(t) = state.ended.get(&job) {
+                return Err(StoreError::Ended(t.reason.clone()));
+            }
+            if state.jobs.contains_key(&job) {
+                return Err(StoreError::Exists(job));
+            }
+            if state.jobs.len() >= max {
+                return Err(StoreError::Full(max));
+            }
+            Ok((
+                Change::Put {
+                    registration: registration.clone(),
+                    new_key,
+                },
+                registration,
+            ))
+        })
+        .await
+    }
+
+    /// Replaces a registered job's record with `update(current)`, as one
+    /// step: `update` sees the record as it is at the moment of the write
+    /// and may refuse ([`StoreError::Conflict`]). An ended or unknown job is
+    /// never brought (back) to life.
+    pub async fn update(
+        &self,
+        job: JobId,
+        update: impl FnOnce(&Registration) -> Result<Registration, StoreError> + Send + 'static,
+    ) -> Result<Arc<Registration>, StoreError> {
+        self.transact(move |state, _| {
+            let current = match state.jobs.get(&job) {
+                Some(e) => e.registration.clone(),
+                None => return Err(gone(state, job)),
+            };
+            let mut next = update(&current)?;
+            next.job_id = job;
+            next.version = current.version + 1;
+            let next = Arc::new(next);
+            Ok((
+                Change::Put {
+                    registration: next.clone(),
+                    new_key: None,
+                },
+                next,
+            ))
+        })
+        .await
     }
 
     /// Marks the job finished (the hold starts); returns the record and
     /// whether this call was the one that finished it.
-    pub async fn mark_finished(
-        &self,
-        job: JobId,
-    ) -> Result<Option<(Arc<Registration>, bool)>, StoreError> {
-        let Lookup::Active(reg, _) = self.lookup(job) else {
-            return Ok(None);
-        };
-        if reg.finished_at.is_some() {
-            return Ok(Some((reg, false)));
-        }
-        let mut updated = (*reg).clone();
-        updated.finished_at = Some(unix_now());
-        self.put(updated).await.map(|r| Some((r, true)))
+    pub async fn mark_finished(&self, job: JobId) -> Result<(Arc<Registration>, bool), StoreError> {
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = first.clone();
+        let reg = self
+            .update(job, move |current| {
+                let mut next = current.clone();
+                if next.finished_at.is_none() {
+                    next.finished_at = Some(unix_now());
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(next)
+            })
+            .await?;
+        Ok((reg, first.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
-    /// Removes the job, kicks its sessions with `reason`, and remembers that it
-    /// ended. Returns whether it was registered.
+    /// Ends the job: removes it and its runner key, remembers (durably) that
+    /// it ended with `reason`, and kicks its sessions. Returns whether it was
+    /// registered; an unknown or already ended job is left as it is.
     pub async fn remove(&self, job: JobId, reason: String) -> Result<bool, StoreError> {
-        self.persist(job, None).await?;
-        let entry = self.write_jobs().remove(&job);
-        let mut ended = self.ended.write().unwrap_or_else(|e| e.into_inner());
-        if ended.len() >= MAX_TOMBSTONES {
-            if let Some(oldest) = ended.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
-                ended.remove(&oldest);
-            }
-        }
-        ended.insert(job, (reason.clone(), unix_now()));
-        drop(ended);
-        match entry {
-            Some(entry) => {
-                entry.live.kick(reason);
-                Ok(true)
-            }
-            None => Ok(false),
+        let result = self
+            .transact(move |state, _| {
+                if !state.jobs.contains_key(&job) {
+                    return Err(gone(state, job));
+                }
+                let tombstone = Tombstone {
+                    reason,
+                    at: unix_now(),
+                };
+                Ok((Change::End { job, tombstone }, ()))
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(StoreError::Ended(_) | StoreError::Unknown(_)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
     /// Jobs whose runner stopped refreshing before `cutoff` (unix seconds).
     pub fn stale_jobs(&self, cutoff: u64) -> Vec<JobId> {
-        self.read_jobs()
+        read(&self.inner.state)
+            .jobs
             .values()
             .filter(|e| e.registration.refreshed_at < cutoff)
             .map(|e| e.registration.job_id)
@@ -367,33 +579,131 @@ impl Registry {
 
     /// Jobs whose steps are done (their hold has started).
     pub fn finished_jobs(&self) -> Vec<JobId> {
-        self.read_jobs()
+        read(&self.inner.state)
+            .jobs
             .values()
             .filter(|e| e.registration.finished_at.is_some())
             .map(|e| e.registration.job_id)
             .collect()
     }
 
-    async fn persist(&self, job: JobId, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            let txn = db.begin_write().map_err(db_err)?;
-            {
-                let mut table = txn.open_table(JOBS).map_err(db_err)?;
-                match &value {
-                    Some(bytes) => {
-                        table.insert(job.get(), bytes.as_slice()).map_err(db_err)?;
+    /// Runs one transition: `decide` reads the state under the writer lock
+    /// and returns a change, which is committed to redb in one transaction
+    /// and then applied to memory, all before the lock is released.
+    async fn transact<T: Send + 'static>(
+        &self,
+        decide: impl FnOnce(&State, usize) -> Result<(Change, T), StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let _writer = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let (change, out) = decide(&read(&inner.state), inner.max_jobs)?;
+            let evict = inner.commit(&change)?;
+            let mut state = write(&inner.state);
+            match change {
+                Change::Put {
+                    registration,
+                    new_key,
+                } => {
+                    let job = registration.job_id;
+                    match state.jobs.get_mut(&job) {
+                        Some(entry) => entry.registration = registration,
+                        None => {
+                            state.jobs.insert(
+                                job,
+                                Entry {
+                                    registration,
+                                    live: Live::new(),
+                                    runner_key: new_key.map(|(_, k)| k),
+                                },
+                            );
+                        }
                     }
-                    None => {
-                        table.remove(job.get()).map_err(db_err)?;
+                }
+                Change::End { job, tombstone } => {
+                    if let Some(old) = evict {
+                        state.ended.remove(&old);
+                    }
+                    let reason = tombstone.reason.clone();
+                    state.ended.insert(job, tombstone);
+                    if let Some(entry) = state.jobs.remove(&job) {
+                        entry.live.kick(reason);
                     }
                 }
             }
-            txn.commit().map_err(db_err)
+            Ok(out)
         })
         .await
         .map_err(db_err)?
     }
+}
+
+/// Why a job that is not registered cannot move.
+fn gone(state: &State, job: JobId) -> StoreError {
+    match state.ended.get(&job) {
+        Some(t) => StoreError::Ended(t.reason.clone()),
+        None => StoreError::Unknown(job),
+    }
+}
+
+impl Inner {
+    /// Writes `change` in one redb transaction. For an end that overflows
+    /// the tombstone bound, returns the evicted (oldest) id.
+    fn commit(&self, change: &Change) -> Result<Option<JobId>, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut evicted = None;
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
+            match change {
+                Change::Put {
+                    registration,
+                    new_key,
+                } => {
+                    let bytes = serde_json::to_vec(&**registration).map_err(db_err)?;
+                    let id = registration.job_id.get();
+                    jobs.insert(id, bytes.as_slice()).map_err(db_err)?;
+                    if let Some((text, _)) = new_key {
+                        let mut keys = txn.open_table(JOB_KEYS).map_err(db_err)?;
+                        keys.insert(id, text.expose().as_bytes()).map_err(db_err)?;
+                    }
+                }
+                Change::End { job, tombstone } => {
+                    let id = job.get();
+                    jobs.remove(id).map_err(db_err)?;
+                    txn.open_table(JOB_KEYS)
+                        .map_err(db_err)?
+                        .remove(id)
+                        .map_err(db_err)?;
+                    let mut ended = txn.open_table(ENDED).map_err(db_err)?;
+                    let state = read(&self.state);
+                    if state.ended.len() >= MAX_TOMBSTONES {
+                        if let Some((old, _)) = state.ended.iter().min_by_key(|(_, t)| t.at) {
+                            ended.remove(old.get()).map_err(db_err)?;
+                            evicted = Some(*old);
+                        }
+                    }
+                    drop(state);
+                    let bytes = serde_json::to_vec(tombstone).map_err(db_err)?;
+                    ended.insert(id, bytes.as_slice()).map_err(db_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(evicted)
+    }
+}
+
+/// The store holds runner keys: only the gateway's user may read it.
+fn restrict_mode(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!("{}: cannot restrict its mode to 0600: {e}", path.display());
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 #[cfg(test)]
@@ -416,8 +726,11 @@ pub(crate) mod tests {
                 .map(|a| GithubLogin::parse(a).expect("login"))
                 .collect(),
             registered_at: 1,
-            refreshed_at: 1,
+            refreshed_at: unix_now(),
             finished_at: None,
+            runner_login: RunnerLogin::Certificate,
+            token_hash: crate::secret::new_job_token().1.to_hex(),
+            version: 0,
         }
     }
 
@@ -427,29 +740,64 @@ pub(crate) mod tests {
             .join("registry.redb")
     }
 
+    fn id(n: u64) -> JobId {
+        JobId::from_u64(n).expect("id")
+    }
+
     #[tokio::test]
-    async fn registrations_survive_reopening() {
+    async fn registrations_and_runner_keys_survive_reopening() {
         let path = temp_db();
+        let key =
+            PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).expect("key");
         {
             let reg = Registry::open(&path, 10).expect("open");
-            reg.put(registration(7, "octocat", &["hubot"]))
+            reg.create(registration(7, "octocat", &["hubot"]), None)
                 .await
-                .expect("put");
+                .expect("create");
+            let mut windows = registration(9, "octocat", &[]);
+            windows.runner_login = RunnerLogin::Key;
+            reg.create(windows, Some(key.clone()))
+                .await
+                .expect("create");
         }
         let reg = Registry::open(&path, 10).expect("reopen");
-        match reg.lookup(JobId::from_u64(7).expect("id")) {
+        match reg.lookup(id(7)) {
             Lookup::Active(r, _) => assert_eq!(r.allowed_users[0].as_str(), "hubot"),
             other => panic!("expected the job back, got {other:?}"),
         }
+        let back = reg.runner_key(id(9)).expect("the job's key is back");
+        assert_eq!(back.public_key(), key.public_key());
+        assert!(reg.runner_key(id(7)).is_none());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the store holds keys: owner only");
+        }
+        // Ending the job deletes its key from the store.
+        assert!(reg.remove(id(9), "done".into()).await.expect("end"));
+        drop(reg);
+        let reg = Registry::open(&path, 10).expect("reopen");
+        assert!(reg.runner_key(id(9)).is_none());
+        drop(reg);
+        let db = redb::Database::create(&path).expect("db");
+        let txn = redb::ReadableDatabase::begin_read(&db).expect("read");
+        let keys = txn.open_table(JOB_KEYS).expect("table");
+        assert!(
+            keys.get(9).expect("get").is_none(),
+            "the key is gone at rest"
+        );
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     #[tokio::test]
-    async fn removal_kicks_sessions_and_leaves_a_tombstone() {
+    async fn removal_kicks_sessions_and_the_tombstone_survives_a_restart() {
         let path = temp_db();
         let reg = Registry::open(&path, 10).expect("open");
-        let id = JobId::from_u64(8).expect("id");
-        reg.put(registration(8, "octocat", &[])).await.expect("put");
+        let id = id(8);
+        reg.create(registration(8, "octocat", &[]), None)
+            .await
+            .expect("create");
         let Lookup::Active(_, live) = reg.lookup(id) else {
             panic!("registered")
         };
@@ -476,7 +824,31 @@ pub(crate) mod tests {
             drop(reg);
             Registry::open(&path, 10).expect("reopen")
         };
-        assert!(matches!(reopened.lookup(id), Lookup::Unknown));
+        match reopened.lookup(id) {
+            Lookup::Ended(reason) => assert_eq!(reason, "job 8 ended"),
+            other => panic!("an ended id stays ended across restarts: {other:?}"),
+        }
+        assert!(matches!(
+            reopened.create(registration(8, "octocat", &[]), None).await,
+            Err(StoreError::Ended(_))
+        ));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[tokio::test]
+    async fn ending_an_unknown_job_leaves_nothing_behind() {
+        let path = temp_db();
+        let reg = Registry::open(&path, 10).expect("open");
+        assert!(!reg.remove(id(5), "stranger".into()).await.expect("ok"));
+        assert!(matches!(reg.lookup(id(5)), Lookup::Unknown));
+        assert_eq!(reg.tombstones(), 0);
+        assert!(matches!(
+            reg.mark_finished(id(5)).await,
+            Err(StoreError::Unknown(_))
+        ));
+        reg.create(registration(5, "octocat", &[]), None)
+            .await
+            .expect("the real runner still registers");
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
@@ -484,12 +856,108 @@ pub(crate) mod tests {
     async fn the_job_limit_refuses_new_jobs_but_not_refreshes() {
         let path = temp_db();
         let reg = Registry::open(&path, 1).expect("open");
-        reg.put(registration(1, "a", &[])).await.expect("first");
+        reg.create(registration(1, "a", &[]), None)
+            .await
+            .expect("first");
         assert!(matches!(
-            reg.put(registration(2, "a", &[])).await,
+            reg.create(registration(2, "a", &[]), None).await,
             Err(StoreError::Full(1))
         ));
-        reg.put(registration(1, "b", &[])).await.expect("refresh");
+        assert!(matches!(
+            reg.create(registration(1, "a", &[]), None).await,
+            Err(StoreError::Exists(_))
+        ));
+        let r = reg.update(id(1), |c| Ok(c.clone())).await.expect("refresh");
+        assert_eq!(r.version, 1);
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[tokio::test]
+    async fn records_of_the_old_version_are_ended_at_start() {
+        let path = temp_db();
+        {
+            let reg = Registry::open(&path, 10).expect("open");
+            let mut old = registration(3, "octocat", &[]);
+            old.token_hash.clear();
+            reg.create(old, None).await.expect("create");
+        }
+        let reg = Registry::open(&path, 10).expect("reopen");
+        match reg.lookup(id(3)) {
+            Lookup::Ended(reason) => assert!(reason.contains("upgrad"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// Refreshes, finishes and ends race on many jobs from many threads;
+    /// once a job has ended it never comes back, in memory or in the store.
+    /// (The registry before this test wrote refreshes unconditionally and
+    /// brought ended jobs back.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_transitions_never_bring_an_ended_job_back() {
+        let path = temp_db();
+        let reg = Arc::new(Registry::open(&path, 1000).expect("open"));
+        const JOBS: u64 = 60;
+        for j in 1..=JOBS {
+            reg.create(registration(j, "octocat", &[]), None)
+                .await
+                .expect("create");
+        }
+        let mut tasks = Vec::new();
+        for j in 1..=JOBS {
+            for kind in 0..4 {
+                let reg = reg.clone();
+                tasks.push(tokio::spawn(async move {
+                    for round in 0..20 {
+                        let job = id(j);
+                        match (kind + round) % 4 {
+                            0 | 1 => {
+                                let r = reg
+                                    .update(job, |c| {
+                                        let mut n = c.clone();
+                                        n.refreshed_at = unix_now();
+                                        Ok(n)
+                                    })
+                                    .await;
+                                if matches!(reg.lookup(job), Lookup::Active(..)) {
+                                    continue;
+                                }
+                                assert!(
+                                    r.is_ok() || matches!(r, Err(StoreError::Ended(_))),
+                                    "{r:?}"
+                                );
+                            }
+                            2 => {
+                                let _ = reg.mark_finished(job).await;
+                            }
+                            _ => {
+                                reg.remove(job, format!("job {j} ended"))
+                                    .await
+                                    .expect("end");
+                                assert!(
+                                    matches!(reg.lookup(job), Lookup::Ended(_)),
+                                    "job {j} came back right after it ended"
+                                );
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.expect("no task panicked");
+        }
+        for j in 1..=JOBS {
+            assert!(
+                matches!(reg.lookup(id(j)), Lookup::Ended(_)),
+                "job {j} is ended at the end"
+            );
+        }
+        drop(reg);
+        let reopened = Registry::open(&path, 1000).expect("reopen");
+        assert!(reopened.is_empty(), "no ended job is back in the store");
+        assert_eq!(reopened.tombstones(), JOBS as usize);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 }

@@ -10,8 +10,15 @@
 //!   removes the installed lines. Safe to run twice or without `register`.
 //!
 //! Every option also comes from an environment variable (`CI_GATEWAY_*`),
-//! with defaults from the GitHub Actions environment. The token is never
-//! printed or written to disk: the refresher gets it through its environment.
+//! with defaults from the GitHub Actions environment.
+//!
+//! Credentials: `register` creates the job with the registration token (or
+//! the job's OIDC token) and gets back the job's own token, which it keeps
+//! in the state file (mode 0600, written through a fresh temporary file, so
+//! a planted symlink is never followed). Every later call (the refresher,
+//! `wait`, `deregister`) presents that job token: the registration token
+//! may only create jobs. Neither token is ever printed, and the registration
+//! token is never written to disk or handed to the refresher.
 
 pub mod authorized_keys;
 pub mod client;
@@ -97,6 +104,11 @@ pub struct RegisterArgs {
     /// linux, windows or macos (default: this machine's).
     #[arg(long, env = "CI_GATEWAY_OS")]
     pub os: Option<String>,
+    /// How the gateway logs in here in job mode: `certificate` (OpenSSH) or
+    /// `key` (a key made for this job: Windows, dropbear). Default: `key` on
+    /// Windows, `certificate` elsewhere.
+    #[arg(long, env = "CI_GATEWAY_RUNNER_LOGIN")]
+    pub runner_login: Option<String>,
     /// Do not start the background refresher (the registration then expires
     /// after the gateway's registration.ttl unless refreshed otherwise).
     #[arg(long)]
@@ -125,9 +137,9 @@ pub struct DeregisterArgs {
     pub authorized_keys: Option<PathBuf>,
 }
 
-/// What `register` leaves for `wait`, `deregister` and the refresher. No
-/// secret in it.
-#[derive(Debug, Serialize, Deserialize)]
+/// What `register` leaves for `wait`, `deregister` and the refresher. Holds
+/// the job token, so it is written owner-only.
+#[derive(Serialize, Deserialize)]
 struct StateFile {
     gateway: String,
     job_id: String,
@@ -135,6 +147,9 @@ struct StateFile {
     registration: Value,
     refresh_seconds: u64,
     finished: bool,
+    /// The job's own token from the creating `PUT`.
+    #[serde(default)]
+    job_token: Option<String>,
 }
 
 /// A failure that ends the command: its message goes to the CI log.
@@ -178,6 +193,21 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// The API as the job: its job token from the state file when there is
+/// one, else the command's own credential (an OIDC token of this job works;
+/// a registration token is refused for anything but creating).
+fn job_api(common: &Common, state: Option<&StateFile>) -> Result<Api, Failure> {
+    match state.and_then(|s| s.job_token.clone()) {
+        Some(token) => Api::with_credential(
+            &common.gateway,
+            client::Credential::Token(Secret::new(token)),
+            common.ca_cert.as_deref(),
+        )
+        .map_err(Failure),
+        None => api(common),
+    }
+}
+
 fn api(common: &Common) -> Result<Api, Failure> {
     let credential = match (&common.token, &common.oidc_audience) {
         (Some(token), _) => client::Credential::Token(Secret::new(token.clone())),
@@ -219,13 +249,28 @@ fn read_state(path: &Path) -> Option<StateFile> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Writes the state owner-only: a fresh temporary file (created new, so a
+/// symlink planted at its name is not followed), then renamed into place.
 fn write_state(path: &Path, state: &StateFile) -> Result<(), Failure> {
     let bytes = serde_json::to_vec_pretty(state)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Failure(format!("{}: {e}", tmp.display())))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let written = options.open(&tmp).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    });
+    written.map_err(|e| Failure(format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
     Ok(())
 }
@@ -446,6 +491,15 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         "os": os,
         "allowed_users": args.allowed_users.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).collect::<Vec<_>>(),
     });
+    match args.runner_login.as_deref() {
+        None => {}
+        Some(login @ ("certificate" | "key")) => body["runner_login"] = json!(login),
+        Some(other) => {
+            return Err(Failure(format!(
+                "--runner-login {other:?}: expected certificate or key"
+            )))
+        }
+    }
     if let Some(actor) = &actor {
         body["actor"] = json!(actor);
     }
@@ -458,11 +512,25 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     if let Some(run) = env("GITHUB_RUN_ID").and_then(|r| r.parse::<u64>().ok()) {
         body["run_id"] = json!(run);
     }
-    let api = api(&args.common)?;
+    let state_path = state_path(&args.common, &job);
+    // Registering again within the same job (a retried step) refreshes with
+    // the job token it already holds.
+    let earlier = read_state(&state_path).filter(|s| s.job_token.is_some());
+    let api = job_api(&args.common, earlier.as_ref())?;
     let answer = api
         .register(&job, &body)
         .await
         .map_err(|e| Failure(format!("registering job {job}: {e}")))?;
+    let job_token = match (answer["job_token"].as_str(), earlier) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(earlier)) => earlier.job_token.unwrap_or_default(),
+        (None, None) => {
+            return Err(Failure(format!(
+                "registering job {job}: the gateway sent no job token (the job was registered \
+                 before, and this runner does not hold its token)"
+            )))
+        }
+    };
     let lines: Vec<String> = answer["authorized_keys"]
         .as_array()
         .map(|a| {
@@ -479,7 +547,6 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     })
     .map_err(Failure)?;
     let refresh_seconds = answer["refresh_seconds"].as_u64().unwrap_or(60).max(1);
-    let state_path = state_path(&args.common, &job);
     write_state(
         &state_path,
         &StateFile {
@@ -489,6 +556,7 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             registration: body,
             refresh_seconds,
             finished: false,
+            job_token: Some(job_token),
         },
     )?;
     if !args.no_refresh {
@@ -531,7 +599,8 @@ fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
 }
 
 /// Starts `ci-gateway runner refresh` in the background, detached from this
-/// step (the token travels in its environment, never on its command line).
+/// step. It presents the job token from the state file; no credential
+/// travels on its command line or in its environment.
 fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), Failure> {
     let exe = std::env::current_exe()?;
     let log = state_path.with_extension("log");
@@ -541,19 +610,11 @@ fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), 
     cmd.args(["runner", "refresh", "--job-id", job])
         .env("CI_GATEWAY_URL", &common.gateway)
         .env_remove("CI_GATEWAY_JOB_ID")
+        .env_remove("CI_GATEWAY_TOKEN")
+        .env_remove("CI_GATEWAY_OIDC_AUDIENCE")
         .stdin(std::process::Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    match (&common.token, &common.oidc_audience) {
-        (Some(token), _) => {
-            cmd.env("CI_GATEWAY_TOKEN", token);
-        }
-        (None, Some(audience)) => {
-            cmd.env_remove("CI_GATEWAY_TOKEN")
-                .env("CI_GATEWAY_OIDC_AUDIENCE", audience);
-        }
-        (None, None) => {}
-    }
     if let Some(ca) = &common.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }
@@ -590,7 +651,11 @@ fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), 
 async fn refresh(common: Common) -> Result<ExitCode, Failure> {
     let job = job_id(&common).await?;
     let path = state_path(&common, &job);
-    let api = api(&common)?;
+    let Some(state) = read_state(&path).filter(|s| s.job_token.is_some()) else {
+        eprintln!("no state file with a job token: stopping");
+        return Ok(ExitCode::FAILURE);
+    };
+    let api = job_api(&common, Some(&state))?;
     let mut next = tokio::time::Instant::now();
     loop {
         let Some(state) = read_state(&path) else {
@@ -657,11 +722,12 @@ fn summary(job: &Value) -> String {
 async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
     let path = state_path(&args.common, &job);
+    let state = read_state(&path);
     if let Some(mut state) = read_state(&path) {
         state.finished = true;
         write_state(&path, &state)?;
     }
-    let api = api(&args.common)?;
+    let api = job_api(&args.common, state.as_ref())?;
     let mut unreachable_since: Option<tokio::time::Instant> = None;
     let mut last = String::new();
     let mut first = true;
@@ -757,13 +823,17 @@ async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure> {
     let state = read_state(&path);
     // First stop the refresher, so that nothing re-adds what we remove.
     let _ = std::fs::remove_file(&path);
-    let api = api(&args.common)?;
+    let api = job_api(&args.common, state.as_ref())?;
     let told = match api.deregister(&job).await {
         Ok(v) if v["deregistered"].as_bool() == Some(true) => {
             println!("ci-gateway: job {job} deregistered; its sessions were closed");
             true
         }
         Ok(_) => {
+            println!("ci-gateway: job {job} was not (or no longer) registered");
+            true
+        }
+        Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(404 | 410)) => {
             println!("ci-gateway: job {job} was not (or no longer) registered");
             true
         }

@@ -17,7 +17,8 @@ use serde_json::json;
 
 use crate::access;
 use crate::ids::{valid_runner_user, GithubLogin, JobId};
-use crate::registry::{unix_now, Lookup, Os, Registration};
+use crate::registry::{unix_now, Lookup, Os, Registration, RunnerLogin};
+use crate::secret::Secret;
 use crate::Gateway;
 
 pub mod serve;
@@ -50,11 +51,14 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// Who is calling: a configured token (by index) or a verified OIDC token.
+/// Who is calling: a configured registration token (by index), a verified
+/// OIDC token, or a job token (checked against the job it names, with the
+/// request's source for the wrong-token budget).
 #[derive(Debug, Clone)]
 pub enum Caller {
     Token(usize),
     Oidc(Arc<crate::oidc::Claims>),
+    JobToken(Secret<String>, Option<IpAddr>),
 }
 
 /// With an OIDC caller, the identity comes from the token: the body may
@@ -90,36 +94,82 @@ pub fn apply_claims(
     Ok(())
 }
 
-/// Whether `caller` may act on the registered `job`: any configured token
-/// may; an OIDC token only on its own job (same job id, or same repository
-/// and run).
-fn authorize(caller: &Caller, job: &Registration) -> Result<(), ApiError> {
-    let Caller::Oidc(claims) = caller else {
-        return Ok(());
-    };
-    let same_job = claims.check_run_id == Some(job.job_id.get());
-    let same_run = job
-        .repository
-        .as_deref()
-        .is_some_and(|r| r.eq_ignore_ascii_case(&claims.repository))
-        && job.run_id.is_some()
-        && job.run_id == claims.run_id;
-    if same_job || same_run {
-        Ok(())
-    } else {
-        Err(ApiError(
+/// Whether `caller` may act on the registered `job` (DESIGN §4): its job
+/// token, or an OIDC token whose `check_run_id` is this job. A registration
+/// token may only create jobs.
+fn authorize(gw: &Gateway, caller: &Caller, job: &Registration) -> Result<(), ApiError> {
+    let id = job.job_id;
+    match caller {
+        Caller::JobToken(token, source) => {
+            if job.token_matches(token.expose()) {
+                return Ok(());
+            }
+            tracing::info!(job = %id, source = ?source, "API request refused: a job token that is not this job's");
+            if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
+                return Err(ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "too many requests with a wrong token from your address; retry in {}s",
+                        wait.as_secs().max(1)
+                    ),
+                ));
+            }
+            Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("this job token is not job {id}'s"),
+            ))
+        }
+        Caller::Oidc(claims) if claims.check_run_id == Some(id.get()) => Ok(()),
+        Caller::Oidc(_) => Err(ApiError(
             StatusCode::FORBIDDEN,
-            format!("this token is not for job {}", job.job_id),
-        ))
+            format!("this OIDC token is not for job {id} (its check_run_id differs or is missing); use the job token"),
+        )),
+        Caller::Token(_) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "job {id} is registered: a registration token may only create jobs; calls on a job \
+                 need its job token (the agent keeps it in its state file)"
+            ),
+        )),
     }
 }
 
-/// Looks the job up and checks that `caller` may act on it.
-fn authorized(gw: &Gateway, caller: &Caller, job: JobId) -> Result<(), ApiError> {
-    if let Lookup::Active(reg, _) = gw.registry.lookup(job) {
-        authorize(caller, &reg)?;
+/// The registered job `job`, if `caller` may act on it; `404` for an unknown
+/// job and `410` for an ended one (nothing changes either way).
+fn authorized(
+    gw: &Gateway,
+    caller: &Caller,
+    job: JobId,
+) -> Result<(Arc<Registration>, Arc<crate::registry::Live>), ApiError> {
+    match gw.registry.lookup(job) {
+        Lookup::Active(reg, live) => {
+            authorize(gw, caller, &reg)?;
+            Ok((reg, live))
+        }
+        Lookup::Ended(reason) => Err(ApiError(StatusCode::GONE, reason)),
+        Lookup::Unknown => Err(not_registered(job)),
     }
-    Ok(())
+}
+
+fn not_registered(job: JobId) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("job {job} is not registered"),
+    )
+}
+
+fn store_error(e: crate::registry::StoreError) -> ApiError {
+    use crate::registry::StoreError as E;
+    match e {
+        E::Ended(reason) => ApiError(StatusCode::GONE, reason),
+        E::Unknown(job) => not_registered(job),
+        E::Exists(job) => ApiError(
+            StatusCode::CONFLICT,
+            format!("job {job} is already registered; a refresh needs its job token"),
+        ),
+        E::Conflict(field) => ApiError(StatusCode::CONFLICT, field),
+        E::Full(_) | E::Db(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 pub fn router(gw: Arc<Gateway>) -> Router {
@@ -194,6 +244,9 @@ async fn require_token(
     });
     let caller = match (matched, presented, &gw.oidc) {
         (Some(index), _, _) => Ok(Caller::Token(index)),
+        (None, Some(p), _) if p.starts_with(crate::secret::JOB_TOKEN_PREFIX) && p.len() < 100 => {
+            Ok(Caller::JobToken(Secret::new(p.to_string()), source))
+        }
         (None, Some(p), Some(verifier)) if crate::oidc::Verifier::looks_like_jwt(p) => {
             match verifier.verify(p).await {
                 Ok(claims) => Ok(Caller::Oidc(Arc::new(claims))),
@@ -218,6 +271,21 @@ async fn require_token(
     let budget = match &caller {
         Caller::Token(i) => format!("token-{i}"),
         Caller::Oidc(c) => format!("oidc:{}", c.repository.to_lowercase()),
+        // Keyed by the job the path names (an id, so the key space is what
+        // the wrong-token budget per source already bounds).
+        Caller::JobToken(..) => format!(
+            "job:{}",
+            request
+                .uri()
+                .path()
+                .trim_start_matches("/v1/jobs/")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(24)
+                .collect::<String>()
+        ),
     };
     if let Err(wait) = gw.api_limits.request(&budget) {
         return too_many(wait, "this token is over its request rate");
@@ -270,11 +338,19 @@ pub struct RegisterRequest {
     pub os: Option<Os>,
     #[serde(default)]
     pub allowed_users: Vec<String>,
+    /// How the gateway logs in to the runner in job mode; default `key` for
+    /// Windows, `certificate` otherwise.
+    #[serde(default)]
+    pub runner_login: Option<RunnerLogin>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub job_id: String,
+    /// Only in the answer that created the job (`201`): every later call on
+    /// the job needs it. Shown once; the gateway keeps only its hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_token: Option<String>,
     pub authorized_keys: Vec<String>,
     /// Job mode: `ssh <job>@gateway`.
     pub ssh_command: String,
@@ -317,29 +393,71 @@ pub fn user_commands(
     (ssh, jump, config, rdp)
 }
 
-/// Checks a registration body; pure, so it is unit-tested without a server.
+/// Why a registration body is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invalid {
+    /// `400`: a field is malformed or not allowed; names the field.
+    Bad(String),
+    /// `409`: a refresh tried to change a field fixed at creation.
+    Changed(String),
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Bad(m) | Invalid::Changed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(s: String) -> Invalid {
+        Invalid::Bad(s)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(s: &str) -> Invalid {
+        Invalid::Bad(s.to_string())
+    }
+}
+
+/// Checks a registration body (a creation when `previous` is `None`, else a
+/// refresh of `previous`); pure, so it is unit-tested without a server. The
+/// result has no token hash: the caller sets it at creation.
 pub fn validate(
     job: JobId,
     body: RegisterRequest,
     source: IpAddr,
     now: u64,
+    networks: &[crate::address::Cidr],
     previous: Option<&Registration>,
-) -> Result<Registration, String> {
+) -> Result<Registration, Invalid> {
     let actor = GithubLogin::parse(body.actor.as_deref().ok_or("actor: required")?)
         .map_err(|e| format!("actor: {e}"))?;
     if !valid_runner_user(&body.user) {
         return Err("user: not a valid account name".into());
     }
-    let host = match body.host.as_deref() {
-        None | Some("") => source,
-        Some(h) => h
-            .parse::<IpAddr>()
-            .map_err(|_| "host: must be an IP address".to_string())?,
+    let named = match body.host.as_deref() {
+        None | Some("") => None,
+        Some(h) => Some(
+            h.parse::<IpAddr>()
+                .map_err(|_| "host: must be an IP address".to_string())?
+                .to_canonical(),
+        ),
     };
-    if host.is_unspecified() || host.is_multicast() {
-        return Err("host: not a unicast address".into());
-    }
-    let port = body.port.unwrap_or(22);
+    let host = match (named, previous) {
+        // A refresh that names no host, or the same one, keeps it (it was
+        // checked when the job was created).
+        (None, Some(p)) => p.host,
+        (Some(h), Some(p)) if h == p.host => p.host,
+        _ => crate::address::registration_host(named, source, networks)
+            .map_err(|e| format!("host: {e}"))?,
+    };
+    let port = match (body.port, previous) {
+        (None, Some(p)) => p.port,
+        (port, _) => port.unwrap_or(22),
+    };
     if port == 0 {
         return Err("port: must be 1..=65535".into());
     }
@@ -369,7 +487,12 @@ pub fn validate(
             return Err("repository: expected owner/name".into());
         }
     }
-    Ok(Registration {
+    let os = body.os.unwrap_or_default();
+    let runner_login = body.runner_login.unwrap_or(match os {
+        Os::Windows => RunnerLogin::Key,
+        Os::Linux | Os::Macos => RunnerLogin::Certificate,
+    });
+    let next = Registration {
         job_id: job,
         actor,
         host,
@@ -378,96 +501,238 @@ pub fn validate(
         host_keys,
         repository: body.repository,
         run_id: body.run_id,
-        os: body.os.unwrap_or_default(),
+        os,
         allowed_users,
         registered_at: previous.map(|p| p.registered_at).unwrap_or(now),
         refreshed_at: now,
         finished_at: previous.and_then(|p| p.finished_at),
-    })
+        runner_login,
+        token_hash: previous.map(|p| p.token_hash.clone()).unwrap_or_default(),
+        version: previous.map(|p| p.version).unwrap_or(0),
+    };
+    if let Some(p) = previous {
+        unchanged(p, &next).map_err(Invalid::Changed)?;
+    }
+    Ok(next)
 }
 
+/// A refresh cannot change what the job is (DESIGN §4): names the first
+/// field that differs. Pure.
+pub fn unchanged(previous: &Registration, next: &Registration) -> Result<(), String> {
+    let fixed = |field: &str, was: String, now: String| {
+        if was == now {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field}: fixed when the job was registered ({was}); a refresh cannot change it to {now}"
+            ))
+        }
+    };
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+    fixed("host", previous.host.to_string(), next.host.to_string())?;
+    fixed("port", previous.port.to_string(), next.port.to_string())?;
+    if previous.host_keys != next.host_keys {
+        return Err(
+            "host_keys: fixed when the job was registered; a refresh cannot change them".into(),
+        );
+    }
+    fixed("user", previous.user.clone(), next.user.clone())?;
+    fixed("os", format!("{:?}", previous.os), format!("{:?}", next.os))?;
+    fixed("actor", previous.actor.to_string(), next.actor.to_string())?;
+    fixed(
+        "repository",
+        opt(&previous.repository),
+        opt(&next.repository),
+    )?;
+    fixed(
+        "run_id",
+        format!("{:?}", previous.run_id),
+        format!("{:?}", next.run_id),
+    )?;
+    fixed(
+        "runner_login",
+        format!("{:?}", previous.runner_login),
+        format!("{:?}", next.runner_login),
+    )
+}
+
+/// `PUT /v1/jobs/{id}`: creates a job (registration token, or the job's own
+/// OIDC token) and answers `201` with its job token; or refreshes it (job
+/// token or OIDC token of this job), answering `200`.
 async fn put_job(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     body: Result<Json<RegisterRequest>, JsonRejection>,
-) -> Result<Json<RegisterResponse>, ApiError> {
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let job = job_id(&raw)?;
     let Json(mut body) = body?;
     if let Caller::Oidc(claims) = &caller {
         apply_claims(job, &mut body, claims).map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
     }
-    authorized(&gw, &caller, job)?;
-    let previous = match gw.registry.lookup(job) {
-        Lookup::Active(reg, _) => Some(reg),
+    let networks = &gw.config.registration.runner_networks;
+    let now = unix_now();
+    let (registration, job_token) = match gw.registry.lookup(job) {
         // Job ids are not reused (a re-run gets new ones): an ended job stays
         // ended, so a late refresh cannot bring a released runner back.
         Lookup::Ended(reason) => return Err(ApiError(StatusCode::GONE, reason)),
-        Lookup::Unknown => None,
+        Lookup::Active(previous, _) => {
+            authorize(&gw, &caller, &previous)?;
+            let next =
+                validate(job, body, peer.ip(), now, networks, Some(&previous)).map_err(invalid)?;
+            let reg = gw
+                .registry
+                .update(job, move |current| {
+                    // Against the record as it is at the write, not as read.
+                    unchanged(current, &next).map_err(crate::registry::StoreError::Conflict)?;
+                    let mut updated = current.clone();
+                    updated.refreshed_at = now;
+                    updated.allowed_users = next.allowed_users;
+                    Ok(updated)
+                })
+                .await
+                .map_err(store_error)?;
+            (reg, None)
+        }
+        Lookup::Unknown => {
+            match &caller {
+                Caller::Token(_) => {}
+                Caller::Oidc(claims) => confirm_unclaimed_job(&gw, job, claims).await?,
+                Caller::JobToken(..) => return Err(not_registered(job)),
+            }
+            let mut reg = validate(job, body, peer.ip(), now, networks, None).map_err(invalid)?;
+            gw.dialable(SocketAddr::new(reg.host, reg.port))
+                .map_err(|e| ApiError::bad(format!("host: {e}")))?;
+            let (token, hash) = crate::secret::new_job_token();
+            reg.token_hash = hash.to_hex();
+            let key = match reg.runner_login {
+                RunnerLogin::Certificate => None,
+                RunnerLogin::Key => Some(
+                    russh::keys::PrivateKey::random(
+                        &mut rand::rng(),
+                        russh::keys::Algorithm::Ed25519,
+                    )
+                    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+                ),
+            };
+            let reg = gw.registry.create(reg, key).await.map_err(store_error)?;
+            (reg, Some(token))
+        }
     };
-    let registration =
-        validate(job, body, peer.ip(), unix_now(), previous.as_deref()).map_err(ApiError::bad)?;
-    let registration = gw
-        .registry
-        .put(registration)
-        .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    tracing::info!(job = %job, actor = %registration.actor, host = %registration.host, port = registration.port, refresh = previous.is_some(), "job registered");
-    // A refresh that changes nothing is not news; one that does is.
-    let changed = previous.as_deref().is_none_or(|p| {
-        let mut p = p.clone();
-        p.refreshed_at = registration.refreshed_at;
-        p != *registration
-    });
-    if changed {
+    let created = job_token.is_some();
+    tracing::info!(job = %job, actor = %registration.actor, host = %registration.host, port = registration.port, created, "job registered");
+    if created {
         gw.audit.record(
-        if previous.is_some() { "job_changed" } else { "job_registered" },
-        json!({
-            "job": job.to_string(),
-            "actor": registration.actor.as_str(),
-            "allowed_users": registration.allowed_users.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
-            "host": registration.host.to_string(),
-            "port": registration.port,
-            "user": registration.user,
-            "os": registration.os,
-            "repository": registration.repository,
-            "run_id": registration.run_id,
-            "source": peer.ip().to_string(),
-            "credential": match &caller {
-                Caller::Token(i) => format!("token #{i}"),
-                Caller::Oidc(_) => "oidc".to_string(),
-            },
-        }),
-    );
+            "job_registered",
+            json!({
+                "job": job.to_string(),
+                "actor": registration.actor.as_str(),
+                "allowed_users": registration.allowed_users.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+                "host": registration.host.to_string(),
+                "port": registration.port,
+                "user": registration.user,
+                "os": registration.os,
+                "runner_login": registration.runner_login,
+                "repository": registration.repository,
+                "run_id": registration.run_id,
+                "source": peer.ip().to_string(),
+                "credential": match &caller {
+                    Caller::Token(i) => format!("token #{i}"),
+                    Caller::Oidc(_) => "oidc".to_string(),
+                    Caller::JobToken(..) => "job token".to_string(),
+                },
+            }),
+        );
     }
     let authorized_keys = authorized_keys(&gw, &registration).await;
     let (ssh_command, jump_command, ssh_config, rdp_command) =
         user_commands(&gw.config.public_address(), &registration);
-    Ok(Json(RegisterResponse {
-        job_id: job.to_string(),
-        authorized_keys,
-        ssh_command,
-        jump_command,
-        ssh_config,
-        rdp_command,
-        refresh_seconds: (gw.config.registration.ttl.as_secs() / 3).max(1),
-        hold_max_seconds: gw.config.hold.max.as_secs(),
-    }))
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(RegisterResponse {
+            job_id: job.to_string(),
+            job_token: job_token.map(|t| t.expose().clone()),
+            authorized_keys,
+            ssh_command,
+            jump_command,
+            ssh_config,
+            rdp_command,
+            refresh_seconds: (gw.config.registration.ttl.as_secs() / 3).max(1),
+            hold_max_seconds: gw.config.hold.max.as_secs(),
+        }),
+    ))
 }
 
-/// The lines the runner installs: the gateway's CA (job mode; the plain
-/// gateway key on Windows) and the allowed people's own keys (jump mode).
+fn invalid(e: Invalid) -> ApiError {
+    match e {
+        Invalid::Bad(m) => ApiError::bad(m),
+        Invalid::Changed(m) => ApiError(StatusCode::CONFLICT, m),
+    }
+}
+
+/// An OIDC token without `check_run_id` (GitHub Enterprise Server) creates
+/// a job only when GitHub's API confirms the job belongs to the token's
+/// repository and run (DESIGN §4).
+async fn confirm_unclaimed_job(
+    gw: &Gateway,
+    job: JobId,
+    claims: &crate::oidc::Claims,
+) -> Result<(), ApiError> {
+    if claims.check_run_id.is_some() {
+        return Ok(()); // apply_claims checked it is this job
+    }
+    let refused = |why: String| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the OIDC token has no check_run_id and {why}; a job is only registered when \
+                 GitHub confirms it belongs to the token's run"
+            ),
+        )
+    };
+    let Some(run) = claims.run_id else {
+        return Err(refused("no run_id".into()));
+    };
+    match gw.keys.job_run(&claims.repository, job).await {
+        Ok(Some(found)) if found == run => Ok(()),
+        Ok(Some(other)) => Err(refused(format!(
+            "GitHub says job {job} is in run {other}, not {run}"
+        ))),
+        Ok(None) => Err(refused(format!(
+            "GitHub knows no job {job} in {}",
+            claims.repository
+        ))),
+        Err(e) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot confirm job {job} with GitHub: {e}"),
+        )),
+    }
+}
+
+/// The lines the runner installs: the gateway's CA restricted to this job's
+/// principal (or this job's own key), then the allowed people's own keys
+/// (jump mode).
 async fn authorized_keys(gw: &Gateway, job: &Registration) -> Vec<String> {
     let mut lines = Vec::new();
-    match job.os {
-        Os::Windows => lines.push(format!(
-            "{} ci-gateway",
-            crate::keys::openssh_line(gw.client_key.public_key())
-        )),
-        Os::Linux | Os::Macos => lines.push(format!(
+    match job.runner_login {
+        RunnerLogin::Key => {
+            if let Some(key) = gw.registry.runner_key(job.job_id) {
+                lines.push(format!(
+                    "no-agent-forwarding,no-X11-forwarding {} {}",
+                    crate::keys::openssh_line(key.public_key()),
+                    job.principal()
+                ));
+            }
+        }
+        RunnerLogin::Certificate => lines.push(format!(
             "cert-authority,principals=\"{}\" {} ci-gateway",
-            job.user,
+            job.principal(),
             crate::keys::openssh_line(gw.ca.public_key())
         )),
     }
@@ -533,12 +798,53 @@ async fn get_job(
     }
 }
 
+/// What `GET` shows of a job to its own runner: the registration without
+/// the token hash or the store's version.
+#[derive(Serialize)]
+struct JobView<'a> {
+    job_id: JobId,
+    actor: &'a GithubLogin,
+    host: IpAddr,
+    port: u16,
+    user: &'a str,
+    host_keys: &'a [String],
+    repository: Option<&'a str>,
+    run_id: Option<u64>,
+    os: Os,
+    runner_login: RunnerLogin,
+    allowed_users: &'a [GithubLogin],
+    registered_at: u64,
+    refreshed_at: u64,
+    finished_at: Option<u64>,
+}
+
+impl<'a> JobView<'a> {
+    fn of(r: &'a Registration) -> JobView<'a> {
+        JobView {
+            job_id: r.job_id,
+            actor: &r.actor,
+            host: r.host,
+            port: r.port,
+            user: &r.user,
+            host_keys: &r.host_keys,
+            repository: r.repository.as_deref(),
+            run_id: r.run_id,
+            os: r.os,
+            runner_login: r.runner_login,
+            allowed_users: &r.allowed_users,
+            registered_at: r.registered_at,
+            refreshed_at: r.refreshed_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
 fn job_json(
     gw: &Gateway,
     reg: &Registration,
     live: &crate::registry::Live,
 ) -> Result<serde_json::Value, ApiError> {
-    let mut value = serde_json::to_value(reg)
+    let mut value = serde_json::to_value(JobView::of(reg))
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let who = live.sessions();
     value["active_sessions"] = json!(who.len());
@@ -554,19 +860,7 @@ async fn finish_job(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = job_id(&raw)?;
     authorized(&gw, &caller, job)?;
-    let (reg, newly) = match gw.registry.mark_finished(job).await {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            return Err(match gw.registry.lookup(job) {
-                Lookup::Ended(reason) => ApiError(StatusCode::GONE, reason),
-                _ => ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("job {job} is not registered"),
-                ),
-            })
-        }
-        Err(e) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-    };
+    let (reg, newly) = gw.registry.mark_finished(job).await.map_err(store_error)?;
     let Lookup::Active(_, live) = gw.registry.lookup(job) else {
         return Err(ApiError(StatusCode::GONE, format!("job {job} ended")));
     };
@@ -595,8 +889,15 @@ async fn delete_job(
     let existed = gw
         .end_job(job, "deregistered", reason)
         .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    tracing::info!(job = %job, existed, "job deregistered");
+        .map_err(store_error)?;
+    if !existed {
+        // It ended between the check and the removal (a hold, an expiry).
+        return Err(match gw.registry.lookup(job) {
+            Lookup::Ended(reason) => ApiError(StatusCode::GONE, reason),
+            _ => not_registered(job),
+        });
+    }
+    tracing::info!(job = %job, "job deregistered");
     Ok(Json(
         json!({ "job_id": job.to_string(), "deregistered": existed }),
     ))
@@ -624,6 +925,7 @@ mod tests {
             body(json!({"actor": "OctoCat", "user": "runner", "host_keys": [KEY]})),
             "10.0.0.9".parse().expect("ip"),
             100,
+            &[],
             None,
         )
         .expect("valid");
@@ -672,8 +974,8 @@ mod tests {
             ),
         ];
         for (json, field) in cases {
-            let err = validate(job(), body(json.clone()), src, 1, None).expect_err("invalid");
-            assert!(err.starts_with(field), "{json}: {err}");
+            let err = validate(job(), body(json.clone()), src, 1, &[], None).expect_err("invalid");
+            assert!(err.to_string().starts_with(field), "{json}: {err}");
         }
     }
 
@@ -685,6 +987,7 @@ mod tests {
             body(json!({"actor": "octocat", "user": "runner", "host_keys": [KEY]})),
             "10.0.0.9".parse().expect("ip"),
             1,
+            &[],
             None,
         )
         .expect("valid");
@@ -768,6 +1071,7 @@ mod tests {
             body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
             src,
             5,
+            &[],
             None,
         )
         .expect("ok");
@@ -776,10 +1080,148 @@ mod tests {
             body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
             src,
             9,
+            &[],
             Some(&first),
         )
         .expect("ok");
         assert_eq!(again.registered_at, 5);
         assert_eq!(again.refreshed_at, 9);
+    }
+
+    #[test]
+    fn a_refresh_cannot_change_what_the_job_is() {
+        let src: IpAddr = "127.0.0.1".parse().expect("ip");
+        let nets = [crate::address::Cidr::parse("127.0.0.0/8").expect("net")];
+        let base = json!({"actor": "octocat", "user": "runner", "host_keys": [KEY],
+            "host": "127.0.0.5", "port": 2022, "repository": "acme/widgets", "run_id": 7});
+        let first = validate(job(), body(base.clone()), src, 1, &nets, None).expect("ok");
+        const OTHER_KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDt0Qq0bUv7fN6VUWUF1oVqzLRmIJVYyV4h4eF3t7kNL x";
+        let changes = [
+            ("host", json!("127.0.0.6")),
+            ("port", json!(22)),
+            ("host_keys", json!([OTHER_KEY])),
+            ("user", json!("root")),
+            ("os", json!("windows")),
+            ("actor", json!("mallory")),
+            ("repository", json!("evil/repo")),
+            ("run_id", json!(8)),
+            ("runner_login", json!("key")),
+        ];
+        for (field, value) in changes {
+            let mut changed = base.clone();
+            changed[field] = value;
+            match validate(job(), body(changed), src, 2, &nets, Some(&first)) {
+                Err(Invalid::Changed(m)) => assert!(m.starts_with(field), "{field}: {m}"),
+                other => panic!("{field}: expected a 409, got {other:?}"),
+            }
+        }
+        // The same again, or with host and port left out, is a refresh.
+        let same = validate(job(), body(base.clone()), src, 3, &nets, Some(&first)).expect("same");
+        assert_eq!(same.refreshed_at, 3);
+        let mut bare = base.clone();
+        bare.as_object_mut().expect("obj").remove("host");
+        bare.as_object_mut().expect("obj").remove("port");
+        let kept = validate(
+            job(),
+            body(bare),
+            "10.9.9.9".parse().expect("ip"),
+            4,
+            &nets,
+            Some(&first),
+        )
+        .expect("omitted fields are kept");
+        assert_eq!((kept.host, kept.port), (first.host, first.port));
+        // Who else may enter is the job's own runner's to change.
+        let mut more = base.clone();
+        more["allowed_users"] = json!(["hubot"]);
+        let r = validate(job(), body(more), src, 5, &nets, Some(&first)).expect("mutable");
+        assert_eq!(r.allowed_users[0].as_str(), "hubot");
+    }
+
+    #[test]
+    fn the_registered_host_follows_the_address_rules() {
+        let src: IpAddr = "127.0.0.1".parse().expect("ip");
+        let nets = [crate::address::Cidr::parse("127.0.0.0/8").expect("net")];
+        for bad in [
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "10.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            let b = body(json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": bad}));
+            match validate(job(), b, src, 1, &nets, None) {
+                Err(Invalid::Bad(m)) => assert!(m.starts_with("host: "), "{bad}: {m}"),
+                other => panic!("{bad}: expected a 400, got {other:?}"),
+            }
+        }
+        let b = body(
+            json!({"actor": "a", "user": "r", "host_keys": [KEY], "host": "::ffff:127.0.0.5"}),
+        );
+        let reg = validate(job(), b, src, 1, &nets, None).expect("mapped loopback is in 127/8");
+        assert_eq!(reg.host.to_string(), "127.0.0.5");
+    }
+
+    #[test]
+    fn the_login_method_defaults_by_os() {
+        let src: IpAddr = "10.0.0.9".parse().expect("ip");
+        let linux = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
+            src,
+            1,
+            &[],
+            None,
+        )
+        .expect("ok");
+        assert_eq!(linux.runner_login, RunnerLogin::Certificate);
+        let windows = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY], "os": "windows"})),
+            src,
+            1,
+            &[],
+            None,
+        )
+        .expect("ok");
+        assert_eq!(windows.runner_login, RunnerLogin::Key);
+        let dropbear = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY], "runner_login": "key"})),
+            src,
+            1,
+            &[],
+            None,
+        )
+        .expect("ok");
+        assert_eq!(dropbear.runner_login, RunnerLogin::Key);
+        assert_eq!(dropbear.principal(), "ci-gateway-job-42");
+    }
+
+    #[test]
+    fn the_job_view_never_shows_the_token_hash() {
+        let src: IpAddr = "10.0.0.9".parse().expect("ip");
+        let mut reg = validate(
+            job(),
+            body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
+            src,
+            1,
+            &[],
+            None,
+        )
+        .expect("ok");
+        let (token, hash) = crate::secret::new_job_token();
+        reg.token_hash = hash.to_hex();
+        let text = serde_json::to_string(&JobView::of(&reg)).expect("json");
+        assert!(!text.contains(&reg.token_hash), "{text}");
+        assert!(!text.contains(token.expose().as_str()));
+        assert!(!text.contains("token"), "{text}");
+        assert!(reg.token_matches(token.expose()));
+        assert!(
+            !reg.token_matches(&token.expose().replace('a', "b")) || !token.expose().contains('a')
+        );
     }
 }

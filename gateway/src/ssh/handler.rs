@@ -863,7 +863,12 @@ impl Connection {
         }
         // Port 22 means the runner's registered SSH port.
         let target_port = if port == 22 { job.port } else { port };
-        let addr = SocketAddr::new(job.host, target_port);
+        // The address rules again at the dial (DESIGN §4): whatever is
+        // stored, the gateway never connects to itself or to metadata.
+        let addr = self
+            .gw
+            .dialable(SocketAddr::new(job.host, target_port))
+            .map_err(|e| format!("job {job_id}: the runner's address is refused: {e}"))?;
         if !self.guards.contains_key(&job_id) {
             self.audit_session_start(login.as_str(), job_id, "jump")
                 .await

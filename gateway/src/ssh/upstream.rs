@@ -1,7 +1,9 @@
 //! The gateway's SSH client to a runner (job mode): pinned host keys (the ones
 //! the runner registered, no trust on first use), authentication with a
-//! short-lived certificate from the gateway's CA, or the gateway's plain key
-//! for Windows runners (DESIGN §9), and a timeout on every step.
+//! short-lived certificate from the gateway's CA whose only principal names
+//! the job, or with the key made for that one job (Windows, dropbear;
+//! DESIGN §2, §9), the address rules before the connect, and a timeout on
+//! every step.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use tokio::sync::watch;
 
-use crate::registry::{Os, Registration};
+use crate::registry::{Registration, RunnerLogin};
 use crate::Gateway;
 
 /// Why the runner could not be reached; each is one line for the user.
@@ -20,8 +22,10 @@ pub enum UpstreamError {
     Unreachable(String, String),
     #[error("the runner at {0} presented a host key that does not match the keys it registered; refusing to connect")]
     HostKeyMismatch(String),
-    #[error("the runner at {0} refused the gateway's login as {1:?}")]
-    AuthRefused(String, String),
+    #[error("the runner at {0} refused the gateway's login as {1:?}: {2}")]
+    AuthRefused(String, String, &'static str),
+    #[error("the runner's address is refused: {0}")]
+    Forbidden(crate::address::Refused),
     #[error("the runner at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
     #[error("could not sign a login certificate: {0}")]
@@ -106,7 +110,9 @@ pub async fn connect(
     job: &Registration,
     login: &str,
 ) -> Result<RunnerConnection, UpstreamError> {
-    let addr = std::net::SocketAddr::new(job.host, job.port);
+    let addr = gw
+        .dialable(std::net::SocketAddr::new(job.host, job.port))
+        .map_err(UpstreamError::Forbidden)?;
     let shown = addr.to_string();
     let timeout = gw.config.upstream.connect_timeout;
     let pinned = job
@@ -139,12 +145,15 @@ pub async fn connect(
     };
 
     let auth = async {
-        match job.os {
-            Os::Windows => {
-                let key = PrivateKeyWithHashAlg::new(gw.client_key.clone(), None);
+        match job.runner_login {
+            RunnerLogin::Key => {
+                let Some(key) = gw.registry.runner_key(job.job_id) else {
+                    return Err(russh::Error::NotAuthenticated);
+                };
+                let key = PrivateKeyWithHashAlg::new(key, None);
                 handle.authenticate_publickey(job.user.clone(), key).await
             }
-            Os::Linux | Os::Macos => {
+            RunnerLogin::Certificate => {
                 let ephemeral =
                     PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
                         .map_err(|e| russh::Error::from(russh::keys::Error::from(e)))?;
@@ -153,7 +162,7 @@ pub async fn connect(
                     .ca
                     .issue(
                         ephemeral.public_key(),
-                        &job.user,
+                        &job.principal(),
                         &key_id,
                         gw.config.upstream.cert_validity,
                     )
@@ -168,6 +177,21 @@ pub async fn connect(
         Err(_) => Err(UpstreamError::Timeout(shown, timeout)),
         Ok(Err(e)) => Err(UpstreamError::Unreachable(shown, e.to_string())),
         Ok(Ok(result)) if result.success() => Ok(RunnerConnection { handle, closed }),
-        Ok(Ok(_)) => Err(UpstreamError::AuthRefused(shown, job.user.clone())),
+        Ok(Ok(_)) => Err(UpstreamError::AuthRefused(
+            shown,
+            job.user.clone(),
+            match job.runner_login {
+                RunnerLogin::Certificate => {
+                    "it does not trust this job's certificate; install the \
+                     cert-authority,principals=\"ci-gateway-job-<id>\" line the registration returned \
+                     (ci-gateway runner register does), or register with --runner-login key if \
+                     its sshd takes no certificates (dropbear, Windows)"
+                }
+                RunnerLogin::Key => {
+                    "it does not trust this job's key; install the key line the registration \
+                     returned (ci-gateway runner register does)"
+                }
+            },
+        )),
     }
 }

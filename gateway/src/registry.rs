@@ -400,7 +400,7 @@ impl Registry {
                     jobs.remove(k).map_err(db_err)?;
                     continue;
                 };
-                if !state.ended.contains_key(&id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = state.ended.entry(id) {
                     tracing::warn!(job = %id, "{}", upgraded_reason(id));
                     let t = Tombstone {
                         reason: upgraded_reason(id),
@@ -408,7 +408,7 @@ impl Registry {
                     };
                     let bytes = serde_json::to_vec(&t).map_err(db_err)?;
                     ended.insert(k, bytes.as_slice()).map_err(db_err)?;
-                    state.ended.insert(id, t);
+                    slot.insert(t);
                 }
                 jobs.remove(k).map_err(db_err)?;
                 keys.remove(k).map_err(db_err)?;

@@ -83,8 +83,9 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
         Some(registration(&runner, "octocat").to_string().into_bytes()),
     )
     .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 201, "{body}");
     let body: Value = serde_json::from_str(&body).expect("json");
+    let job_token = body["job_token"].as_str().expect("a job token").to_string();
     let lines: Vec<String> = body["authorized_keys"]
         .as_array()
         .expect("lines")
@@ -189,14 +190,12 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     written.push_str(&std::fs::read_to_string(&log_path).unwrap_or_default());
     written.push_str(&std::fs::read_to_string(dir.path().join("gateway.err")).unwrap_or_default());
     assert!(written.contains("session_start"), "the logs were captured");
-    for secret in [TOKEN, "ghp_the_operators_github_token"] {
+    for secret in [TOKEN, "ghp_the_operators_github_token", job_token.as_str()] {
         assert!(!written.contains(secret), "{secret} was written");
     }
-    for key_file in [
-        "ca_ed25519_key",
-        "client_ed25519_key",
-        "ssh_host_ed25519_key",
-    ] {
+    let hash = ci_gateway::secret::TokenHash::of(&job_token).to_hex();
+    assert!(!written.contains(&hash), "the job token's hash was written");
+    for key_file in ["ca_ed25519_key", "ssh_host_ed25519_key"] {
         let pem = std::fs::read_to_string(data.join(key_file)).expect("key file");
         for line in pem
             .lines()

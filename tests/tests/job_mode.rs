@@ -313,7 +313,7 @@ async fn a_person_allowed_on_job_a_never_reaches_job_b() {
         .gateway
         .register("5555555555", registration(&other, "hubot"))
         .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 201, "{body}");
     let lines: Vec<String> = body["authorized_keys"]
         .as_array()
         .expect("lines")
@@ -349,9 +349,13 @@ async fn a_runner_with_another_host_key_is_refused() {
     let mut body = registration(&w.runner, "octocat");
     let impostor = keygen(w.dir.path(), "impostor", "ed25519");
     body["host_keys"] = serde_json::json!([impostor.public]);
-    let (status, _) = w.gateway.register(&w.job, body).await;
-    assert_eq!(status, 200);
-    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["true"], None).await;
+    // A refresh cannot swap the host key (409); a job registered with
+    // another key than the runner's is refused at connect.
+    let (status, _) = w.gateway.register(&w.job, body.clone()).await;
+    assert_eq!(status, 409);
+    let (status, _) = w.gateway.register("7776543221", body).await;
+    assert_eq!(status, 201);
+    let r = ssh(&w.gateway, &w.octocat.path, "7776543221", &["true"], None).await;
     assert_eq!(r.code, 255);
     assert!(
         r.stderr.contains("does not match the keys it registered"),
@@ -369,9 +373,9 @@ async fn an_unreachable_runner_is_reported_not_hung_on() {
     };
     body["host"] = serde_json::json!("127.0.0.23");
     body["port"] = serde_json::json!(closed_port);
-    let (status, _) = w.gateway.register(&w.job, body).await;
-    assert_eq!(status, 200);
-    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["true"], None).await;
+    let (status, _) = w.gateway.register("7776543222", body).await;
+    assert_eq!(status, 201);
+    let r = ssh(&w.gateway, &w.octocat.path, "7776543222", &["true"], None).await;
     assert_eq!(r.code, 255);
     assert!(r.stderr.contains("unreachable"), "{r:?}");
 }
@@ -397,9 +401,7 @@ async fn deregistering_closes_open_sessions_with_a_message_and_refuses_new_ones(
     eventually("the session is counted", || live.active_sessions() == 1).await;
     let (_, body) = gw.job(&w.job).await;
     assert_eq!(body["active_sessions"], 1);
-    let (status, _) = gw
-        .http("DELETE", &format!("/v1/jobs/{}", w.job), Some(TOKEN), None)
-        .await;
+    let (status, _) = gw.call("DELETE", &w.job, "").await;
     assert_eq!(status, 200);
     let r = session.await.expect("join");
     assert_eq!(r.code, 255, "{r:?}");

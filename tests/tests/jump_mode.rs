@@ -166,9 +166,7 @@ async fn an_open_jump_session_is_counted_and_kicked_on_deregistration() {
     .await;
     let (_, body) = gw.job(&w.job).await;
     assert_eq!(body["active_sessions"], 1, "{body}");
-    let (status, _) = gw
-        .http("DELETE", &format!("/v1/jobs/{}", w.job), Some(TOKEN), None)
-        .await;
+    let (status, _) = gw.call("DELETE", &w.job, "").await;
     assert_eq!(status, 200);
     let r = session.await.expect("join");
     assert_eq!(r.code, 255, "{r:?}");

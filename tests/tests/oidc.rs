@@ -288,7 +288,14 @@ async fn oidc_tokens_register_their_own_job_and_nothing_else() {
 
     // A good token registers, with the identity from its claims.
     let (status, answer) = put(k1.token(&good), body.clone()).await;
-    assert_eq!(status, 200, "{answer}");
+    assert_eq!(status, 201, "{answer}");
+    w.gateway.job_tokens.lock().expect("lock").insert(
+        job.clone(),
+        serde_json::from_str::<Value>(&answer).expect("json")["job_token"]
+            .as_str()
+            .expect("job token")
+            .to_string(),
+    );
     let (_, reg) = w.gateway.job(&job).await;
     assert_eq!(reg["actor"], "octocat");
     assert_eq!(reg["repository"], "acme/widgets");
@@ -336,6 +343,81 @@ async fn oidc_tokens_register_their_own_job_and_nothing_else() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("deregistered"), "{}", out.stdout);
     assert_eq!(w.gateway.job(&job).await.0, 410);
+}
+
+/// GitHub Enterprise Server tokens carry no `check_run_id`. Such a token used
+/// to register any unregistered id; now only a job GitHub's API confirms is
+/// in the token's repository and run, and it acts on no other job after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oidc_token_without_check_run_id_creates_only_a_job_github_confirms() {
+    let issuer = Issuer::start().await;
+    let keys_dir = tempdir();
+    let k1 = SigningKey::new(keys_dir.path(), "k1");
+    issuer.jwks.lock().expect("lock").push(k1.jwk());
+    let w = World::unregistered(
+        "127.0.0.82",
+        "9876543282",
+        &[
+            ("CI_GATEWAY__REGISTRATION__OIDC_ISSUER", &issuer.url),
+            ("CI_GATEWAY__REGISTRATION__OIDC_AUDIENCE", AUDIENCE),
+            ("CI_GATEWAY__REGISTRATION__ALLOWED_REPOSITORIES", "acme/*"),
+        ],
+    )
+    .await;
+    let mut ghes = claims(&issuer.url, &w.job);
+    ghes.as_object_mut().expect("obj").remove("check_run_id");
+    let token = k1.token(&ghes);
+    let mut body = registration(&w.runner, "octocat");
+    for k in ["actor", "repository", "run_id"] {
+        body.as_object_mut().expect("object").remove(k);
+    }
+    let put = |job: &str| {
+        let api = w.gateway.api;
+        let path = format!("/v1/jobs/{job}");
+        let token = token.clone();
+        let body = body.to_string().into_bytes();
+        async move { http_raw(api, "PUT", &path, Some(&token), Some(body)).await }
+    };
+    // The attack: someone else's unregistered id, which GitHub does not
+    // place in this token's run. Refused, nothing left behind.
+    let victim = "9876543999";
+    let (status, answer) = put(victim).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("check_run_id"), "{answer}");
+    w.github
+        .job_runs
+        .lock()
+        .expect("lock")
+        .insert(("acme/widgets".into(), 9876543999), 1);
+    let (status, answer) = put(victim).await;
+    assert_eq!(status, 403, "a job of another run: {answer}");
+    assert!(answer.contains("run 1"), "{answer}");
+    // Its own job, confirmed by GitHub: created, with a job token.
+    w.github
+        .job_runs
+        .lock()
+        .expect("lock")
+        .insert(("acme/widgets".into(), w.job.parse().expect("id")), 4242);
+    let (status, answer) = put(&w.job).await;
+    assert_eq!(status, 201, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("json");
+    assert!(answer["job_token"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("cgj_")));
+    // Without check_run_id the token cannot act on the job afterwards (a
+    // sibling job of the same run would hold the same claims): the job
+    // token does.
+    let path = format!("/v1/jobs/{}", w.job);
+    let (status, _) = http_raw(w.gateway.api, "GET", &path, Some(&token), None).await;
+    assert_eq!(status, 403);
+    let (status, _) = http_raw(w.gateway.api, "DELETE", &path, Some(&token), None).await;
+    assert_eq!(status, 403);
+    let job_token = answer["job_token"].as_str().expect("token");
+    let (status, _) = http_raw(w.gateway.api, "GET", &path, Some(job_token), None).await;
+    assert_eq!(status, 200);
+    // The victim's id is still free for its own runner.
+    let (status, _) = w.gateway.job(victim).await;
+    assert_eq!(status, 404);
 }
 
 /// HMAC-SHA256, to forge the algorithm-confusion token.

@@ -50,6 +50,7 @@ async fn register(world: &World, extra: &[&str]) -> Run {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = finish(agent(world, "register", &args)).await;
     assert_eq!(run.code, 0, "register failed: {run:?}");
+    world.adopt_agent_state();
     run
 }
 
@@ -401,17 +402,8 @@ async fn the_connect_grace_holds_for_a_first_session() {
         &[("CI_GATEWAY__HOLD__CONNECT_GRACE", "2s")],
     )
     .await;
-    let (status, body) = world
-        .gateway
-        .http(
-            "POST",
-            &format!("/v1/jobs/{}/finished", world.job),
-            Some(TOKEN),
-            None,
-        )
-        .await;
+    let (status, body) = world.gateway.call("POST", &world.job, "/finished").await;
     assert_eq!(status, 200, "{body}");
-    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(body["hold"]["state"], "holding", "{body}");
     // Someone connects within the grace: the runner stays past it.
     let mut session = ssh_session(&world, &world.octocat.path, &["echo started; sleep 60"]);
@@ -506,6 +498,7 @@ async fn without_a_job_id_the_agent_finds_it_through_githubs_api() {
         "{}",
         run.stdout
     );
+    world.adopt_agent_state();
     assert_eq!(world.gateway.job(&world.job).await.0, 200);
     assert_eq!(
         world.github.run_jobs_auth.lock().expect("lock").as_slice(),
@@ -567,15 +560,7 @@ async fn agent_errors_are_one_clear_line() {
 async fn a_hold_resumes_after_a_gateway_restart() {
     let grace = [("CI_GATEWAY__HOLD__CONNECT_GRACE", "3s")];
     let world = World::with_config("127.0.0.60", "9876543260", &grace).await;
-    let (status, body) = world
-        .gateway
-        .http(
-            "POST",
-            &format!("/v1/jobs/{}/finished", world.job),
-            Some(TOKEN),
-            None,
-        )
-        .await;
+    let (status, body) = world.gateway.call("POST", &world.job, "/finished").await;
     assert_eq!(status, 200, "{body}");
     let world = world.restart(&grace).await;
     let (status, body) = world.gateway.job(&world.job).await;

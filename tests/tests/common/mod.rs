@@ -112,6 +112,8 @@ pub struct FakeGithub {
     pub run_jobs: Arc<Mutex<serde_json::Value>>,
     /// The Authorization headers GitHub saw on that route.
     pub run_jobs_auth: Arc<Mutex<Vec<String>>>,
+    /// `GET /repos/{o}/{r}/actions/jobs/{job}`: ("o/r", job) -> run id.
+    pub job_runs: Arc<Mutex<HashMap<(String, u64), u64>>>,
     pub url: String,
 }
 
@@ -128,6 +130,7 @@ impl FakeGithub {
                 "/repos/{owner}/{repo}/actions/runs/{run}/attempts/{attempt}/jobs",
                 get(run_jobs),
             )
+            .route("/repos/{owner}/{repo}/actions/jobs/{job}", get(job_run))
             .with_state(gh.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -154,6 +157,22 @@ async fn run_jobs(
         .to_string();
     gh.run_jobs_auth.lock().expect("lock").push(auth);
     Json(gh.run_jobs.lock().expect("lock").clone())
+}
+
+async fn job_run(
+    State(gh): State<FakeGithub>,
+    UrlPath((owner, repo, job)): UrlPath<(String, String, u64)>,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    let runs = gh.job_runs.lock().expect("lock").clone();
+    match runs.get(&(format!("{owner}/{repo}"), job)) {
+        Some(run) => Ok(Json(
+            serde_json::json!({"id": job, "run_id": run, "status": "in_progress"}),
+        )),
+        None => Err((
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"message": "Not Found"})),
+        )),
+    }
 }
 
 async fn user_keys(
@@ -296,6 +315,8 @@ pub struct Gateway {
     pub ssh: SocketAddr,
     pub api: SocketAddr,
     pub gw: Arc<ci_gateway::Gateway>,
+    /// The job tokens `register` got back, by job id.
+    pub job_tokens: Mutex<HashMap<String, String>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -348,6 +369,7 @@ impl Gateway {
             ssh,
             api,
             gw,
+            job_tokens: Mutex::new(HashMap::new()),
             stop: Some(stop),
             task: Some(tokio::spawn(async move {
                 let _ = task.await;
@@ -392,13 +414,48 @@ impl Gateway {
         .await
     }
 
+    /// `PUT` as the runner would: with the job's token once it has one
+    /// (a refresh), with the registration token before (a creation, whose
+    /// job token is kept for later calls).
     pub async fn register(&self, job: &str, json: serde_json::Value) -> (u16, serde_json::Value) {
+        let token = self.token_for(job);
         let (status, body) = self
             .http(
                 "PUT",
                 &format!("/v1/jobs/{job}"),
-                Some(TOKEN),
+                Some(&token),
                 Some(&json.to_string()),
+            )
+            .await;
+        let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+        if let Some(t) = body["job_token"].as_str() {
+            self.job_tokens
+                .lock()
+                .expect("lock")
+                .insert(job.to_string(), t.to_string());
+        }
+        (status, body)
+    }
+
+    /// The job's token if `register` got one, else the registration token.
+    pub fn token_for(&self, job: &str) -> String {
+        self.job_tokens
+            .lock()
+            .expect("lock")
+            .get(job)
+            .cloned()
+            .unwrap_or_else(|| TOKEN.to_string())
+    }
+
+    /// A call on a job with its job token: `GET`, `DELETE`, `POST finished`.
+    pub async fn call(&self, method: &str, job: &str, suffix: &str) -> (u16, serde_json::Value) {
+        let token = self.token_for(job);
+        let (status, body) = self
+            .http(
+                method,
+                &format!("/v1/jobs/{job}{suffix}"),
+                Some(&token),
+                None,
             )
             .await;
         (
@@ -408,13 +465,7 @@ impl Gateway {
     }
 
     pub async fn job(&self, job: &str) -> (u16, serde_json::Value) {
-        let (status, body) = self
-            .http("GET", &format!("/v1/jobs/{job}"), Some(TOKEN), None)
-            .await;
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-        )
+        self.call("GET", job, "").await
     }
 }
 
@@ -683,7 +734,7 @@ impl World {
             .gateway
             .register(job, registration(&world.runner, "octocat"))
             .await;
-        assert_eq!(status, 200, "registration failed: {body}");
+        assert_eq!(status, 201, "registration failed: {body}");
         let lines: Vec<String> = body["authorized_keys"]
             .as_array()
             .expect("authorized_keys")
@@ -740,8 +791,10 @@ impl World {
             admin,
             job,
         } = self;
+        let tokens = std::mem::take(&mut *gateway.job_tokens.lock().expect("lock"));
         gateway.stop().await;
         let gateway = Gateway::start(&dir.path().join("data"), &github.url, extra).await;
+        *gateway.job_tokens.lock().expect("lock") = tokens;
         World {
             dir,
             github,
@@ -753,6 +806,34 @@ impl World {
             admin,
             job,
         }
+    }
+
+    /// Takes the job token the agent keeps in its state file (under
+    /// `<dir>/state`), so the harness's calls act as the runner; checks the
+    /// file is the owner's alone, as it holds that token.
+    pub fn adopt_agent_state(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self
+            .dir
+            .path()
+            .join("state")
+            .join(format!("ci-gateway-job-{}.json", self.job));
+        let meta = std::fs::symlink_metadata(&path).expect("the agent left its state file");
+        assert_eq!(
+            meta.permissions().mode() & 0o077,
+            0,
+            "the state file holds a token: 0600"
+        );
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read state")).expect("json");
+        let token = state["job_token"]
+            .as_str()
+            .expect("the state keeps the job token");
+        self.gateway
+            .job_tokens
+            .lock()
+            .expect("lock")
+            .insert(self.job.clone(), token.to_string());
     }
 
     /// The live state (session count, kick signal) of the world's job.

@@ -1168,37 +1168,25 @@ mod tests {
     #[test]
     fn the_login_method_defaults_by_os() {
         let src: IpAddr = "10.0.0.9".parse().expect("ip");
-        let linux = validate(
-            job(),
-            body(json!({"actor": "a", "user": "r", "host_keys": [KEY]})),
-            src,
-            1,
-            &[],
-            None,
-        )
-        .expect("ok");
-        assert_eq!(linux.runner_login, RunnerLogin::Certificate);
-        let windows = validate(
-            job(),
-            body(json!({"actor": "a", "user": "r", "host_keys": [KEY], "os": "windows"})),
-            src,
-            1,
-            &[],
-            None,
-        )
-        .expect("ok");
-        assert_eq!(windows.runner_login, RunnerLogin::Key);
-        let dropbear = validate(
-            job(),
-            body(json!({"actor": "a", "user": "r", "host_keys": [KEY], "runner_login": "key"})),
-            src,
-            1,
-            &[],
-            None,
-        )
-        .expect("ok");
-        assert_eq!(dropbear.runner_login, RunnerLogin::Key);
-        assert_eq!(dropbear.principal(), "ci-gateway-job-42");
+        let base = json!({"actor": "a", "user": "r", "host_keys": [KEY]});
+        for (extra, expected) in [
+            (json!({}), RunnerLogin::Certificate),
+            (json!({"os": "windows"}), RunnerLogin::Key),
+            (json!({"os": "macos"}), RunnerLogin::Certificate),
+            (json!({"runner_login": "key"}), RunnerLogin::Key),
+            (
+                json!({"os": "windows", "runner_login": "certificate"}),
+                RunnerLogin::Certificate,
+            ),
+        ] {
+            let mut b = base.clone();
+            for (k, v) in extra.as_object().expect("obj") {
+                b[k] = v.clone();
+            }
+            let reg = validate(job(), body(b), src, 1, &[], None).expect("ok");
+            assert_eq!(reg.runner_login, expected, "{extra}");
+            assert_eq!(reg.principal(), "ci-gateway-job-42");
+        }
     }
 
     #[test]

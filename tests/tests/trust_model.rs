@@ -342,3 +342,134 @@ async fn refreshes_racing_the_release_never_bring_a_job_back() {
         assert_eq!(status, 410, "an ended id stays ended across restarts");
     }
 }
+
+/// dropbear as the runner: it takes no OpenSSH certificates, so it registers
+/// with `runner_login = "key"` and the gateway logs in with that job's own
+/// key. Its sshd reads `~/.ssh/authorized_keys` only, so it runs in a mount
+/// namespace where the home directory is a temporary one (we are root).
+struct Dropbear {
+    addr: std::net::SocketAddr,
+    host_key_pub: String,
+    home: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Dropbear {
+    fn start(dir: &std::path::Path, ip: &str) -> Dropbear {
+        let dropbear = ["/usr/sbin/dropbear", "/usr/bin/dropbear"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("`dropbear` is missing: install the Debian package dropbear-bin (scripts/test does)");
+        let root = dir.join(format!("dropbear-{ip}"));
+        let home = root.join("home");
+        std::fs::create_dir_all(home.join(".ssh")).expect("mkdir");
+        set_mode(&home, 0o755);
+        set_mode(&home.join(".ssh"), 0o700);
+        let key = root.join("host_key");
+        let made = std::process::Command::new("dropbearkey")
+            .args(["-t", "ed25519", "-f"])
+            .arg(&key)
+            .output()
+            .expect("dropbearkey runs");
+        assert!(made.status.success(), "{made:?}");
+        let public = std::process::Command::new("dropbearkey")
+            .args(["-y", "-f"])
+            .arg(&key)
+            .output()
+            .expect("dropbearkey -y");
+        let host_key_pub = String::from_utf8_lossy(&public.stdout)
+            .lines()
+            .find(|l| l.starts_with("ssh-"))
+            .expect("a public key line")
+            .to_string();
+        let user_home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let port = {
+            let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("probe");
+            l.local_addr().expect("addr").port()
+        };
+        let script = format!(
+            "mount --bind {home} {user_home} && exec {dropbear} -F -E -s -r {key} -p {ip}:{port}",
+            home = home.display(),
+            key = key.display(),
+        );
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "sh", "-c", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(root.join("dropbear.log")).expect("log"))
+            .spawn()
+            .expect("unshare starts (the tests run as root)");
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Dropbear {
+                    addr,
+                    host_key_pub,
+                    home,
+                    child,
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "dropbear did not start: {}",
+            std::fs::read_to_string(root.join("dropbear.log")).unwrap_or_default()
+        );
+    }
+
+    fn install(&self, lines: &[String]) {
+        let path = self.home.join(".ssh").join("authorized_keys");
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write");
+        set_mode(&path, 0o600);
+    }
+}
+
+impl Drop for Dropbear {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropbear_runner_works_in_job_mode_with_its_own_key() {
+    let w = World::unregistered("127.0.0.108", "9876543108", &[]).await;
+    let db = Dropbear::start(w.dir.path(), "127.0.0.109");
+    let body = |login: &str| {
+        json!({
+            "actor": "octocat", "host": db.addr.ip().to_string(), "port": db.addr.port(),
+            "user": current_user(), "host_keys": [db.host_key_pub], "os": "linux",
+            "runner_login": login,
+        })
+    };
+    // With a certificate line dropbear cannot log the gateway in, and the
+    // user is told the fix.
+    let (status, answer) = w.gateway.register("7000000108", body("certificate")).await;
+    assert_eq!(status, 201, "{answer}");
+    db.install(&lines(&answer));
+    let r = ssh(&w.gateway, &w.octocat.path, "7000000108", &["true"], None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(r.stderr.contains("--runner-login key"), "{r:?}");
+    // With its own key it works: a command, its output and exit status.
+    let (status, answer) = w.gateway.register(&w.job, body("key")).await;
+    assert_eq!(status, 201, "{answer}");
+    db.install(&lines(&answer));
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &["echo from-dropbear; exit 7"],
+        None,
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "from-dropbear", "{r:?}");
+    assert_eq!(r.code, 7, "{r:?}");
+    // Ending the job deletes its key: the same runner lets nobody in after.
+    let (status, _) = w.gateway.call("DELETE", &w.job, "").await;
+    assert_eq!(status, 200);
+    assert!(w
+        .gateway
+        .gw
+        .registry
+        .runner_key(ci_gateway::ids::JobId::parse(&w.job).expect("id"))
+        .is_none());
+}

@@ -392,7 +392,7 @@ impl Dropbear {
             home = home.display(),
             key = key.display(),
         );
-        let child = std::process::Command::new("unshare")
+        let mut child = std::process::Command::new("unshare")
             .args(["--mount", "sh", "-c", &script])
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(root.join("dropbear.log")).expect("log"))
@@ -410,6 +410,8 @@ impl Dropbear {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "dropbear did not start: {}",
             std::fs::read_to_string(root.join("dropbear.log")).unwrap_or_default()

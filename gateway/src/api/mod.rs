@@ -147,8 +147,18 @@ fn authorized(
             Ok((reg, live))
         }
         Lookup::Ended(reason) => Err(ApiError(StatusCode::GONE, reason)),
-        Lookup::Unknown => Err(not_registered(job)),
+        Lookup::Unknown => Err(unknown_job(gw, caller, job)),
     }
+}
+
+/// `404` for a job nobody registered. A job token naming such a job cannot
+/// be anyone's, so it spends the source's wrong-token budget (else forged
+/// tokens over many ids would cost nothing).
+fn unknown_job(gw: &Gateway, caller: &Caller, job: JobId) -> ApiError {
+    if let Caller::JobToken(_, Some(source)) = caller {
+        let _ = gw.api_limits.bad_token(*source);
+    }
+    not_registered(job)
 }
 
 fn not_registered(job: JobId) -> ApiError {
@@ -599,7 +609,7 @@ async fn put_job(
             match &caller {
                 Caller::Token(_) => {}
                 Caller::Oidc(claims) => confirm_unclaimed_job(&gw, job, claims).await?,
-                Caller::JobToken(..) => return Err(not_registered(job)),
+                Caller::JobToken(..) => return Err(unknown_job(&gw, &caller, job)),
             }
             let mut reg = validate(job, body, peer.ip(), now, networks, None).map_err(invalid)?;
             gw.dialable(SocketAddr::new(reg.host, reg.port))

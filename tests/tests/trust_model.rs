@@ -192,6 +192,13 @@ async fn the_registration_token_creates_jobs_and_nothing_else() {
     assert_eq!(status, 200);
     assert_eq!(body["actor"], "octocat");
     assert!(body.get("token_hash").is_none(), "{body}");
+    // At rest the store holds the token's hash, never the token.
+    let token = gw.token_for(&w.job);
+    let stored = std::fs::read(w.dir.path().join("data").join("registry.redb")).expect("store");
+    let has = |needle: &[u8]| stored.windows(needle.len()).any(|win| win == needle);
+    assert!(!has(token.as_bytes()), "the job token is stored in clear");
+    let hash = ci_gateway::secret::TokenHash::of(&token).to_hex();
+    assert!(has(hash.as_bytes()), "the store keeps the hash");
 }
 
 /// Attack 4: a stranger's `DELETE` (or `finished`) of an id nobody

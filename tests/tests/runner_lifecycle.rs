@@ -448,6 +448,7 @@ async fn the_refresher_keeps_a_job_alive_and_a_dead_runner_expires() {
         .dir
         .path()
         .join("state")
+        .join("ci-gateway-state")
         .join(format!("ci-gateway-job-{}.json", world.job));
     std::fs::remove_file(&state).expect("state file exists while registered");
     let (code, out) = session.exit().await;

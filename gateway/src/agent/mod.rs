@@ -153,6 +153,7 @@ struct StateFile {
 }
 
 /// A failure that ends the command: its message goes to the CI log.
+#[derive(Debug)]
 struct Failure(String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
@@ -235,17 +236,81 @@ fn api(common: &Common) -> Result<Api, Failure> {
     Api::with_credential(&common.gateway, credential, common.ca_cert.as_deref()).map_err(Failure)
 }
 
-fn state_path(common: &Common, job: &str) -> PathBuf {
-    let dir = common
+/// Where the private state directory goes: `--state-dir`, `RUNNER_TEMP`, or
+/// the system's temporary directory (possibly shared with other users).
+fn state_base(common: &Common) -> PathBuf {
+    common
         .state_dir
         .clone()
         .or_else(|| env("RUNNER_TEMP").map(PathBuf::from))
-        .unwrap_or_else(std::env::temp_dir);
-    dir.join(format!("ci-gateway-job-{job}.json"))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
+/// The job's state file, inside `<base>/ci-gateway-state`: a directory of
+/// this user's alone (0700), made if missing and checked like sshd's
+/// StrictModes (a real directory, not a symlink, owned by us, closed to
+/// others), because the file holds the job token.
+fn state_path(common: &Common, job: &str) -> Result<PathBuf, Failure> {
+    let dir = state_base(common).join("ci-gateway-state");
+    private_dir(&dir)?;
+    Ok(dir.join(format!("ci-gateway-job-{job}.json")))
+}
+
+fn private_dir(dir: &Path) -> Result<(), Failure> {
+    let shown = dir.display();
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Failure(format!("{}: {e}", parent.display())))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Failure(format!("{shown}: {e}"))),
+        }
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| Failure(format!("{shown}: {e}")))?;
+        if !meta.file_type().is_dir() {
+            return Err(Failure(format!(
+                "{shown} is not a directory (a symlink?); refusing to keep the job token there"
+            )));
+        }
+        // /proc/self belongs to the effective user (Linux); elsewhere the
+        // mode check below still holds.
+        if let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) {
+            if meta.uid() != me {
+                return Err(Failure(format!(
+                    "{shown} belongs to another user; refusing to keep the job token there"
+                )));
+            }
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(Failure(format!(
+                "{shown} is open to other users (mode {:o}); it must be 0700",
+                meta.permissions().mode() & 0o777
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).map_err(|e| Failure(format!("{shown}: {e}")))?;
+    Ok(())
+}
+
+/// The state, if `path` is a regular file (no symlink) of at most 1 MiB.
 fn read_state(path: &Path) -> Option<StateFile> {
-    let bytes = std::fs::read(path).ok()?;
+    use std::io::Read;
+    const MAX: u64 = 1 << 20;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.len() > MAX {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX)
+        .read_to_end(&mut bytes)
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -512,7 +577,7 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     if let Some(run) = env("GITHUB_RUN_ID").and_then(|r| r.parse::<u64>().ok()) {
         body["run_id"] = json!(run);
     }
-    let state_path = state_path(&args.common, &job);
+    let state_path = state_path(&args.common, &job)?;
     // Registering again within the same job (a retried step) refreshes with
     // the job token it already holds.
     let earlier = read_state(&state_path).filter(|s| s.job_token.is_some());
@@ -604,8 +669,17 @@ fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
 fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), Failure> {
     let exe = std::env::current_exe()?;
     let log = state_path.with_extension("log");
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| Failure(format!("{}: {e}", log.display())))?;
+    let _ = std::fs::remove_file(&log);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let log_file = options
+        .open(&log)
+        .map_err(|e| Failure(format!("{}: {e}", log.display())))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["runner", "refresh", "--job-id", job])
         .env("CI_GATEWAY_URL", &common.gateway)
@@ -618,9 +692,7 @@ fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), 
     if let Some(ca) = &common.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }
-    if let Some(dir) = state_path.parent() {
-        cmd.arg("--state-dir").arg(dir);
-    }
+    cmd.arg("--state-dir").arg(state_base(common));
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;
@@ -650,7 +722,7 @@ fn start_refresher(common: &Common, job: &str, state_path: &Path) -> Result<(), 
 /// says the job ended.
 async fn refresh(common: Common) -> Result<ExitCode, Failure> {
     let job = job_id(&common).await?;
-    let path = state_path(&common, &job);
+    let path = state_path(&common, &job)?;
     let Some(state) = read_state(&path).filter(|s| s.job_token.is_some()) else {
         eprintln!("no state file with a job token: stopping");
         return Ok(ExitCode::FAILURE);
@@ -721,7 +793,7 @@ fn summary(job: &Value) -> String {
 
 async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
-    let path = state_path(&args.common, &job);
+    let path = state_path(&args.common, &job)?;
     let state = read_state(&path);
     if let Some(mut state) = read_state(&path) {
         state.finished = true;
@@ -819,7 +891,7 @@ fn message(e: &ApiError) -> String {
 
 async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
-    let path = state_path(&args.common, &job);
+    let path = state_path(&args.common, &job)?;
     let state = read_state(&path);
     // First stop the refresher, so that nothing re-adds what we remove.
     let _ = std::fs::remove_file(&path);
@@ -869,4 +941,79 @@ async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cigw-agent-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    #[test]
+    fn the_state_directory_is_made_private_and_a_planted_one_is_refused() {
+        let base = scratch();
+        let made = base.join("made");
+        private_dir(&made).expect("created");
+        let mode = std::fs::metadata(&made).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        private_dir(&made).expect("twice is fine");
+        // A symlink planted where the directory goes (towards a directory
+        // the attacker reads) is not followed.
+        let target = base.join("attackers");
+        std::fs::create_dir_all(&target).expect("mkdir");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let link = base.join("linked");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = private_dir(&link).expect_err("a symlink").0;
+        assert!(err.contains("not a directory"), "{err}");
+        // A directory others may enter is refused.
+        let open = base.join("open");
+        std::fs::create_dir_all(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = private_dir(&open).expect_err("world-writable").0;
+        assert!(err.contains("0700"), "{err}");
+        let _ = std::fs::remove_dir_all(base);
+    }
+
+    #[test]
+    fn state_reads_refuse_links_and_huge_files_and_writes_are_owner_only() {
+        let base = scratch();
+        let path = base.join("ci-gateway-job-1.json");
+        let state = StateFile {
+            gateway: "http://g".into(),
+            job_id: "1".into(),
+            authorized_keys: base.join("ak"),
+            registration: json!({}),
+            refresh_seconds: 5,
+            finished: false,
+            job_token: Some("cgj_x".into()),
+        };
+        write_state(&path, &state).expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "it holds the job token");
+        assert_eq!(
+            read_state(&path).expect("read").job_token.as_deref(),
+            Some("cgj_x")
+        );
+        // A temporary file planted as a symlink to a victim is replaced,
+        // not written through.
+        let victim = base.join("victim");
+        std::fs::write(&victim, "precious").expect("write");
+        std::os::unix::fs::symlink(&victim, path.with_extension("json.tmp")).expect("symlink");
+        write_state(&path, &state).expect("write again");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+        // A state file that is a link (to /dev/zero, say) is not read.
+        let linked = base.join("ci-gateway-job-2.json");
+        std::os::unix::fs::symlink("/dev/zero", &linked).expect("symlink");
+        assert!(read_state(&linked).is_none());
+        let huge = base.join("ci-gateway-job-3.json");
+        std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).expect("write");
+        assert!(read_state(&huge).is_none());
+        let _ = std::fs::remove_dir_all(base);
+    }
 }

@@ -809,15 +809,19 @@ impl World {
     }
 
     /// Takes the job token the agent keeps in its state file (under
-    /// `<dir>/state`), so the harness's calls act as the runner; checks the
-    /// file is the owner's alone, as it holds that token.
+    /// `<dir>/state/ci-gateway-state`), so the harness's calls act as the
+    /// runner; checks the directory and file are the owner's alone, as they
+    /// hold that token.
     pub fn adopt_agent_state(&self) {
         use std::os::unix::fs::PermissionsExt;
-        let path = self
-            .dir
-            .path()
-            .join("state")
-            .join(format!("ci-gateway-job-{}.json", self.job));
+        let dir = self.dir.path().join("state").join("ci-gateway-state");
+        let meta = std::fs::symlink_metadata(&dir).expect("the agent's state directory");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o700,
+            "a private directory"
+        );
+        let path = dir.join(format!("ci-gateway-job-{}.json", self.job));
         let meta = std::fs::symlink_metadata(&path).expect("the agent left its state file");
         assert_eq!(
             meta.permissions().mode() & 0o077,

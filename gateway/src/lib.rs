@@ -115,7 +115,7 @@ impl Gateway {
             (config.registration.tokens.clone(), None)
         };
         let upstream_config = Arc::new(ssh::upstream::client_config(config.ssh.keepalive_interval));
-        let auth_limits = limits::AuthLimits::new(
+        let auth_limits = limits::AuthLimits::with_window(
             limits::quota(
                 config.ssh.max_failed_auths_per_source,
                 config.ssh.failed_auth_window,
@@ -124,6 +124,7 @@ impl Gateway {
                 config.ssh.max_failed_auths_per_user,
                 config.ssh.failed_auth_window,
             ),
+            config.ssh.failed_auth_window,
         );
         let minute = Duration::from_secs(60);
         let api_limits = limits::ApiLimits::new(

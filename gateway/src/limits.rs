@@ -113,9 +113,19 @@ impl<K: std::hash::Hash + Eq + Clone> Budget<K> {
 }
 
 /// Failed-authentication budgets of the SSH side.
+///
+/// A username whose budget is spent (attacked from many sources) is refused
+/// only to sources that have themselves failed recently: the failing sources
+/// are penalised, and the owner's first connection from a clean address is
+/// always heard. Each attacking source still gets at most one connection's
+/// attempts (`ssh.max_auth_attempts`) before it, too, is refused for that user
+/// and soon for everyone (its own budget).
 pub struct AuthLimits {
     sources: Budget<IpAddr>,
     users: Budget<String>,
+    /// Sources with a failure in the last `window`, when it was.
+    recent: Mutex<HashMap<IpAddr, Instant>>,
+    window: Duration,
 }
 
 /// Why a login is refused before any key is looked at.
@@ -144,10 +154,38 @@ impl std::fmt::Display for Blocked {
 
 impl AuthLimits {
     pub fn new(per_source: Quota, per_user: Quota) -> AuthLimits {
+        Self::with_window(per_source, per_user, Duration::from_secs(60))
+    }
+
+    /// As `new`; a source counts as failing for `window` after a failure.
+    pub fn with_window(per_source: Quota, per_user: Quota, window: Duration) -> AuthLimits {
         AuthLimits {
             sources: Budget::new(per_source),
             users: Budget::new(per_user),
+            recent: Mutex::new(HashMap::new()),
+            window,
         }
+    }
+
+    fn failed_recently(&self, source: &IpAddr) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent
+            .get(source)
+            .is_some_and(|at| at.elapsed() < self.window)
+    }
+
+    fn remember_failure(&self, source: IpAddr) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= MAX_BLOCKED && !recent.contains_key(&source) {
+            let window = self.window;
+            recent.retain(|_, at| at.elapsed() < window);
+            if recent.len() >= MAX_BLOCKED {
+                if let Some(oldest) = recent.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k) {
+                    recent.remove(&oldest);
+                }
+            }
+        }
+        recent.insert(source, Instant::now());
     }
 
     /// Whether new connections from `ip` are refused right now.
@@ -155,24 +193,32 @@ impl AuthLimits {
         self.sources.blocked_for(&source_key(ip))
     }
 
-    /// Whether a login as `user` from `ip` is refused right now.
+    /// Whether a connection logging in as `user` from `ip` is refused right
+    /// now (asked once per connection, before any key is looked at). A
+    /// blocked username is refused only to a source that failed recently.
     pub fn check(&self, ip: IpAddr, user: &str) -> Result<(), Blocked> {
-        if let Some(d) = self.sources.blocked_for(&source_key(ip)) {
+        let source = source_key(ip);
+        if let Some(d) = self.sources.blocked_for(&source) {
             return Err(Blocked::Source(d));
         }
         if let Some(d) = self.users.blocked_for(&user_key(user)) {
-            return Err(Blocked::User(d));
+            if self.failed_recently(&source) {
+                return Err(Blocked::User(d));
+            }
         }
         Ok(())
     }
 
-    /// Counts one failed authentication (or refused username) against both.
+    /// Counts one failed authentication (or refused username) against the
+    /// source and the username. Only the source's own budget ends the
+    /// connection at once; a spent username budget applies to the next
+    /// connections of failing sources ([`AuthLimits::check`]).
     pub fn failed(&self, ip: IpAddr, user: &str) -> Result<(), Blocked> {
-        if let Some(d) = self.sources.spend(&source_key(ip)) {
+        let source = source_key(ip);
+        self.remember_failure(source);
+        let _ = self.users.spend(&user_key(user));
+        if let Some(d) = self.sources.spend(&source) {
             return Err(Blocked::Source(d));
-        }
-        if let Some(d) = self.users.spend(&user_key(user)) {
-            return Err(Blocked::User(d));
         }
         Ok(())
     }
@@ -181,6 +227,11 @@ impl AuthLimits {
     pub fn sweep(&self) {
         self.sources.sweep();
         self.users.sweep();
+        let window = self.window;
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, at| at.elapsed() < window);
     }
 
     /// Keys with limiter state, for tests and metrics.
@@ -262,22 +313,46 @@ mod tests {
     }
 
     #[test]
-    fn a_username_under_attack_from_many_sources_is_blocked() {
+    fn a_username_under_attack_is_refused_to_the_failing_sources_only() {
         let limits = AuthLimits::new(
             quota(1000, Duration::from_secs(60)),
             quota(3, Duration::from_secs(60)),
         );
-        for i in 0..3u8 {
+        // Six other addresses fail as octocat, spending the name's budget.
+        for i in 0..6u8 {
             let ip = IpAddr::from([10, 0, 1, i]);
+            assert_eq!(limits.check(ip, "OctoCat"), Ok(()));
             assert_eq!(limits.failed(ip, "OctoCat"), Ok(()));
         }
-        let ip = IpAddr::from([10, 0, 2, 1]);
+        // Each of them is refused as octocat now, but not as anyone else.
+        let attacker = IpAddr::from([10, 0, 1, 0]);
         assert!(matches!(
-            limits.failed(ip, "octocat"),
+            limits.check(attacker, "OCTOCAT"),
             Err(Blocked::User(_))
         ));
-        assert!(matches!(limits.check(ip, "OCTOCAT"), Err(Blocked::User(_))));
-        assert_eq!(limits.check(ip, "hubot"), Ok(()));
+        assert_eq!(limits.check(attacker, "hubot"), Ok(()));
+        // The owner's first connection from a clean address is heard, and a
+        // wrong key on the way (an ssh client tries several) does not end it.
+        let owner = IpAddr::from([192, 168, 7, 7]);
+        assert_eq!(limits.check(owner, "octocat"), Ok(()));
+        assert_eq!(limits.failed(owner, "octocat"), Ok(()));
+        // Having failed, that address is now a failing source too.
+        assert!(matches!(
+            limits.check(owner, "octocat"),
+            Err(Blocked::User(_))
+        ));
+        // After the window the source is clean again.
+        let quick = AuthLimits::with_window(
+            quota(1000, Duration::from_secs(60)),
+            quota(1, Duration::from_secs(60)),
+            Duration::from_millis(20),
+        );
+        let ip = IpAddr::from([10, 9, 9, 9]);
+        let _ = quick.failed(ip, "octocat");
+        let _ = quick.failed(ip, "octocat");
+        assert!(quick.check(ip, "octocat").is_err());
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(quick.check(ip, "octocat"), Ok(()));
     }
 
     #[test]

@@ -378,3 +378,47 @@ async fn wrong_api_tokens_are_rate_limited_per_source() {
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("retry in"), "{body}");
 }
+
+/// Failed logins for one job from six other addresses used to lock its
+/// owner out (the per-username block applied to every source). Now the
+/// failing sources are refused and the owner, from a clean address, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_from_other_addresses_never_lock_the_owner_out() {
+    let w = World::with_config(
+        "127.0.0.84",
+        "9876543284",
+        &[
+            ("CI_GATEWAY__SSH__MAX_FAILED_AUTHS_PER_USER", "3"),
+            ("CI_GATEWAY__SSH__FAILED_AUTH_WINDOW", "10m"),
+        ],
+    )
+    .await;
+    let from = |source: &str, key: &std::path::Path, command: &str| {
+        let mut args = client_opts(key);
+        args.extend([
+            "-o".to_string(),
+            format!("BindAddress={source}"),
+            "-p".to_string(),
+            w.gateway.ssh.port().to_string(),
+            format!("{}@127.0.0.1", w.job),
+            command.to_string(),
+        ]);
+        args
+    };
+    for n in 0..6 {
+        let source = format!("127.0.0.{}", 90 + n);
+        let r = run("ssh", &from(&source, &w.mallory.path, "true"), None).await;
+        assert_ne!(r.code, 0, "{r:?}");
+    }
+    // An attacking address is now refused for this job, with the reason.
+    let r = run("ssh", &from("127.0.0.90", &w.mallory.path, "true"), None).await;
+    assert!(
+        r.stderr.contains("too many failed logins for this user"),
+        "{r:?}"
+    );
+    // The owner, from an address that never failed, gets in every time.
+    for attempt in 0..9 {
+        let r = run("ssh", &from("127.0.0.99", &w.octocat.path, "echo in"), None).await;
+        assert_eq!(r.stdout.trim(), "in", "attempt {attempt}: {r:?}");
+    }
+}

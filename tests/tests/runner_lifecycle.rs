@@ -574,3 +574,34 @@ async fn a_hold_resumes_after_a_gateway_restart() {
         "{reason}"
     );
 }
+
+/// A gateway that answers 429 used to make `wait` exit 1, which ends the
+/// job's hold at once. Now the agent waits as `Retry-After` says and asks
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_rides_out_a_busy_gateway() {
+    let world = World::unregistered(
+        "127.0.0.56",
+        "9876543256",
+        &[("CI_GATEWAY__API__REQUESTS_PER_MINUTE_PER_TOKEN", "12")],
+    )
+    .await;
+    register(&world, &["--no-refresh"]).await;
+    // Spend the job's request budget (12 per minute: one back every 5 s).
+    let mut refused = false;
+    for _ in 0..20 {
+        if world.gateway.job(&world.job).await.0 == 429 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the budget was spent");
+    let wait = finish(agent(&world, "wait", &[])).await;
+    assert_eq!(wait.code, 0, "{wait:?}");
+    assert!(wait.stderr.contains("asking again in"), "{wait:?}");
+    assert!(
+        wait.stdout.contains("the runner is released"),
+        "{}",
+        wait.stdout
+    );
+}

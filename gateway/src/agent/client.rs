@@ -21,6 +21,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL_SLACK: Duration = Duration::from_secs(15);
 /// Answers are small JSON; a bigger one is not the gateway's.
 const MAX_ANSWER: usize = 1 << 20;
+/// A busy gateway (429, 5xx) is asked again this many times per call.
+const BUSY_RETRIES: u32 = 6;
+/// The longest wait before asking again, whatever `Retry-After` says.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 
 /// How the agent proves itself to the gateway.
 #[derive(Clone)]
@@ -47,7 +51,12 @@ pub struct Api {
 pub enum ApiError {
     /// The gateway answered with an error status.
     #[error("the gateway answered {status}: {message}")]
-    Status { status: StatusCode, message: String },
+    Status {
+        status: StatusCode,
+        message: String,
+        /// The `Retry-After` of a 429 or 503, capped.
+        retry_after: Option<Duration>,
+    },
     /// No answer (network, TLS, timeout); worth retrying.
     #[error("cannot reach the gateway at {base}: {reason}")]
     Transport { base: String, reason: String },
@@ -58,6 +67,24 @@ impl ApiError {
         match self {
             ApiError::Status { status, .. } => Some(*status),
             ApiError::Transport { .. } => None,
+        }
+    }
+
+    /// A busy or failing gateway (429, 5xx): worth asking again later.
+    pub fn is_busy(&self) -> bool {
+        self.status()
+            .is_some_and(|s| s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error())
+    }
+
+    /// How long to wait before asking again: the gateway's `Retry-After`,
+    /// else `fallback`.
+    pub fn retry_in(&self, fallback: Duration) -> Duration {
+        match self {
+            ApiError::Status {
+                retry_after: Some(d),
+                ..
+            } => *d,
+            _ => fallback,
         }
     }
 }
@@ -124,7 +151,35 @@ impl Api {
         &self.base
     }
 
+    /// One call; a busy gateway (429, 5xx) is asked again, up to
+    /// [`BUSY_RETRIES`] times, after its `Retry-After` or a doubling backoff.
     async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        let mut backoff = Duration::from_secs(1);
+        let mut tries = 0;
+        loop {
+            match self.call_once(method.clone(), path, body, timeout).await {
+                Err(e) if e.is_busy() && tries < BUSY_RETRIES => {
+                    tries += 1;
+                    let wait = e.retry_in(backoff);
+                    eprintln!(
+                        "ci-gateway runner: {e}; asking again in {}s",
+                        wait.as_secs().max(1)
+                    );
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(MAX_RETRY_WAIT);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         path: &str,
@@ -159,7 +214,7 @@ impl Api {
         let request = request
             .body(Full::new(bytes))
             .map_err(|e| transport(e.to_string()))?;
-        let (status, body) = self.exchange(request, timeout).await?;
+        let (status, retry_after, body) = self.exchange(request, timeout).await?;
         let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(value);
@@ -169,7 +224,11 @@ impl Api {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
-        Err(ApiError::Status { status, message })
+        Err(ApiError::Status {
+            status,
+            message,
+            retry_after,
+        })
     }
 
     /// The bearer for the next request.
@@ -196,7 +255,7 @@ impl Api {
             )
             .body(Full::new(Bytes::new()))
             .map_err(|e| failed(e.to_string()))?;
-        let (status, body) = self
+        let (status, _, body) = self
             .exchange(request, REQUEST_TIMEOUT)
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -207,12 +266,13 @@ impl Api {
         }
     }
 
-    /// Sends `request`; returns the status and the (bounded) body.
+    /// Sends `request`; returns the status, a `Retry-After` (seconds, capped
+    /// at [`MAX_RETRY_WAIT`]) and the (bounded) body.
     async fn exchange(
         &self,
         request: Request<Full<Bytes>>,
         timeout: Duration,
-    ) -> Result<(StatusCode, Bytes), ApiError> {
+    ) -> Result<(StatusCode, Option<Duration>, Bytes), ApiError> {
         let transport = |reason: String| ApiError::Transport {
             base: self.base.clone(),
             reason,
@@ -224,12 +284,18 @@ impl Api {
                 .await
                 .map_err(|e| transport(error_chain(&e)))?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s.max(1)).min(MAX_RETRY_WAIT));
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
                 .map_err(|e| transport(e.to_string()))?
                 .to_bytes();
-            Ok::<_, ApiError>((status, body))
+            Ok::<_, ApiError>((status, retry_after, body))
         };
         tokio::time::timeout(timeout, answer)
             .await

@@ -836,8 +836,10 @@ async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
                     );
                     return Ok(ExitCode::SUCCESS);
                 }
-                Some(_) => return Err(Failure(format!("job {job}: {e}"))),
-                None => {
+                Some(_) if !e.is_busy() => return Err(Failure(format!("job {job}: {e}"))),
+                // Unreachable, or busy (429, 5xx) beyond the client's own
+                // retries: keep the hold and ask again, up to the timeout.
+                _ => {
                     let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= args.unreachable_timeout {
                         println!(

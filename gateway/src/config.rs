@@ -66,6 +66,8 @@ pub struct SshConfig {
     #[serde(with = "humantime_serde")]
     pub auth_rejection_time: Duration,
     pub max_auth_attempts: usize,
+    /// Take `ssh-rsa` (SHA-1) user signatures, as OpenSSH does only when told.
+    pub allow_sha1_rsa: bool,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]

@@ -422,3 +422,30 @@ async fn failures_from_other_addresses_never_lock_the_owner_out() {
         assert_eq!(r.stdout.trim(), "in", "attempt {attempt}: {r:?}");
     }
 }
+
+/// `ssh-rsa` (SHA-1) user signatures were accepted and advertised; OpenSSH
+/// refuses them by default since 8.8, and so does the gateway now, unless
+/// `ssh.allow_sha1_rsa` says otherwise. RSA keys still work (rsa-sha2-*).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha1_rsa_signatures_are_refused_unless_allowed() {
+    let w = World::new("127.0.0.85", "9876543285").await;
+    let r = ssh(&w.gateway, &w.admin.path, &w.job, &["echo sha2"], None).await;
+    assert_eq!(
+        r.stdout.trim(),
+        "sha2",
+        "an RSA key signs with SHA-2: {r:?}"
+    );
+    let sha1 = ["-oPubkeyAcceptedAlgorithms=ssh-rsa", "echo sha1"];
+    let r = ssh(&w.gateway, &w.admin.path, &w.job, &sha1, None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(!r.stdout.contains("sha1"), "{r:?}");
+    assert!(r.stderr.contains("Permission denied"), "{r:?}");
+    let w = w
+        .restart(&[
+            ("CI_GATEWAY__SSH__ALLOW_SHA1_RSA", "true"),
+            ("CI_GATEWAY__ACCESS__ADMINS", "the-admin"),
+        ])
+        .await;
+    let r = ssh(&w.gateway, &w.admin.path, &w.job, &sha1, None).await;
+    assert_eq!(r.stdout.trim(), "sha1", "allowed when configured: {r:?}");
+}

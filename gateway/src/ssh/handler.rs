@@ -440,6 +440,13 @@ impl server::Handler for Connection {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         self.resolve(user);
+        if crate::ssh::is_sha1_rsa(offer.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
+            debug!(
+                conn = self.id,
+                "ssh-rsa (SHA-1) offer refused; rsa-sha2-256/512 are taken"
+            );
+            return Ok(Self::reject());
+        }
         Ok(match self.identify(offer.public_key).await {
             Some(_) => Auth::Accept,
             None => {
@@ -458,6 +465,10 @@ impl server::Handler for Connection {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         self.resolve(user);
+        if crate::ssh::is_sha1_rsa(key.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
+            info!(conn = self.id, peer = %self.peer, "ssh-rsa (SHA-1) signature refused");
+            return Ok(Self::reject());
+        }
         let Some(login) = self.identify(key.public_key).await else {
             info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
             self.audit_auth("failure", key.public_key, None);

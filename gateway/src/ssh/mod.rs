@@ -21,11 +21,45 @@ pub const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_256_CTR,
 ];
 
-pub fn preferred() -> russh::Preferred {
+/// The user-key signature algorithms the gateway takes (and advertises in
+/// `server-sig-algs`): russh's default list without `ssh-rsa`, whose SHA-1
+/// signatures OpenSSH has refused by default since 8.8.
+const KEY_ALGORITHMS_WITHOUT_SHA1: &[russh::keys::Algorithm] = &[
+    russh::keys::Algorithm::Ed25519,
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP256,
+    },
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP384,
+    },
+    russh::keys::Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP521,
+    },
+    russh::keys::Algorithm::Rsa {
+        hash: Some(russh::keys::HashAlg::Sha512),
+    },
+    russh::keys::Algorithm::Rsa {
+        hash: Some(russh::keys::HashAlg::Sha256),
+    },
+];
+
+/// The server's algorithm order; `ssh-rsa` (SHA-1) user signatures only
+/// with `ssh.allow_sha1_rsa`.
+pub fn preferred(allow_sha1_rsa: bool) -> russh::Preferred {
     russh::Preferred {
         cipher: std::borrow::Cow::Borrowed(CIPHERS),
+        key: if allow_sha1_rsa {
+            russh::Preferred::DEFAULT.key
+        } else {
+            std::borrow::Cow::Borrowed(KEY_ALGORITHMS_WITHOUT_SHA1)
+        },
         ..russh::Preferred::DEFAULT
     }
+}
+
+/// Whether `algorithm` is `ssh-rsa` with SHA-1 signatures.
+pub fn is_sha1_rsa(algorithm: &russh::keys::Algorithm) -> bool {
+    *algorithm == russh::keys::Algorithm::Rsa { hash: None }
 }
 
 /// The gateway's own order on its connections to runners, where it is the

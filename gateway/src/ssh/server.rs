@@ -39,7 +39,7 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         maximum_packet_size: 32768,
         channel_buffer_size: 1024,
         nodelay: true,
-        preferred: crate::ssh::preferred(),
+        preferred: crate::ssh::preferred(ssh.allow_sha1_rsa),
         ..Default::default()
     }
 }

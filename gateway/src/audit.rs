@@ -166,9 +166,19 @@ fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>) {
 
 /// A username as the client sent it, safe to log: at most 128 characters.
 pub fn shown(user: &str) -> String {
-    let mut s: String = user.chars().take(128).collect();
-    if user.chars().count() > 128 {
-        s.push('…');
+    let mut s = String::with_capacity(user.len().min(160));
+    for (i, c) in user.chars().enumerate() {
+        if i == 128 {
+            s.push('…');
+            break;
+        }
+        // A peer's newline or escape never reaches a log, an audit reader's
+        // terminal or a user's screen as itself.
+        if c.is_control() {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
     }
     s
 }

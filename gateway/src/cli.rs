@@ -53,7 +53,10 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,russh=warn".into()),
         )
-        .with_writer(std::io::stderr)
+        // One record, one line: peer-supplied text cannot forge a line or
+        // send escapes to a terminal (see logline).
+        .with_writer(crate::logline::stderr)
+        .with_ansi(false)
         .init();
     match cli.command {
         Command::Runner { command } => crate::agent::run(command),

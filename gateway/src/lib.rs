@@ -12,6 +12,7 @@
 //! - [`address`] — where a runner may be, and what the gateway may dial.
 //! - [`keys`] — host key, CA and certificates the gateway owns.
 //! - [`limits`] — failed-login and API rate limits (governor).
+//! - [`logline`] — the log writer: one record, one line, controls escaped.
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
@@ -36,6 +37,7 @@ pub mod hold;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod logline;
 pub mod oidc;
 pub mod registry;
 pub mod secret;

@@ -210,3 +210,83 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     );
     assert!(!written.contains("PRIVATE KEY"));
 }
+
+/// A `direct-tcpip` host or a username holding a newline used to forge a
+/// whole log line. Each record is now one line, its controls escaped; the
+/// audit trail stays one JSON object a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_forge_a_log_line() {
+    require_tools();
+    let dir = tempdir();
+    let mallory = keygen(dir.path(), "mallory", "ed25519");
+    let github = FakeGithub::start().await;
+    github.set("mallory", &[&mallory.public]);
+    let data = dir.path().join("data");
+    let ssh_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr");
+    let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr");
+    let err_path = dir.path().join("gateway.err");
+    let mut gateway = std::process::Command::new(GATEWAY)
+        .arg("serve")
+        .env("CI_GATEWAY__SSH__LISTEN", ssh_addr.to_string())
+        .env("CI_GATEWAY__API__LISTEN", api_addr.to_string())
+        .env("CI_GATEWAY__GITHUB__API_URL", &github.url)
+        .env("CI_GATEWAY__REGISTRATION__TOKENS", TOKEN)
+        .env("CI_GATEWAY__STORAGE__DATA_DIR", &data)
+        .env("CI_GATEWAY__SSH__AUTH_REJECTION_TIME", "10ms")
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).expect("log"))
+        .spawn()
+        .expect("the gateway starts");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(ssh_addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A jump destination with a newline, from an authenticated login.
+    let mut args = client_opts(&mallory.path);
+    args.extend([
+        "-p".to_string(),
+        ssh_addr.port().to_string(),
+        "-W".to_string(),
+        "nope\nFORGED-HOST authenticated login=the-admin:22".to_string(),
+        "mallory@127.0.0.1".to_string(),
+    ]);
+    let r = run("ssh", &args, None).await;
+    assert_ne!(r.code, 0, "{r:?}");
+    // A username with a newline.
+    let mut args = client_opts(&mallory.path);
+    args.extend([
+        "-p".to_string(),
+        ssh_addr.port().to_string(),
+        "-l".to_string(),
+        "9876543262\nFORGED-USER authenticated".to_string(),
+        "127.0.0.1".to_string(),
+        "true".to_string(),
+    ]);
+    let _ = run("ssh", &args, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let log = std::fs::read_to_string(&err_path).expect("log");
+    assert!(
+        log.contains("FORGED-HOST"),
+        "the jump destination was logged: {log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.trim_start().starts_with("FORGED"),
+            "a forged log line: {line:?}"
+        );
+    }
+    assert!(log.contains("nope\\nFORGED-HOST"), "escaped in place");
+    // The audit trail: still one JSON object per line.
+    let events = audit_lines(&data.join("audit.jsonl"));
+    assert!(!events.is_empty());
+}

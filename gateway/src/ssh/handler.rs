@@ -639,7 +639,8 @@ impl server::Handler for Connection {
                     Ok(Err(e)) => self.refuse_channel(
                         reply,
                         format!(
-                            "the runner could not open {host_to_connect}:{port_to_connect}: {e}"
+                            "the runner could not open {}:{port_to_connect}: {e}",
+                            crate::audit::shown(host_to_connect)
                         ),
                     ),
                     Err(_) => self.refuse_channel(reply, "the runner did not answer".into()),
@@ -851,7 +852,10 @@ impl Connection {
         };
         let login = who.login.clone();
         let job_id = JobId::parse(host).map_err(|_| {
-            format!("{host}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)")
+            format!(
+                "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)",
+                crate::audit::shown(host)
+            )
         })?;
         let port = u16::try_from(port)
             .ok()

@@ -605,3 +605,35 @@ async fn wait_rides_out_a_busy_gateway() {
         wait.stdout
     );
 }
+
+/// A symlinked authorized_keys used to be followed: the lines went into the
+/// link's target, and the link was replaced by a copy. Now register refuses
+/// it with the reason, writes nothing, and leaves no job behind to hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_symlinked_authorized_keys() {
+    let world = World::unregistered("127.0.0.57", "9876543257", &[]).await;
+    let victim = world.dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").expect("write");
+    std::fs::remove_file(&world.runner.authorized_keys).expect("rm");
+    std::os::unix::fs::symlink(&victim, &world.runner.authorized_keys).expect("symlink");
+    let mut args = register_args(&world);
+    args.push("--no-refresh".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = finish(agent(&world, "register", &args)).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("symlink"), "{run:?}");
+    assert_eq!(run.stderr.trim().lines().count(), 1, "one line: {run:?}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n"
+    );
+    assert!(std::fs::symlink_metadata(&world.runner.authorized_keys)
+        .expect("meta")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        world.gateway.job(&world.job).await.0,
+        404,
+        "nothing registered"
+    );
+}

@@ -123,7 +123,8 @@ pub fn edit_file(
     edit: impl FnOnce(&str) -> Result<String, String>,
 ) -> Result<bool, String> {
     let shown = path.display();
-    let old = match std::fs::read(path) {
+    check_place(path, owner)?;
+    let old = match read_capped(path) {
         Ok(bytes) => String::from_utf8(bytes).map_err(|_| {
             format!("{shown} is not UTF-8 text (written as UTF-16 by PowerShell's '>'?); sshd cannot read it either")
         })?,
@@ -136,6 +137,75 @@ pub fn edit_file(
     }
     write(path, new.as_bytes(), owner).map_err(|e| format!("writing {shown}: {e}"))?;
     Ok(true)
+}
+
+/// The largest `authorized_keys` the agent reads (sshd's are kilobytes).
+const MAX_FILE: u64 = 1 << 20;
+
+/// Reads at most [`MAX_FILE`] bytes; a bigger file (or a device that never
+/// ends) is refused, not read into memory.
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other("larger than 1 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Like sshd's StrictModes, before anything is read or written: the file
+/// (if it exists) and its directory are real ones, not symlinks (a link
+/// would send the lines, and the rewrite, to its target), the file is a
+/// regular file, and neither belongs to someone other than the runner user
+/// or root, nor is writable by others.
+#[cfg(unix)]
+pub fn check_place(path: &Path, owner: Option<Owner>) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let allowed = |uid: u32| uid == 0 || owner.is_none_or(|o| o.uid == uid);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(format!(
+                "{} is a symlink; refusing to install keys through it",
+                dir.display()
+            ))
+        }
+        Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", dir.display())),
+        Ok(m) if !allowed(m.uid()) || m.mode() & 0o022 != 0 => {
+            return Err(format!(
+                "{} belongs to another user or is writable by others; sshd's StrictModes would refuse it too",
+                dir.display()
+            ))
+        }
+        _ => {}
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "{} is a symlink; refusing to write through it",
+            path.display()
+        )),
+        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+        Ok(m) if !allowed(m.uid()) => Err(format!(
+            "{} belongs to another user; refusing to edit it",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+pub fn check_place(path: &Path, _owner: Option<Owner>) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "{} is a symlink; refusing to write through it",
+            path.display()
+        )),
+        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(unix)]
@@ -346,6 +416,80 @@ mod tests {
         let err = edit_file(&path, None, |t| install(t, "5", &keys())).expect_err("refused");
         assert!(err.contains("UTF-16"), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), utf16);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_devices_and_huge_files_are_refused_and_their_targets_untouched() {
+        let dir = tempfile_dir();
+        let lines = keys();
+        // A symlinked authorized_keys pointing at a victim file.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").expect("write");
+        let link = dir.join("authorized_keys");
+        std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+        let err = edit_file(&link, None, |t| install(t, "1", &lines)).expect_err("a link");
+        assert!(err.contains("symlink"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("read"),
+            "precious\n"
+        );
+        assert!(std::fs::symlink_metadata(&link)
+            .expect("meta")
+            .file_type()
+            .is_symlink());
+        // A symlinked ~/.ssh.
+        let elsewhere = dir.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        let ssh_dir = dir.join("dot-ssh");
+        std::os::unix::fs::symlink(&elsewhere, &ssh_dir).expect("symlink");
+        let err = edit_file(&ssh_dir.join("authorized_keys"), None, |t| {
+            install(t, "1", &lines)
+        })
+        .expect_err("a linked directory");
+        assert!(err.contains("symlink"), "{err}");
+        assert!(!elsewhere.join("authorized_keys").exists());
+        // A device that never ends, and a file over 1 MiB.
+        let zero = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+        assert!(edit_file(&zero, None, |t| install(t, "1", &lines)).is_err());
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'#'; (1 << 20) + 10]).expect("write");
+        let err = edit_file(&big, None, |t| install(t, "1", &lines)).expect_err("too big");
+        assert!(err.contains("1 MiB"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_file_of_another_user_or_a_world_writable_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile_dir();
+        let lines = keys();
+        let open = dir.join("open");
+        std::fs::create_dir_all(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = edit_file(&open.join("authorized_keys"), None, |t| {
+            install(t, "1", &lines)
+        })
+        .expect_err("world-writable dir");
+        assert!(err.contains("StrictModes"), "{err}");
+        // Someone else's file, when the runner user is known (uid 4242 here).
+        let mine = dir.join("mine");
+        std::fs::create_dir_all(&mine).expect("mkdir");
+        let theirs = mine.join("authorized_keys");
+        std::fs::write(&theirs, "").expect("write");
+        let runner = Owner {
+            uid: 4242,
+            gid: 4242,
+        };
+        // As root, hand the file to a third user first; as anyone else it is
+        // the tester's own, which is not uid 4242 either.
+        let _ = std::os::unix::fs::chown(&theirs, Some(5555), Some(5555));
+        let err = edit_file(&theirs, Some(runner), |t| install(t, "1", &lines))
+            .expect_err("another user's file");
+        assert!(err.contains("another user"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

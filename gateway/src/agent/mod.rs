@@ -577,6 +577,9 @@ async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     if let Some(run) = env("GITHUB_RUN_ID").and_then(|r| r.parse::<u64>().ok()) {
         body["run_id"] = json!(run);
     }
+    // Before the gateway hears of the job: a place sshd would refuse or a
+    // link we must not write through fails here, with nothing registered.
+    authorized_keys::check_place(&keys_path, owner).map_err(Failure)?;
     let state_path = state_path(&args.common, &job)?;
     // Registering again within the same job (a retried step) refreshes with
     // the job token it already holds.

@@ -147,6 +147,13 @@ pub enum Error {
     #[error("Channel not open")]
     WrongChannel,
 
+    /// ci-gateway patch: the peer sent channel data beyond the window it was
+    /// granted, or a data packet larger than the maximum packet size
+    /// advertised for the channel (RFC 4254 §5.2). A protocol violation: the
+    /// connection ends.
+    #[error("The peer sent {sent} bytes of channel data where {allowed} were allowed")]
+    FlowControl { sent: usize, allowed: u32 },
+
     /// Server refused to open a channel.
     #[error("Failed to open channel ({0:?})")]
     ChannelOpenFailure(ChannelOpenFailure),

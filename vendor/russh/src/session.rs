@@ -341,11 +341,25 @@ impl Encrypted {
                 "adjust_window_size, channel = {}, size = {},",
                 channel.sender_channel, target
             );
-            // Ignore extra data.
-            // https://tools.ietf.org/html/rfc4254#section-5.2
-            if data.len() as u32 <= channel.sender_window_size {
-                channel.sender_window_size -= data.len() as u32;
+            // ci-gateway patch: data beyond the window granted, or beyond the
+            // maximum packet size advertised, ends the connection. Upstream
+            // "ignored" it but still delivered it, so a peer that ignores
+            // windows made the receiver buffer without bound
+            // (https://tools.ietf.org/html/rfc4254#section-5.2: the peer
+            // "MUST NOT" send more than the window).
+            if data.len() > channel.sender_maximum_packet_size as usize {
+                return Err(crate::Error::FlowControl {
+                    sent: data.len(),
+                    allowed: channel.sender_maximum_packet_size,
+                });
             }
+            if data.len() as u64 > u64::from(channel.sender_window_size) {
+                return Err(crate::Error::FlowControl {
+                    sent: data.len(),
+                    allowed: channel.sender_window_size,
+                });
+            }
+            channel.sender_window_size -= data.len() as u32;
             if channel.manual_window {
                 return Ok(false);
             }

@@ -61,6 +61,8 @@ pub struct SshConfig {
     pub public_host: String,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    /// Authenticated connections one GitHub login may hold at once.
+    pub max_connections_per_login: usize,
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -172,6 +174,9 @@ pub struct UpstreamConfig {
     /// Lifetime of the certificate the gateway presents to a runner.
     #[serde(with = "humantime_serde")]
     pub cert_validity: Duration,
+    /// Sockets to runners open at once (job-mode SSH connections and jump
+    /// forwards); 0: half of the descriptors left after a headroom.
+    pub max_sockets: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -71,6 +71,15 @@ pub struct Gateway {
     pub oidc: Option<oidc::Verifier>,
     pub api_limits: limits::ApiLimits,
     pub upstream_config: Arc<russh::client::Config>,
+    /// Sockets to runners (job-mode SSH connections, jump forwards): one
+    /// permit each, for as long as the socket is open.
+    pub upstream_sockets: Arc<tokio::sync::Semaphore>,
+    pub upstream_socket_limit: usize,
+    /// User connections at once: `ssh.max_connections`, or less when the
+    /// descriptor limit demands it.
+    pub max_user_connections: usize,
+    /// Authenticated connections per GitHub login.
+    pub logins: Arc<limits::Counted<String>>,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
     /// Set when `run` stops; background tasks (holds) end with it.
@@ -151,6 +160,21 @@ impl Gateway {
         let audit = audit::Audit::open(&audit_path)
             .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
         let own_sockets = vec![config.ssh.listen, config.api.listen];
+        // Descriptors (issue 11): user connections and upstream sockets each
+        // get at most half of what RLIMIT_NOFILE leaves after a headroom, so
+        // neither can make `accept` fail for everyone.
+        let share = limits::open_files_limit().map(limits::descriptor_share);
+        let upstream_socket_limit = match config.upstream.max_sockets {
+            0 => share.unwrap_or(16_384),
+            n => n,
+        };
+        let max_user_connections = config.ssh.max_connections.min(share.unwrap_or(usize::MAX));
+        tracing::info!(
+            open_files = ?limits::open_files_limit(),
+            max_user_connections,
+            upstream_socket_limit,
+            "descriptor budget"
+        );
         Ok(Gateway {
             config,
             registry,
@@ -159,6 +183,10 @@ impl Gateway {
             ca,
             host_key,
             own_sockets: std::sync::RwLock::new(own_sockets),
+            upstream_sockets: Arc::new(tokio::sync::Semaphore::new(upstream_socket_limit)),
+            upstream_socket_limit,
+            max_user_connections,
+            logins: Arc::new(limits::Counted::default()),
             tokens,
             audit,
             auth_limits,

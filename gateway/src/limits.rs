@@ -36,6 +36,73 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Counts holders per key, each at most `max`; a [`Slot`] gives its place
+/// back when dropped. Connections per source (/64 for IPv6) and per login.
+pub struct Counted<K: std::hash::Hash + Eq + Clone>(Mutex<HashMap<K, usize>>);
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Counted<K> {
+    fn default() -> Self {
+        Counted(Mutex::new(HashMap::new()))
+    }
+}
+
+/// One place taken in a [`Counted`].
+pub struct Slot<K: std::hash::Hash + Eq + Clone>(std::sync::Arc<Counted<K>>, K);
+
+impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
+    /// A place for `key`, unless it already holds `max`.
+    pub fn take(self: &std::sync::Arc<Self>, key: K, max: usize) -> Option<Slot<K>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), key))
+    }
+
+    /// Places held by `key` now.
+    pub fn held(&self, key: &K) -> usize {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).copied().unwrap_or(0)
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
+    fn drop(&mut self) {
+        let mut map = (self.0).0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`
+/// (Linux; `None` elsewhere or when unlimited).
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Descriptors kept free for everything but connections: listeners, the
+/// store, the audit log, API connections' bursts, GitHub fetches.
+pub const DESCRIPTOR_HEADROOM: u64 = 256;
+
+/// With `nofile` descriptors, how many each of user connections and
+/// upstream sockets (runner connections, jump forwards) may hold: half of
+/// what is left after the headroom, so neither side can starve the other or
+/// make `accept` fail for everyone.
+pub fn descriptor_share(nofile: u64) -> usize {
+    (nofile.saturating_sub(DESCRIPTOR_HEADROOM) / 2).max(8) as usize
+}
+
 /// `n` events per `window`, all of them allowed in a burst.
 pub fn quota(n: u32, window: Duration) -> Quota {
     let n = NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -353,6 +420,34 @@ mod tests {
         assert!(quick.check(ip, "octocat").is_err());
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(quick.check(ip, "octocat"), Ok(()));
+    }
+
+    #[test]
+    fn counted_slots_are_bounded_per_key_and_given_back() {
+        let c = std::sync::Arc::new(Counted::default());
+        let a = c.take(source_key("2001:db8:1:2::1".parse().expect("ip")), 2);
+        let b = c.take(source_key("2001:db8:1:2:ffff::9".parse().expect("ip")), 2);
+        assert!(a.is_some() && b.is_some());
+        // A third address of the same /64 is the same source.
+        assert!(c
+            .take(source_key("2001:db8:1:2::77".parse().expect("ip")), 2)
+            .is_none());
+        assert!(c
+            .take(source_key("2001:db8:1:3::1".parse().expect("ip")), 2)
+            .is_some());
+        drop(a);
+        assert!(c
+            .take(source_key("2001:db8:1:2::77".parse().expect("ip")), 2)
+            .is_some());
+    }
+
+    #[test]
+    fn descriptors_are_shared_with_headroom() {
+        assert_eq!(descriptor_share(1024), 384);
+        assert_eq!(descriptor_share(65536), 32640);
+        assert_eq!(descriptor_share(100), 8);
+        let limit = open_files_limit().expect("Linux has /proc/self/limits");
+        assert!(limit >= 64, "{limit}");
     }
 
     #[test]

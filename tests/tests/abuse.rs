@@ -93,3 +93,107 @@ async fn data_past_the_window_ends_the_connection() {
     let (status, _) = w.gateway.job(&w.job).await;
     assert_eq!(status, 200);
 }
+
+/// Starts `ssh <job>@gateway <command>` in the background.
+fn background_ssh(w: &World, command: &str) -> tokio::process::Child {
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-p".to_string(),
+        w.gateway.ssh.port().to_string(),
+        format!("{}@127.0.0.1", w.job),
+        command.to_string(),
+    ]);
+    tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh")
+}
+
+/// One login could hold 200 connections per source, each with channels and
+/// sockets, until `accept` failed for everyone. A login's connections are
+/// now capped, with a one-line reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_login_cannot_hold_more_than_its_connections() {
+    let w = World::with_config(
+        "127.0.0.113",
+        "9876543113",
+        &[("CI_GATEWAY__SSH__MAX_CONNECTIONS_PER_LOGIN", "2")],
+    )
+    .await;
+    let live = w.live();
+    let mut held = vec![
+        background_ssh(&w, "sleep 30"),
+        background_ssh(&w, "sleep 30"),
+    ];
+    eventually("two sessions are open", || live.active_sessions() == 2).await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo third"], None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.contains("octocat already has 2 connections open"),
+        "{r:?}"
+    );
+    // Someone else is not affected, and a closed one gives its place back.
+    let r = ssh(&w.gateway, &w.admin.path, &w.job, &["echo admin"], None).await;
+    assert_eq!(r.stdout.trim(), "admin", "{r:?}");
+    let _ = held[0].kill().await;
+    held.remove(0);
+    eventually("one session closed", || live.active_sessions() == 1).await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo again"], None).await;
+    assert_eq!(r.stdout.trim(), "again", "{r:?}");
+}
+
+/// Sockets to runners are capped (by default at half of what RLIMIT_NOFILE
+/// leaves after a headroom), so users' channels cannot exhaust the
+/// descriptors the gateway needs to accept anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sockets_are_capped_and_given_back() {
+    let w = World::with_config(
+        "127.0.0.114",
+        "9876543114",
+        &[("CI_GATEWAY__UPSTREAM__MAX_SOCKETS", "1")],
+    )
+    .await;
+    assert_eq!(w.gateway.gw.upstream_socket_limit, 1);
+    let live = w.live();
+    let mut first = background_ssh(&w, "echo started; sleep 30");
+    eventually("the first session holds the socket", || {
+        w.gateway.gw.upstream_sockets.available_permits() == 0
+    })
+    .await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo second"], None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        r.stderr.contains("limit of 1 connections to runners"),
+        "{r:?}"
+    );
+    // Jump mode counts against the same budget.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &format!("job-{}", w.job),
+        22,
+        &["true"],
+    )
+    .await;
+    assert_ne!(r.code, 0, "{r:?}");
+    let _ = first.kill().await;
+    eventually("the socket is given back", || {
+        live.active_sessions() == 0 && w.gateway.gw.upstream_sockets.available_permits() == 1
+    })
+    .await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo later"], None).await;
+    assert_eq!(r.stdout.trim(), "later", "{r:?}");
+    // The default comes from the descriptor limit.
+    let limit = ci_gateway::limits::open_files_limit().expect("Linux");
+    let w2 = World::new("127.0.0.115", "9876543115").await;
+    assert_eq!(
+        w2.gateway.gw.upstream_socket_limit,
+        ci_gateway::limits::descriptor_share(limit)
+    );
+}

@@ -68,6 +68,8 @@ pub struct Connection {
     /// The user's open session channels (job mode), where notices are shown.
     session_channels: Arc<std::sync::Mutex<HashSet<ChannelId>>>,
     open_channels: Arc<std::sync::atomic::AtomicUsize>,
+    /// This connection's place among its login's connections.
+    login_slot: Option<crate::limits::Slot<String>>,
     pub authenticated: Arc<std::sync::atomic::AtomicBool>,
     /// Dropped with the connection: the tasks it spawned end with it.
     alive: tokio::sync::watch::Sender<()>,
@@ -136,6 +138,7 @@ impl Connection {
             channels: HashMap::new(),
             session_channels: Default::default(),
             open_channels: Default::default(),
+            login_slot: None,
             authenticated: Default::default(),
             alive: tokio::sync::watch::Sender::new(()),
             usage: Default::default(),
@@ -490,6 +493,32 @@ impl server::Handler for Connection {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        // One login's connections are bounded (each may hold channels and
+        // upstream sockets), so one person cannot take the gateway's share.
+        let who = match &self.state {
+            State::Job { identity, .. } | State::Jump { identity, .. } => {
+                identity.as_ref().map(|i| i.login.to_string())
+            }
+            State::Fresh | State::Refused => None,
+        };
+        if let Some(login) = who {
+            let max = self.gw.config.ssh.max_connections_per_login;
+            match self.gw.logins.take(login.to_lowercase(), max) {
+                Some(slot) => self.login_slot = Some(slot),
+                None => {
+                    info!(conn = self.id, %login, "refused: {max} connections of this login are open");
+                    session.disconnect(
+                        Disconnect::ByApplication,
+                        &format!(
+                            "ci-gateway: {login} already has {max} connections open through the gateway; close some and try again"
+                        ),
+                        "en",
+                    )?;
+                    self.state = State::Refused;
+                    return Ok(());
+                }
+            }
+        }
         let State::Job {
             job,
             live,
@@ -647,7 +676,7 @@ impl server::Handler for Connection {
                 }
             }
             None => match self.dial_jump(host_to_connect, port_to_connect).await {
-                Ok(tcp) => self.splice(channel, tcp, reply),
+                Ok((tcp, socket)) => self.splice(channel, tcp, socket, reply),
                 Err(reason) => self.refuse_channel(reply, reason),
             },
         }
@@ -842,7 +871,11 @@ impl Connection {
 
     /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` is connected by TCP to
     /// that job's runner, and to nothing else.
-    async fn dial_jump(&mut self, host: &str, port: u32) -> Result<tokio::net::TcpStream, String> {
+    async fn dial_jump(
+        &mut self,
+        host: &str,
+        port: u32,
+    ) -> Result<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit), String> {
         let State::Jump {
             identity: Some(who),
             ..
@@ -890,6 +923,17 @@ impl Connection {
                 .map_err(|e| format!("cannot record the session ({e}); refusing it"))?;
         }
         self.audit_forward(job_id, "jump", &addr.to_string());
+        let socket = self
+            .gw
+            .upstream_sockets
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                format!(
+                    "the gateway holds its limit of {} connections to runners; try again in a minute",
+                    self.gw.upstream_socket_limit
+                )
+            })?;
         let timeout = self.gw.config.upstream.connect_timeout;
         let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -914,7 +958,7 @@ impl Connection {
             self.watch_kicks(&live);
         }
         info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");
-        Ok(tcp)
+        Ok((tcp, socket))
     }
 
     /// Splices an accepted jump channel with its TCP connection to the runner.
@@ -922,6 +966,7 @@ impl Connection {
         &self,
         channel: Channel<Msg>,
         tcp: tokio::net::TcpStream,
+        socket: tokio::sync::OwnedSemaphorePermit,
         reply: server::ChannelOpenHandle,
     ) {
         let open = self.open_channels.clone();
@@ -930,6 +975,7 @@ impl Connection {
         tokio::spawn(async move {
             reply.accept().await;
             let moved = crate::ssh::splice::run(channel, tcp).await;
+            drop(socket);
             open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             usage.add(moved.to_runner, moved.to_user);
             debug!(conn, ?moved, "jump forward closed");

@@ -2,10 +2,9 @@
 //! limit is real backpressure, and per source address), the unauthenticated
 //! connection deadline, and russh's server configuration.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use russh::keys::PrivateKey;
 use russh::server::{self, Config};
@@ -44,36 +43,6 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
     }
 }
 
-/// Counts connections per source address; a guard gives its slot back.
-#[derive(Default)]
-struct PerSource(Mutex<HashMap<IpAddr, usize>>);
-
-struct SourceSlot(Arc<PerSource>, IpAddr);
-
-impl PerSource {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut map = (self.0).0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// Serves SSH on `listener` until `shutdown` resolves; then stops accepting
 /// and returns (open connections are closed by dropping the runtime or by the
 /// caller's grace period).
@@ -82,12 +51,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(gw.config.ssh.max_connections));
+    let limit = Arc::new(Semaphore::new(gw.max_user_connections));
     let peak = AtomicUsize::new(0);
     // The trimmer never returns: it runs exactly as long as the accept loop.
     tokio::select! {
         _ = accept_loop(&gw, listener, &limit, &peak, shutdown) => {}
-        _ = give_back_memory(&limit, gw.config.ssh.max_connections, &peak) => {}
+        _ = give_back_memory(&limit, gw.max_user_connections, &peak) => {}
     }
 }
 
@@ -100,7 +69,9 @@ async fn accept_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
-    let per_source = Arc::new(PerSource::default());
+    // Per source address, an IPv6 /64 counting as one (as the failure limits do).
+    let per_source = Arc::new(crate::limits::Counted::<IpAddr>::default());
+    let mut backoff = std::time::Duration::from_millis(10);
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
@@ -114,11 +85,16 @@ async fn accept_loop(
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = std::time::Duration::from_millis(10);
+                    a
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // EMFILE and friends: back off (doubling, up to 1 s)
+                    // instead of spinning, and keep serving (mini-redis).
+                    warn!("accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
                     continue;
                 }
             },
@@ -129,12 +105,14 @@ async fn accept_loop(
             debug!(%peer, "refused: too many failed logins ({}s left)", wait.as_secs());
             continue;
         }
-        let Some(slot) = per_source.take(peer.ip(), gw.config.ssh.max_connections_per_source)
-        else {
+        let Some(slot) = per_source.take(
+            crate::limits::source_key(peer.ip()),
+            gw.config.ssh.max_connections_per_source,
+        ) else {
             debug!(%peer, "too many connections from this source");
             continue;
         };
-        let open = gw.config.ssh.max_connections - limit.available_permits();
+        let open = gw.max_user_connections - limit.available_permits();
         peak.fetch_max(open, Ordering::Relaxed);
         next_id += 1;
         let id = next_id;

@@ -26,6 +26,8 @@ pub enum UpstreamError {
     AuthRefused(String, String, &'static str),
     #[error("the runner's address is refused: {0}")]
     Forbidden(crate::address::Refused),
+    #[error("the gateway holds its limit of {0} connections to runners; try again in a minute")]
+    Busy(usize),
     #[error("the runner at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
     #[error("could not sign a login certificate: {0}")]
@@ -80,6 +82,8 @@ pub struct RunnerConnection {
     pub handle: client::Handle<Runner>,
     /// Becomes `true` when the runner's side of the connection ends.
     pub closed: watch::Receiver<bool>,
+    /// This connection's place among the gateway's upstream sockets.
+    _socket: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub fn client_config(keepalive: Duration) -> client::Config {
@@ -113,6 +117,11 @@ pub async fn connect(
     let addr = gw
         .dialable(std::net::SocketAddr::new(job.host, job.port))
         .map_err(UpstreamError::Forbidden)?;
+    let socket = gw
+        .upstream_sockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| UpstreamError::Busy(gw.upstream_socket_limit))?;
     let shown = addr.to_string();
     let timeout = gw.config.upstream.connect_timeout;
     let pinned = job
@@ -176,7 +185,11 @@ pub async fn connect(
     match tokio::time::timeout(timeout, auth).await {
         Err(_) => Err(UpstreamError::Timeout(shown, timeout)),
         Ok(Err(e)) => Err(UpstreamError::Unreachable(shown, e.to_string())),
-        Ok(Ok(result)) if result.success() => Ok(RunnerConnection { handle, closed }),
+        Ok(Ok(result)) if result.success() => Ok(RunnerConnection {
+            handle,
+            closed,
+            _socket: socket,
+        }),
         Ok(Ok(_)) => Err(UpstreamError::AuthRefused(
             shown,
             job.user.clone(),

@@ -449,3 +449,32 @@ async fn sha1_rsa_signatures_are_refused_unless_allowed() {
     let r = ssh(&w.gateway, &w.admin.path, &w.job, &sha1, None).await;
     assert_eq!(r.stdout.trim(), "sha1", "allowed when configured: {r:?}");
 }
+
+/// Before authentication a stranger could make the gateway wait for (and
+/// buffer) packets of up to 256 KiB. The cap is now 32 KiB until the client
+/// is authenticated: a larger length ends the connection at once, without
+/// waiting for the bytes it announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_packet_before_authentication_ends_the_connection() {
+    let w = World::with_config(
+        "127.0.0.86",
+        "9876543286",
+        &[("CI_GATEWAY__SSH__AUTH_TIMEOUT", "120s")],
+    )
+    .await;
+    for announced in [200_000u32, 40_000] {
+        let mut s = tokio::net::TcpStream::connect(w.gateway.ssh)
+            .await
+            .expect("connect");
+        s.write_all(b"SSH-2.0-flooder\r\n").await.expect("version");
+        // A clear-text packet (before key exchange) announcing `announced`
+        // bytes, of which only a few follow.
+        let mut packet = announced.to_be_bytes().to_vec();
+        packet.extend_from_slice(&[4, 20, 0, 0, 0]);
+        s.write_all(&packet).await.expect("header");
+        // Closed long before the 120 s authentication deadline.
+        let seen = closed_within(&mut s, Duration::from_secs(20)).await;
+        assert!(seen.starts_with(b"SSH-2.0-ci-gateway"), "{seen:?}");
+    }
+    still_serving(&w).await;
+}

@@ -310,7 +310,7 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
             let len = cipher.decrypt_packet_length(seqn, &len);
             let len = BigEndian::read_u32(&len) as usize;
 
-            if len > MAXIMUM_PACKET_LEN {
+            if len > MAXIMUM_PACKET_LEN || len > buffer.max_packet_len {
                 return Err(Error::PacketSize(len));
             }
 
@@ -368,6 +368,12 @@ pub(crate) const PACKET_LENGTH_LEN: usize = 4;
 const MINIMUM_PACKET_LEN: usize = 16;
 // Keep the transport limit aligned with the 256 KiB channel packet baseline.
 const MAXIMUM_PACKET_LEN_BASELINE: usize = 256 * 1024;
+/// ci-gateway patch: the longest packet a server takes before the client is
+/// authenticated. The largest legitimate ones are key exchange messages
+/// (post-quantum hybrids about 1.2 KB) and a user-auth request with a big
+/// RSA key or certificate and its signature (a few KiB); 32 KiB leaves room
+/// and keeps a stranger's every packet 8 times smaller than the transport's.
+pub(crate) const PRE_AUTH_MAXIMUM_PACKET_LEN: usize = 32 * 1024;
 const CHANNEL_DATA_PACKET_OVERHEAD: usize = 1 + 4 + 4;
 const CHANNEL_EXTENDED_DATA_PACKET_OVERHEAD: usize = CHANNEL_DATA_PACKET_OVERHEAD + 4;
 const PADDING_LENGTH_LEN: usize = 1;

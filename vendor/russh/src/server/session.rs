@@ -652,7 +652,9 @@ impl Session {
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
         let (stream_read, mut stream_write) = stream.split();
-        let buffer = SSHBuffer::new();
+        let mut buffer = SSHBuffer::new();
+        // ci-gateway patch: small packets until the client is authenticated.
+        buffer.max_packet_len = crate::cipher::PRE_AUTH_MAXIMUM_PACKET_LEN;
 
         // Allow handing out references to the cipher
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
@@ -773,6 +775,15 @@ impl Session {
 
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                         }
+                    }
+                    // ci-gateway patch: the transport maximum once authenticated.
+                    if buffer.max_packet_len != usize::MAX
+                        && matches!(
+                            self.common.encrypted.as_ref().map(|e| &e.state),
+                            Some(EncryptedState::Authenticated)
+                        )
+                    {
+                        buffer.max_packet_len = usize::MAX;
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }

@@ -111,6 +111,9 @@ pub struct GithubConfig {
     pub stale_for: Duration,
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
+    /// Uncached key lookups per minute one source may cause for logins it
+    /// names (jump mode).
+    pub lookups_per_source_per_minute: u32,
     #[serde(default)]
     pub static_keys: BTreeMap<String, Vec<String>>,
 }

@@ -95,6 +95,18 @@ impl KeySource {
         self.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether `keys(login)` would answer without asking GitHub.
+    pub async fn is_fresh(&self, login: &GithubLogin) -> bool {
+        if self.static_keys.contains_key(login) {
+            return true;
+        }
+        let slot = self.slot(login);
+        let cached = slot.lock().await;
+        cached
+            .as_ref()
+            .is_some_and(|c| c.fetched.elapsed() < self.ttl)
+    }
+
     /// The keys of `login`. Static entries win; then the cache; then GitHub.
     pub async fn keys(&self, login: &GithubLogin) -> Result<Keys, KeyFetchError> {
         if let Some(keys) = self.static_keys.get(login) {

@@ -70,6 +70,8 @@ pub struct Gateway {
     /// Set when `registration.oidc_audience` is.
     pub oidc: Option<oidc::Verifier>,
     pub api_limits: limits::ApiLimits,
+    /// GitHub key lookups per source for logins it names.
+    pub github_lookups: limits::LookupBudget,
     pub upstream_config: Arc<russh::client::Config>,
     /// Sockets to runners (job-mode SSH connections, jump forwards): one
     /// permit each, for as long as the socket is open.
@@ -160,6 +162,10 @@ impl Gateway {
         let audit = audit::Audit::open(&audit_path)
             .map_err(|e| anyhow::anyhow!("audit.path {}: {e}", audit_path.display()))?;
         let own_sockets = vec![config.ssh.listen, config.api.listen];
+        let github_lookups = limits::LookupBudget::new(limits::quota(
+            config.github.lookups_per_source_per_minute,
+            Duration::from_secs(60),
+        ));
         // Descriptors (issue 11): user connections and upstream sockets each
         // get at most half of what RLIMIT_NOFILE leaves after a headroom, so
         // neither can make `accept` fail for everyone.
@@ -191,6 +197,7 @@ impl Gateway {
             audit,
             auth_limits,
             api_limits,
+            github_lookups,
             oidc,
             upstream_config,
             generated_token_file,
@@ -312,6 +319,7 @@ pub async fn run(
             every.tick().await;
             limits_gw.auth_limits.sweep();
             limits_gw.api_limits.sweep();
+            limits_gw.github_lookups.sweep();
         }
     });
     shutdown.await;

@@ -179,6 +179,30 @@ impl<K: std::hash::Hash + Eq + Clone> Budget<K> {
     }
 }
 
+/// GitHub key lookups per source for logins the peer names (jump mode): a
+/// source that asks for too many uncached logins is served from the cache
+/// only until its budget refills.
+pub struct LookupBudget(Budget<IpAddr>);
+
+impl LookupBudget {
+    pub fn new(per_source: Quota) -> LookupBudget {
+        LookupBudget(Budget::new(per_source))
+    }
+
+    /// Spends one lookup of `ip`'s source; `Some(wait)` when it is out.
+    pub fn spend(&self, ip: IpAddr) -> Option<Duration> {
+        let key = source_key(ip);
+        if let Some(d) = self.0.blocked_for(&key) {
+            return Some(d);
+        }
+        self.0.spend(&key)
+    }
+
+    pub fn sweep(&self) {
+        self.0.sweep();
+    }
+}
+
 /// Failed-authentication budgets of the SSH side.
 ///
 /// A username whose budget is spent (attacked from many sources) is refused

@@ -197,3 +197,52 @@ async fn upstream_sockets_are_capped_and_given_back() {
         ci_gateway::limits::descriptor_share(limit)
     );
 }
+
+/// 105 failed logins with made-up names used to cost 105 GitHub API calls.
+/// Lookups a source causes for logins it names are now budgeted per source
+/// (uncached ones only); another source is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_logins_cannot_spend_the_github_budget() {
+    let w = World::with_config(
+        "127.0.0.116",
+        "9876543116",
+        &[
+            ("CI_GATEWAY__GITHUB__LOOKUPS_PER_SOURCE_PER_MINUTE", "5"),
+            ("CI_GATEWAY__SSH__MAX_FAILED_AUTHS_PER_SOURCE", "1000"),
+            ("CI_GATEWAY__SSH__MAX_FAILED_AUTHS_PER_USER", "1000"),
+        ],
+    )
+    .await;
+    let jump_as = |source: &str, login: &str| {
+        let mut args = client_opts(&w.mallory.path);
+        args.extend([
+            "-o".to_string(),
+            format!("BindAddress={source}"),
+            "-p".to_string(),
+            w.gateway.ssh.port().to_string(),
+            "-W".to_string(),
+            format!("job-{}:22", w.job),
+            format!("{login}@127.0.0.1"),
+        ]);
+        args
+    };
+    let before = w.github.hits.load(std::sync::atomic::Ordering::SeqCst);
+    for n in 0..40 {
+        let r = run(
+            "ssh",
+            &jump_as("127.0.0.117", &format!("made-up-{n}")),
+            None,
+        )
+        .await;
+        assert_ne!(r.code, 0, "{r:?}");
+    }
+    let spent = w.github.hits.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(spent <= 5, "40 made-up logins cost {spent} GitHub calls");
+    // Another source still gets its lookups (mallory's own keys, uncached).
+    let r = run("ssh", &jump_as("127.0.0.118", "mallory"), None).await;
+    assert!(r.stderr.contains("mallory is not allowed on job"), "{r:?}");
+    assert_eq!(
+        w.github.hits.load(std::sync::atomic::Ordering::SeqCst) - before,
+        spent + 1
+    );
+}

@@ -218,7 +218,18 @@ impl Connection {
     async fn identify(&self, key: &PublicKey) -> Option<GithubLogin> {
         let candidates = match &self.state {
             State::Job { job, .. } => access::allowed_people(job, &self.gw.policy),
-            State::Jump { login, .. } => vec![login.clone()],
+            // The login is the peer's choice: a lookup GitHub must answer
+            // (not cached) spends the source's lookup budget, so made-up
+            // names cannot spend the gateway's GitHub rate limit.
+            State::Jump { login, .. } => {
+                if !self.gw.keys.is_fresh(login).await {
+                    if let Some(wait) = self.gw.github_lookups.spend(self.peer.ip()) {
+                        warn!(conn = self.id, peer = %self.peer, "GitHub key lookup refused: this source is over its budget for {}s", wait.as_secs());
+                        return None;
+                    }
+                }
+                vec![login.clone()]
+            }
             State::Fresh | State::Refused => return None,
         };
         for login in candidates {

@@ -97,6 +97,8 @@ pub struct ApiConfig {
     pub requests_per_minute_per_token: u32,
     /// Requests with a missing or wrong token a source may make per minute.
     pub max_bad_tokens_per_source: u32,
+    /// API connections open at once from one source (an IPv6 /64 is one).
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -302,7 +302,10 @@ pub async fn run(
         api::router(gw.clone()),
         api_listener,
         tls,
-        gw.config.api.request_timeout,
+        api::serve::Limits {
+            request_timeout: gw.config.api.request_timeout,
+            per_source: gw.config.api.max_connections_per_source,
+        },
         stopped(),
     ));
     // Holds that were running when the gateway stopped resume.

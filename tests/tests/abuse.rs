@@ -246,3 +246,42 @@ async fn made_up_logins_cannot_spend_the_github_budget() {
         spent + 1
     );
 }
+
+/// A few sources holding silent sockets used to take the API's connection
+/// slots, so other runners' probes timed out. Each source now has its own
+/// cap; a connection over it is closed at once, and everyone else is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_api_sockets_of_one_source_do_not_starve_others() {
+    use tokio::io::AsyncReadExt;
+    let w = World::with_config(
+        "127.0.0.119",
+        "9876543119",
+        &[("CI_GATEWAY__API__MAX_CONNECTIONS_PER_SOURCE", "3")],
+    )
+    .await;
+    let connect_from = |ip: &'static str| {
+        let api = w.gateway.api;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("{ip}:0").parse().expect("addr"))
+                .expect("bind");
+            socket.connect(api).await.expect("connect")
+        }
+    };
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(connect_from("127.0.0.120").await);
+    }
+    // The fourth from the same source is closed at once (no request needed).
+    let mut fourth = connect_from("127.0.0.120").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), fourth.read(&mut buf))
+        .await
+        .expect("closed long before the header timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Another source is served while the silent sockets stay open.
+    let (status, body) = w.gateway.http("GET", "/healthz", None, None).await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    drop(silent);
+}

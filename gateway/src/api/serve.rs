@@ -37,14 +37,27 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The accept loop's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Headers must arrive within this; a connection lives at most 20 times it.
+    pub request_timeout: Duration,
+    /// Connections open at once from one source: a few sources holding
+    /// silent sockets cannot take the slots everyone else needs.
+    pub per_source: usize,
+}
+
 pub async fn run(
     router: Router,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    request_timeout: Duration,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let request_timeout = limits.request_timeout;
     let limit = Arc::new(Semaphore::new(MAX_API_CONNECTIONS));
+    let per_source = Arc::new(crate::limits::Counted::<std::net::IpAddr>::default());
+    let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -54,18 +67,30 @@ pub async fn run(
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => return,
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!("api accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!("api accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
+        };
+        let Some(source_slot) =
+            per_source.take(crate::limits::source_key(peer.ip()), limits.per_source)
+        else {
+            tracing::debug!(%peer, "api: too many connections from this source");
+            drop(tcp);
+            continue;
         };
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _source_slot = source_slot;
             let service = router.map_request(move |mut r: axum::http::Request<_>| {
                 r.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 r

@@ -63,6 +63,8 @@ pub struct SshConfig {
     pub max_connections_per_source: usize,
     /// Authenticated connections one GitHub login may hold at once.
     pub max_connections_per_login: usize,
+    /// Channels one GitHub login may hold open over all its connections.
+    pub max_channels_per_login: usize,
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
     #[serde(with = "humantime_serde")]

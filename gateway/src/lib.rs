@@ -82,6 +82,10 @@ pub struct Gateway {
     pub max_user_connections: usize,
     /// Authenticated connections per GitHub login.
     pub logins: Arc<limits::Counted<String>>,
+    /// Open channels per GitHub login (counters shared by its connections).
+    login_channels: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Weak<std::sync::atomic::AtomicUsize>>,
+    >,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
     /// Set when `run` stops; background tasks (holds) end with it.
@@ -193,6 +197,7 @@ impl Gateway {
             upstream_socket_limit,
             max_user_connections,
             logins: Arc::new(limits::Counted::default()),
+            login_channels: Default::default(),
             tokens,
             audit,
             auth_limits,
@@ -249,6 +254,25 @@ impl Gateway {
         if !own.contains(&addr) {
             own.push(addr);
         }
+    }
+
+    /// The open-channel counter of `login`, shared by its connections; gone
+    /// with the last of them.
+    pub fn login_channels(&self, login: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        let mut map = self
+            .login_channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = login.to_lowercase();
+        if let Some(counter) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return counter;
+        }
+        if map.len() >= 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        map.insert(key, Arc::downgrade(&counter));
+        counter
     }
 
     /// Resolves once `run` has been told to stop.

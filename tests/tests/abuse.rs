@@ -285,3 +285,41 @@ async fn silent_api_sockets_of_one_source_do_not_starve_others() {
     assert_eq!((status, body.trim()), (200, "ok"));
     drop(silent);
 }
+
+/// Channels are bounded per login over all its connections too, so many
+/// connections with a few channels each cannot add up past the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_login_cannot_hold_more_than_its_channels() {
+    let w = World::with_config(
+        "127.0.0.121",
+        "9876543121",
+        &[("CI_GATEWAY__SSH__MAX_CHANNELS_PER_LOGIN", "2")],
+    )
+    .await;
+    let live = w.live();
+    let mut held = vec![
+        background_ssh(&w, "sleep 30"),
+        background_ssh(&w, "sleep 30"),
+    ];
+    eventually("two sessions are open", || live.active_sessions() == 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo third"], None).await;
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(!r.stdout.contains("third"), "{r:?}");
+    // Another login is not affected; a closed channel gives its place back.
+    let r = ssh(&w.gateway, &w.admin.path, &w.job, &["echo admin"], None).await;
+    assert_eq!(r.stdout.trim(), "admin", "{r:?}");
+    let _ = held[0].kill().await;
+    held.remove(0);
+    eventually("one session closed", || live.active_sessions() == 1).await;
+    let mut ok = false;
+    for _ in 0..20 {
+        let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo again"], None).await;
+        if r.stdout.trim() == "again" {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(ok, "the place came back");
+}

@@ -28,6 +28,42 @@ const REQUEST_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 
+/// Open channels of one connection, and of its login over all its
+/// connections (shared counter, set once the login is known).
+#[derive(Default)]
+pub struct ChannelCount {
+    conn: std::sync::atomic::AtomicUsize,
+    login: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl ChannelCount {
+    /// Takes a place, or says which bound is full.
+    fn take(&self, per_conn: usize, per_login: usize) -> Result<(), &'static str> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.conn.fetch_add(1, Relaxed) >= per_conn {
+            self.conn.fetch_sub(1, Relaxed);
+            return Err("connection");
+        }
+        if let Some(login) = self.login.get() {
+            if login.fetch_add(1, Relaxed) >= per_login {
+                login.fetch_sub(1, Relaxed);
+                self.conn.fetch_sub(1, Relaxed);
+                return Err("login");
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a place back; returns the connection's channels still open.
+    fn release(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(login) = self.login.get() {
+            login.fetch_sub(1, Relaxed);
+        }
+        self.conn.fetch_sub(1, Relaxed).saturating_sub(1)
+    }
+}
+
 /// A user's identity once their key matched.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -67,7 +103,7 @@ pub struct Connection {
     channels: HashMap<ChannelId, UpChannel>,
     /// The user's open session channels (job mode), where notices are shown.
     session_channels: Arc<std::sync::Mutex<HashSet<ChannelId>>>,
-    open_channels: Arc<std::sync::atomic::AtomicUsize>,
+    open_channels: Arc<ChannelCount>,
     /// This connection's place among its login's connections.
     login_slot: Option<crate::limits::Slot<String>>,
     pub authenticated: Arc<std::sync::atomic::AtomicBool>,
@@ -327,15 +363,20 @@ impl Connection {
     }
 
     fn take_channel_slot(&self) -> bool {
-        let n = self
+        let ssh = &self.gw.config.ssh;
+        match self
             .open_channels
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n >= self.gw.config.ssh.max_channels_per_connection {
-            self.open_channels
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            return false;
+            .take(ssh.max_channels_per_connection, ssh.max_channels_per_login)
+        {
+            Ok(()) => true,
+            Err(which) => {
+                info!(
+                    conn = self.id,
+                    "channel refused: this {which} holds its maximum of channels"
+                );
+                false
+            }
         }
-        true
     }
 
     /// Closes this connection with `reason` when the job is kicked.
@@ -515,7 +556,10 @@ impl server::Handler for Connection {
         if let Some(login) = who {
             let max = self.gw.config.ssh.max_connections_per_login;
             match self.gw.logins.take(login.to_lowercase(), max) {
-                Some(slot) => self.login_slot = Some(slot),
+                Some(slot) => {
+                    self.login_slot = Some(slot);
+                    let _ = self.open_channels.login.set(self.gw.login_channels(&login));
+                }
                 None => {
                     info!(conn = self.id, %login, "refused: {max} connections of this login are open");
                     session.disconnect(
@@ -621,8 +665,7 @@ impl server::Handler for Connection {
         )
         .await;
         let Ok(Ok(up)) = opened else {
-            self.open_channels
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.open_channels.release();
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
@@ -841,7 +884,7 @@ impl Connection {
             let bytes =
                 crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx)
                     .await;
-            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            open.release();
             usage.add(bytes.to_runner, bytes.to_user);
             if let Some(status) = bytes.exit_status {
                 *usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
@@ -854,10 +897,7 @@ impl Connection {
     /// refused channel, so when nothing else is open on the connection (the
     /// `ssh -J` case) the reason goes out first as the disconnect message.
     fn refuse_channel(&self, reply: server::ChannelOpenHandle, reason: String) {
-        let still_open = self
-            .open_channels
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
-            - 1;
+        let still_open = self.open_channels.release();
         info!(conn = self.id, "channel refused: {reason}");
         let handle = self.handle.get().cloned();
         tokio::spawn(async move {
@@ -987,7 +1027,7 @@ impl Connection {
             reply.accept().await;
             let moved = crate::ssh::splice::run(channel, tcp).await;
             drop(socket);
-            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            open.release();
             usage.add(moved.to_runner, moved.to_user);
             debug!(conn, ?moved, "jump forward closed");
         });

@@ -113,6 +113,19 @@ fn background_ssh(w: &World, command: &str) -> tokio::process::Child {
         .expect("ssh")
 }
 
+/// Two job-mode sessions of octocat, open until dropped.
+async fn hold_two_sessions(
+    w: &World,
+) -> (
+    std::sync::Arc<ci_gateway::registry::Live>,
+    Vec<tokio::process::Child>,
+) {
+    let live = w.live();
+    let held = vec![background_ssh(w, "sleep 30"), background_ssh(w, "sleep 30")];
+    eventually("two sessions are open", || live.active_sessions() == 2).await;
+    (live, held)
+}
+
 /// One login could hold 200 connections per source, each with channels and
 /// sockets, until `accept` failed for everyone. A login's connections are
 /// now capped, with a one-line reason.
@@ -124,12 +137,7 @@ async fn one_login_cannot_hold_more_than_its_connections() {
         &[("CI_GATEWAY__SSH__MAX_CONNECTIONS_PER_LOGIN", "2")],
     )
     .await;
-    let live = w.live();
-    let mut held = vec![
-        background_ssh(&w, "sleep 30"),
-        background_ssh(&w, "sleep 30"),
-    ];
-    eventually("two sessions are open", || live.active_sessions() == 2).await;
+    let (live, mut held) = hold_two_sessions(&w).await;
     let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo third"], None).await;
     assert_eq!(r.code, 255, "{r:?}");
     assert!(
@@ -296,12 +304,7 @@ async fn one_login_cannot_hold_more_than_its_channels() {
         &[("CI_GATEWAY__SSH__MAX_CHANNELS_PER_LOGIN", "2")],
     )
     .await;
-    let live = w.live();
-    let mut held = vec![
-        background_ssh(&w, "sleep 30"),
-        background_ssh(&w, "sleep 30"),
-    ];
-    eventually("two sessions are open", || live.active_sessions() == 2).await;
+    let (live, mut held) = hold_two_sessions(&w).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo third"], None).await;
     assert_ne!(r.code, 0, "{r:?}");

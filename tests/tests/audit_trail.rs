@@ -19,6 +19,13 @@ fn free_port(ip: &str) -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// A free loopback address for the gateway process to listen on.
+fn free_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr")
+}
+
 fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -38,12 +45,7 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     github.set("mallory", &[&mallory.public]);
     let runner = RunnerSshd::start(dir.path(), "127.0.0.61");
     let data = dir.path().join("data");
-    let ssh_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
+    let (ssh_addr, api_addr) = (free_addr(), free_addr());
     let log_path = dir.path().join("gateway.log");
     let mut gateway = std::process::Command::new(GATEWAY)
         .arg("serve")
@@ -222,12 +224,7 @@ async fn a_peer_cannot_forge_a_log_line() {
     let github = FakeGithub::start().await;
     github.set("mallory", &[&mallory.public]);
     let data = dir.path().join("data");
-    let ssh_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
+    let (ssh_addr, api_addr) = (free_addr(), free_addr());
     let err_path = dir.path().join("gateway.err");
     let mut gateway = std::process::Command::new(GATEWAY)
         .arg("serve")

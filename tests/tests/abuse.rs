@@ -326,3 +326,38 @@ async fn one_login_cannot_hold_more_than_its_channels() {
     }
     assert!(ok, "the place came back");
 }
+
+/// A `PUT` listing 64 people used to fetch all their keys from GitHub every
+/// time. A listed user's uncached lookup now spends the caller's budget; the
+/// actor and the admins are always looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_listing_many_people_cannot_spend_the_github_budget() {
+    let w = World::unregistered(
+        "127.0.0.122",
+        "9876543122",
+        &[("CI_GATEWAY__GITHUB__LOOKUPS_PER_SOURCE_PER_MINUTE", "5")],
+    )
+    .await;
+    let mut body = registration(&w.runner, "octocat");
+    body["allowed_users"] = json!((0..40).map(|n| format!("listed-{n}")).collect::<Vec<_>>());
+    let before = w.github.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, answer) = w.gateway.register(&w.job, body.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+    for _ in 0..3 {
+        let (status, _) = w.gateway.register(&w.job, body.clone()).await;
+        assert_eq!(status, 200);
+    }
+    let spent = w.github.hits.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // octocat and the admin, plus at most the budget of 5 listed people.
+    assert!(
+        spent <= 7,
+        "4 PUTs listing 40 people cost {spent} GitHub calls"
+    );
+    let lines = answer["authorized_keys"].as_array().expect("lines");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.ends_with(" octocat"))),
+        "the actor's key is always there: {answer}"
+    );
+}

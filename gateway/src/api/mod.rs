@@ -655,7 +655,7 @@ async fn put_job(
             }),
         );
     }
-    let authorized_keys = authorized_keys(&gw, &registration).await;
+    let authorized_keys = authorized_keys(&gw, &registration, peer.ip()).await;
     let (ssh_command, jump_command, ssh_config, rdp_command) =
         user_commands(&gw.config.public_address(), &registration);
     let status = if created {
@@ -728,7 +728,7 @@ async fn confirm_unclaimed_job(
 /// The lines the runner installs: the gateway's CA restricted to this job's
 /// principal (or this job's own key), then the allowed people's own keys
 /// (jump mode).
-async fn authorized_keys(gw: &Gateway, job: &Registration) -> Vec<String> {
+async fn authorized_keys(gw: &Gateway, job: &Registration, source: IpAddr) -> Vec<String> {
     let mut lines = Vec::new();
     match job.runner_login {
         RunnerLogin::Key => {
@@ -747,6 +747,16 @@ async fn authorized_keys(gw: &Gateway, job: &Registration) -> Vec<String> {
         )),
     }
     for login in access::allowed_people(job, &gw.policy) {
+        // The actor and the admins always; a listed user's uncached keys
+        // spend the caller's lookup budget, so a body of 64 made-up names
+        // cannot spend the gateway's GitHub rate limit on every PUT.
+        let listed = login != job.actor && !gw.policy.admins.contains(&login);
+        if listed && !gw.keys.is_fresh(&login).await {
+            if let Some(wait) = gw.github_lookups.spend(source) {
+                tracing::warn!(job = %job.job_id, %login, "jump-mode keys left out: the caller's GitHub lookup budget is spent for {}s", wait.as_secs());
+                continue;
+            }
+        }
         match gw.keys.keys(&login).await {
             Ok(keys) => {
                 for key in keys.iter() {

@@ -63,12 +63,6 @@ impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
         *n += 1;
         Some(Slot(self.clone(), key))
     }
-
-    /// Places held by `key` now.
-    pub fn held(&self, key: &K) -> usize {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key).copied().unwrap_or(0)
-    }
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {

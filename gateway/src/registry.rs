@@ -487,10 +487,10 @@ impl Registry {
                 return Err(StoreError::Full(max));
             }
             Ok((
-                Change::Put {
+                Some(Change::Put {
                     registration: registration.clone(),
                     new_key,
-                },
+                }),
                 registration,
             ))
         })
@@ -516,10 +516,10 @@ impl Registry {
             next.version = current.version + 1;
             let next = Arc::new(next);
             Ok((
-                Change::Put {
+                Some(Change::Put {
                     registration: next.clone(),
                     new_key: None,
-                },
+                }),
                 next,
             ))
         })
@@ -527,21 +527,28 @@ impl Registry {
     }
 
     /// Marks the job finished (the hold starts); returns the record and
-    /// whether this call was the one that finished it.
+    /// whether this call was the one that finished it. A job already
+    /// finished is left as it is (nothing is written).
     pub async fn mark_finished(&self, job: JobId) -> Result<(Arc<Registration>, bool), StoreError> {
-        let first = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = first.clone();
-        let reg = self
-            .update(job, move |current| {
-                let mut next = current.clone();
-                if next.finished_at.is_none() {
-                    next.finished_at = Some(unix_now());
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(next)
-            })
-            .await?;
-        Ok((reg, first.load(std::sync::atomic::Ordering::Relaxed)))
+        self.transact(move |state, _| {
+            let current = match state.jobs.get(&job) {
+                Some(e) => e.registration.clone(),
+                None => return Err(gone(state, job)),
+            };
+            if current.finished_at.is_some() {
+                return Ok((None, (current, false)));
+            }
+            let mut next = (*current).clone();
+            next.finished_at = Some(unix_now());
+            next.version += 1;
+            let next = Arc::new(next);
+            let change = Change::Put {
+                registration: next.clone(),
+                new_key: None,
+            };
+            Ok((Some(change), (next, true)))
+        })
+        .await
     }
 
     /// Ends the job: removes it and its runner key, remembers (durably) that
@@ -557,7 +564,7 @@ impl Registry {
                     reason,
                     at: unix_now(),
                 };
-                Ok((Change::End { job, tombstone }, ()))
+                Ok((Some(Change::End { job, tombstone }), ()))
             })
             .await;
         match result {
@@ -588,16 +595,20 @@ impl Registry {
     }
 
     /// Runs one transition: `decide` reads the state under the writer lock
-    /// and returns a change, which is committed to redb in one transaction
-    /// and then applied to memory, all before the lock is released.
+    /// and returns a change (or none), which is committed to redb in one
+    /// transaction and then applied to memory, all before the lock is
+    /// released.
     async fn transact<T: Send + 'static>(
         &self,
-        decide: impl FnOnce(&State, usize) -> Result<(Change, T), StoreError> + Send + 'static,
+        decide: impl FnOnce(&State, usize) -> Result<(Option<Change>, T), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let _writer = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let (change, out) = decide(&read(&inner.state), inner.max_jobs)?;
+            let Some(change) = change else {
+                return Ok(out);
+            };
             let evict = inner.commit(&change)?;
             let mut state = write(&inner.state);
             match change {
@@ -869,6 +880,25 @@ pub(crate) mod tests {
         ));
         let r = reg.update(id(1), |c| Ok(c.clone())).await.expect("refresh");
         assert_eq!(r.version, 1);
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    #[tokio::test]
+    async fn finishing_twice_finishes_once_and_writes_once() {
+        let path = temp_db();
+        let reg = Registry::open(&path, 10).expect("open");
+        reg.create(registration(4, "octocat", &[]), None)
+            .await
+            .expect("create");
+        let (first, newly) = reg.mark_finished(id(4)).await.expect("finish");
+        assert!(newly && first.finished_at.is_some());
+        let (again, newly) = reg.mark_finished(id(4)).await.expect("again");
+        assert!(!newly, "only the first call starts the hold");
+        assert_eq!(
+            again.version, first.version,
+            "nothing written the second time"
+        );
+        assert_eq!(again.finished_at, first.finished_at);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 

@@ -190,6 +190,10 @@ async fn upstream_sockets_are_capped_and_given_back() {
     )
     .await;
     assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("limit of 1 connections to runners"),
+        "{r:?}"
+    );
     let _ = first.kill().await;
     eventually("the socket is given back", || {
         live.active_sessions() == 0 && w.gateway.gw.upstream_sockets.available_permits() == 1

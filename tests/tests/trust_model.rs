@@ -482,3 +482,46 @@ async fn a_dropbear_runner_works_in_job_mode_with_its_own_key() {
         .runner_key(ci_gateway::ids::JobId::parse(&w.job).expect("id"))
         .is_none());
 }
+
+/// The address rules are checked again at every dial, not only at
+/// registration: a stored runner address that has since become one the
+/// gateway listens on is never connected to, in either mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_address_rules_hold_again_at_every_dial() {
+    let w = World::new("127.0.0.123", "9876543123").await;
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo before"], None).await;
+    assert_eq!(r.stdout.trim(), "before", "{r:?}");
+    // The runner's registered address is now one of the gateway's own.
+    w.gateway.gw.listening_on(w.runner.addr);
+    let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo job"], None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(r.stderr.contains("address is refused"), "{r:?}");
+    let r = ssh_jump(
+        &w.gateway,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &format!("job-{}", w.job),
+        22,
+        &["echo jump"],
+    )
+    .await;
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(!r.stdout.contains("jump"), "{r:?}");
+    assert!(r.stderr.contains("address is refused"), "{r:?}");
+}
+
+/// Forged job tokens over many unregistered ids used to cost nothing: each
+/// was a plain 404. They spend the source's wrong-token budget now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_job_tokens_over_many_ids_are_rate_limited() {
+    let w = World::unregistered("127.0.0.124", "9876543124", &[]).await;
+    let forged = format!("cgj_{}", "B".repeat(43));
+    let mut statuses = Vec::new();
+    for n in 0..30 {
+        let path = format!("/v1/jobs/71111111{n:02}");
+        statuses.push(call_with(&w.gateway, "GET", &path, &forged).await.0);
+    }
+    assert_eq!(statuses[0], 404, "{statuses:?}");
+    assert!(statuses.contains(&429), "never limited: {statuses:?}");
+}

@@ -797,10 +797,10 @@ fn summary(job: &Value) -> String {
 async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
     let path = state_path(&args.common, &job)?;
-    let state = read_state(&path);
-    if let Some(mut state) = read_state(&path) {
+    let mut state = read_state(&path);
+    if let Some(state) = state.as_mut() {
         state.finished = true;
-        write_state(&path, &state)?;
+        write_state(&path, state)?;
     }
     let api = job_api(&args.common, state.as_ref())?;
     let mut unreachable_since: Option<tokio::time::Instant> = None;

@@ -77,6 +77,10 @@ pub struct SshConfig {
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
     pub max_channels_per_connection: usize,
+    /// Bytes of a user's data all channels of one connection may hold at
+    /// once (their windows together: sent to the gateway and not yet
+    /// written on, or allowed to be sent).
+    pub max_window_per_connection: usize,
     /// Failed logins a source address may have per `failed_auth_window`
     /// before its connections are refused until the budget refills.
     pub max_failed_auths_per_source: u32,
@@ -95,8 +99,12 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Requests per minute each token may make.
+    /// Requests per minute each job token may make; a shared token (the
+    /// registration token, a repository's OIDC tokens) gets this per source.
     pub requests_per_minute_per_token: u32,
+    /// Requests per minute one source (an IPv6 /64 is one) may make over
+    /// every token it presents; sized for a fleet behind one NAT address.
+    pub requests_per_minute_per_source: u32,
     /// Requests with a missing or wrong token a source may make per minute.
     pub max_bad_tokens_per_source: u32,
     /// API connections open at once from one source (an IPv6 /64 is one).
@@ -320,7 +328,7 @@ impl Config {
         if self.api.request_timeout.is_zero() {
             return Err(invalid("api.request_timeout", "must be longer than 0s"));
         }
-        let counts: [(&'static str, usize); 6] = [
+        let counts: [(&'static str, usize); 7] = [
             ("ssh.max_connections", self.ssh.max_connections),
             (
                 "ssh.max_connections_per_source",
@@ -331,6 +339,10 @@ impl Config {
                 "ssh.max_channels_per_connection",
                 self.ssh.max_channels_per_connection,
             ),
+            (
+                "ssh.max_window_per_connection",
+                self.ssh.max_window_per_connection,
+            ),
             ("api.max_body_bytes", self.api.max_body_bytes),
             ("registration.max_jobs", self.registration.max_jobs),
         ];
@@ -339,7 +351,7 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        let budgets: [(&'static str, u32); 4] = [
+        let budgets: [(&'static str, u32); 5] = [
             (
                 "ssh.max_failed_auths_per_source",
                 self.ssh.max_failed_auths_per_source,
@@ -351,6 +363,10 @@ impl Config {
             (
                 "api.requests_per_minute_per_token",
                 self.api.requests_per_minute_per_token,
+            ),
+            (
+                "api.requests_per_minute_per_source",
+                self.api.requests_per_minute_per_source,
             ),
             (
                 "api.max_bad_tokens_per_source",

@@ -146,6 +146,7 @@ impl Gateway {
         let minute = Duration::from_secs(60);
         let api_limits = limits::ApiLimits::new(
             limits::quota(config.api.requests_per_minute_per_token, minute),
+            limits::quota(config.api.requests_per_minute_per_source, minute),
             limits::quota(config.api.max_bad_tokens_per_source, minute),
         );
         let reg = &config.registration;

@@ -331,25 +331,53 @@ fn user_key(user: &str) -> String {
     user.chars().take(64).collect::<String>().to_lowercase()
 }
 
-/// API requests per token.
+/// API request budgets: one per caller (a job, or a shared token as used
+/// from one source) and one per source over every caller it presents.
 pub struct ApiLimits {
     tokens: Budget<String>,
+    sources: Budget<IpAddr>,
     bad_tokens: Budget<IpAddr>,
 }
 
+/// Which budget an API request is spent from (besides its source's).
+pub enum Spender<'a> {
+    /// A job token: the job's own budget, wherever it is used from.
+    Job(&'a str),
+    /// A token many runners share (the registration token, a repository's
+    /// OIDC tokens): its budget is kept per source, so one runner flooding
+    /// with it cannot make every other runner's registration wait.
+    Shared(&'a str),
+}
+
 impl ApiLimits {
-    pub fn new(per_token: Quota, bad_tokens_per_source: Quota) -> ApiLimits {
+    pub fn new(per_token: Quota, per_source: Quota, bad_tokens_per_source: Quota) -> ApiLimits {
         ApiLimits {
             tokens: Budget::new(per_token),
+            sources: Budget::new(per_source),
             bad_tokens: Budget::new(bad_tokens_per_source),
         }
     }
 
-    /// Spends one request of `token_id` (an index or name, never the token).
-    pub fn request(&self, token_id: &str) -> Result<(), Duration> {
-        match self.tokens.spend(&token_id.to_string()) {
+    /// Spends one request of `spender` (an index or name, never the token)
+    /// and of `source`. Returns the wait and which budget ran out.
+    pub fn request(
+        &self,
+        spender: Spender<'_>,
+        source: Option<IpAddr>,
+    ) -> Result<(), (Duration, &'static str)> {
+        if let Some(ip) = source {
+            if let Some(d) = self.sources.spend(&source_key(ip)) {
+                return Err((d, "your address is over its request rate"));
+            }
+        }
+        let key = match (spender, source) {
+            (Spender::Job(id), _) => format!("job:{id}"),
+            (Spender::Shared(name), Some(ip)) => format!("{name}@{}", source_key(ip)),
+            (Spender::Shared(name), None) => name.to_string(),
+        };
+        match self.tokens.spend(&key) {
             None => Ok(()),
-            Some(d) => Err(d),
+            Some(d) => Err((d, "this token is over its request rate")),
         }
     }
 
@@ -365,6 +393,7 @@ impl ApiLimits {
 
     pub fn sweep(&self) {
         self.tokens.sweep();
+        self.sources.sweep();
         self.bad_tokens.sweep();
     }
 }
@@ -498,14 +527,22 @@ mod tests {
     }
 
     #[test]
-    fn api_tokens_have_their_own_budgets() {
-        let limits = ApiLimits::new(
-            quota(2, Duration::from_secs(60)),
-            quota(2, Duration::from_secs(60)),
-        );
-        assert!(limits.request("token-0").is_ok());
-        assert!(limits.request("token-0").is_ok());
-        assert!(limits.request("token-0").is_err());
-        assert!(limits.request("token-1").is_ok());
+    fn api_budgets_are_per_job_per_shared_token_source_and_per_source() {
+        let minute = Duration::from_secs(60);
+        let limits = ApiLimits::new(quota(2, minute), quota(5, minute), quota(2, minute));
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        assert!(limits.request(Spender::Shared("token-0"), a).is_ok());
+        assert!(limits.request(Spender::Shared("token-0"), a).is_ok());
+        assert!(limits.request(Spender::Shared("token-0"), a).is_err());
+        // The same shared token from another runner has its own budget.
+        assert!(limits.request(Spender::Shared("token-0"), b).is_ok());
+        assert!(limits.request(Spender::Job("1"), a).is_ok());
+        assert!(limits.request(Spender::Job("1"), b).is_ok());
+        assert!(limits.request(Spender::Job("1"), b).is_err());
+        // a has spent 4 of its 5; two more jobs' fresh budgets do not help.
+        assert!(limits.request(Spender::Job("2"), a).is_ok());
+        let (_, why) = limits.request(Spender::Job("3"), a).unwrap_err();
+        assert!(why.contains("address"), "{why}");
     }
 }

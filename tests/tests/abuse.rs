@@ -19,11 +19,16 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// A "runner" that accepts connections and never reads from them.
+/// A "runner" that accepts connections and never reads from them. Its
+/// receive buffers are small, so what the gateway writes to it gets stuck
+/// soon rather than after the kernel's megabytes of autotuning.
 async fn deaf_runner(ip: &str) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
-        .await
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket
+        .bind(format!("{ip}:0").parse().expect("addr"))
         .expect("bind");
+    let listener = socket.listen(16).expect("listen");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -34,34 +39,9 @@ async fn deaf_runner(ip: &str) -> std::net::SocketAddr {
     addr
 }
 
-async fn flood(w: &World, job: &str, packet: usize, limit: usize) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/window_flood.py");
-    let args = [
-        script.to_string(),
-        "127.0.0.1".into(),
-        w.gateway.ssh.port().to_string(),
-        "mallory".into(),
-        w.mallory.path.display().to_string(),
-        job.to_string(),
-        packet.to_string(),
-        limit.to_string(),
-    ];
-    let r = run(PYTHON, &args, None).await;
-    assert_eq!(
-        r.code, 0,
-        "the flood script ran (python3-paramiko installed?): {r:?}"
-    );
-    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r:?}"))
-}
-
-/// A user on their own job opened a jump channel to a runner that never
-/// reads and sent CHANNEL_DATA past the window: the gateway buffered it all
-/// (RSS 10 -> 611 MiB in 4 s in the report). Data beyond the window, or a
-/// packet beyond the advertised maximum, now ends the connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_past_the_window_ends_the_connection() {
-    let w = World::unregistered("127.0.0.111", "9876543111", &[]).await;
-    let deaf = deaf_runner("127.0.0.112").await;
+/// Registers `w`'s job (mallory's) at a deaf runner on `ip`.
+async fn deaf_job(w: &World, ip: &str) {
+    let deaf = deaf_runner(ip).await;
     let (status, body) = w
         .gateway
         .register(
@@ -71,6 +51,41 @@ async fn data_past_the_window_ends_the_connection() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
+}
+
+/// Runs `tests/scripts/<script>` (paramiko) as mallory on `job` with
+/// `extra` arguments; returns the JSON line it prints.
+async fn paramiko(w: &World, script: &str, job: &str, extra: &[String]) -> Value {
+    let mut args = vec![
+        format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR")),
+        "127.0.0.1".into(),
+        w.gateway.ssh.port().to_string(),
+        "mallory".into(),
+        w.mallory.path.display().to_string(),
+        job.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let r = run(PYTHON, &args, None).await;
+    assert_eq!(
+        r.code, 0,
+        "{script} ran (python3-paramiko installed?): {r:?}"
+    );
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r:?}"))
+}
+
+async fn flood(w: &World, job: &str, packet: usize, limit: usize) -> Value {
+    let extra = [packet.to_string(), limit.to_string()];
+    paramiko(w, "window_flood.py", job, &extra).await
+}
+
+/// A user on their own job opened a jump channel to a runner that never
+/// reads and sent CHANNEL_DATA past the window: the gateway buffered it all
+/// (RSS 10 -> 611 MiB in 4 s in the report). Data beyond the window, or a
+/// packet beyond the advertised maximum, now ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_past_the_window_ends_the_connection() {
+    let w = World::unregistered("127.0.0.111", "9876543111", &[]).await;
+    deaf_job(&w, "127.0.0.112").await;
     let before = rss_kib();
     // Packets the size the gateway allows, far past its window.
     const LIMIT: usize = 96 << 20;
@@ -364,4 +379,149 @@ async fn a_registration_listing_many_people_cannot_spend_the_github_budget() {
             .any(|l| l.as_str().is_some_and(|l| l.ends_with(" octocat"))),
         "the actor's key is always there: {answer}"
     );
+}
+
+/// All runners shared the registration token's request budget, so one
+/// runner's 620 requests made every other runner's registration wait (429).
+/// A shared token's budget is kept per source now, and every source has a
+/// budget over all the tokens it presents, so many job tokens buy no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_runner_cannot_spend_everyones_api_budget() {
+    let w = World::with_config(
+        "127.0.0.121",
+        "9876543121",
+        &[
+            ("CI_GATEWAY__API__REQUESTS_PER_MINUTE_PER_TOKEN", "10"),
+            ("CI_GATEWAY__API__REQUESTS_PER_MINUTE_PER_SOURCE", "30"),
+        ],
+    )
+    .await;
+    let from =
+        |ip: &str, method: &'static str, path: String, token: String, body: Option<String>| {
+            let api = w.gateway.api;
+            let ip = ip.parse().expect("ip");
+            async move {
+                http_from(
+                    Some(ip),
+                    api,
+                    method,
+                    &path,
+                    Some(&token),
+                    body.map(String::into_bytes),
+                )
+                .await
+                .0
+            }
+        };
+    // One runner floods with the registration token until it is refused.
+    let mut flooded = Vec::new();
+    for _ in 0..15 {
+        flooded.push(
+            from(
+                "127.0.0.122",
+                "GET",
+                "/v1/jobs/1".into(),
+                TOKEN.into(),
+                None,
+            )
+            .await,
+        );
+    }
+    assert!(flooded.contains(&429), "never limited: {flooded:?}");
+    // Another runner still registers with the same token.
+    let body = registration(&w.runner, "octocat").to_string();
+    let mut jobs = Vec::new();
+    for n in 0..4 {
+        let job = format!("71212121{n:02}");
+        let path = format!("/v1/jobs/{job}");
+        let (status, text) = http_from(
+            Some("127.0.0.123".parse().expect("ip")),
+            w.gateway.api,
+            "PUT",
+            &path,
+            Some(TOKEN),
+            Some(body.clone().into_bytes()),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+        let reply: Value = serde_json::from_str(&text).expect("json");
+        jobs.push((
+            path,
+            reply["job_token"].as_str().expect("token").to_string(),
+        ));
+    }
+    // One source with many job tokens: each job's budget is fresh, but the
+    // source's own (30) runs out.
+    let mut statuses = Vec::new();
+    for (path, token) in &jobs[..3] {
+        for _ in 0..10 {
+            statuses.push(from("127.0.0.124", "GET", path.clone(), token.clone(), None).await);
+        }
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (path, token) = &jobs[3];
+    let (status, text) = http_from(
+        Some("127.0.0.124".parse().expect("ip")),
+        w.gateway.api,
+        "GET",
+        path,
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 429, "{text}");
+    assert!(
+        text.contains("your address is over its request rate"),
+        "{text}"
+    );
+    // The same job from its own runner is served.
+    assert_eq!(
+        from("127.0.0.125", "GET", path.clone(), token.clone(), None).await,
+        200
+    );
+}
+
+/// Each channel's data was bounded by its window, but a connection's
+/// channels together were not: 12 channels to a runner that never reads,
+/// each filled exactly to its window, made the gateway hold 24 MiB for one
+/// connection (and 32 channels, 64 MiB). The windows of one connection now
+/// come out of one budget: a channel opened when it is short gets half of
+/// what is left, and one opened when it is spent is refused as a resource
+/// shortage while the connection carries on. A channel closed while the
+/// runner was not reading used to stay stuck in its write for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_channels_share_one_window_budget() {
+    const BUDGET: u64 = 6 << 20;
+    let w = World::unregistered(
+        "127.0.0.126",
+        "9876543126",
+        &[(
+            "CI_GATEWAY__SSH__MAX_WINDOW_PER_CONNECTION",
+            &BUDGET.to_string(),
+        )],
+    )
+    .await;
+    deaf_job(&w, "127.0.0.127").await;
+    let out = paramiko(&w, "channel_fill.py", &w.job, &["12".into()]).await;
+    let windows: Vec<u64> = out["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .map(|v| v.as_u64().expect("n"))
+        .collect();
+    let held: u64 = windows.iter().sum();
+    eprintln!(
+        "windows granted: {windows:?}, {held} bytes in all; refused: {}",
+        out["refused"]
+    );
+    assert!(
+        held <= BUDGET,
+        "{held} bytes granted over the budget: {windows:?}"
+    );
+    assert_eq!(windows[0], 2 << 20, "the first channels get a full window");
+    assert_eq!(out["refused"]["code"], 4, "a resource shortage: {out}");
+    assert_eq!(out["active"], true, "the connection lives on: {out}");
+    // Closed channels give their share back, even those whose data the
+    // runner never read (that data is dropped after a short drain).
+    assert_eq!(out["after_close"], 2 << 20, "{out}");
 }

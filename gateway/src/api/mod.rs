@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::access;
 use crate::ids::{valid_runner_user, GithubLogin, JobId};
+use crate::limits::Spender;
 use crate::registry::{unix_now, Lookup, Os, Registration, RunnerLogin};
 use crate::secret::Secret;
 use crate::Gateway;
@@ -278,27 +279,32 @@ async fn require_token(
             return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
         }
     };
-    let budget = match &caller {
-        Caller::Token(i) => format!("token-{i}"),
-        Caller::Oidc(c) => format!("oidc:{}", c.repository.to_lowercase()),
+    let job_in_path: String = request
+        .uri()
+        .path()
+        .trim_start_matches("/v1/jobs/")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(24)
+        .collect();
+    let shared;
+    let spender = match &caller {
+        Caller::Token(i) => {
+            shared = format!("token-{i}");
+            Spender::Shared(&shared)
+        }
+        Caller::Oidc(c) => {
+            shared = format!("oidc:{}", c.repository.to_lowercase());
+            Spender::Shared(&shared)
+        }
         // Keyed by the job the path names (an id, so the key space is what
         // the wrong-token budget per source already bounds).
-        Caller::JobToken(..) => format!(
-            "job:{}",
-            request
-                .uri()
-                .path()
-                .trim_start_matches("/v1/jobs/")
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .take(24)
-                .collect::<String>()
-        ),
+        Caller::JobToken(..) => Spender::Job(&job_in_path),
     };
-    if let Err(wait) = gw.api_limits.request(&budget) {
-        return too_many(wait, "this token is over its request rate");
+    if let Err((wait, why)) = gw.api_limits.request(spender, source) {
+        return too_many(wait, why);
     }
     request.extensions_mut().insert(caller);
     next.run(request).await

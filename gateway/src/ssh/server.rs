@@ -36,6 +36,9 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         // more, so the session loop does not wait on it for a well-behaved peer.
         window_size: 2 * 1024 * 1024,
         maximum_packet_size: 32768,
+        // Channels share one budget per connection: a channel opened when
+        // less than two windows are left gets half of what is left.
+        connection_window: ssh.max_window_per_connection as u64,
         channel_buffer_size: 1024,
         nodelay: true,
         preferred: crate::ssh::preferred(ssh.allow_sha1_rsa),

@@ -16,6 +16,10 @@ use tokio::io::AsyncWriteExt;
 /// The most read from TCP at once (one SSH packet's worth of payload).
 const READ_CHUNK: usize = 32 * 1024;
 
+/// How long data a user sent before closing a channel may take to reach a
+/// runner that has stopped reading; then it is dropped with the channel.
+const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bytes moved each way.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Moved {
@@ -31,11 +35,46 @@ pub async fn run(channel: Channel<Msg>, tcp: tokio::net::TcpStream) -> Moved {
     let up = std::sync::atomic::AtomicU64::new(0);
     let down = std::sync::atomic::AtomicU64::new(0);
     let to_runner = async {
-        while let Some(msg) = rx.wait().await {
+        // Messages that arrived while a write was stuck (at most the user's
+        // window: more is a protocol error), so a close is seen at once
+        // even when the runner stops reading.
+        let mut later = std::collections::VecDeque::new();
+        // Set once the user closed: what they sent before still goes out,
+        // for as long as the runner reads it within `CLOSE_DRAIN`.
+        let mut closing: Option<tokio::time::Instant> = None;
+        loop {
+            let msg = match later.pop_front() {
+                Some(msg) => msg,
+                None => match rx.wait().await {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
             match msg {
                 ChannelMsg::Data { data } => {
                     let len = data.len();
-                    if tcp_w.write_all(&data).await.is_err() {
+                    let write = tcp_w.write_all(&data);
+                    let mut write = std::pin::pin!(write);
+                    let written = loop {
+                        let drained = async {
+                            match closing {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            r = &mut write => break r.is_ok(),
+                            msg = rx.wait(), if closing.is_none() => match msg {
+                                Some(ChannelMsg::Close) | None => {
+                                    closing = Some(tokio::time::Instant::now() + CLOSE_DRAIN);
+                                    later.push_back(ChannelMsg::Close);
+                                }
+                                Some(msg) => later.push_back(msg),
+                            },
+                            _ = drained => break false,
+                        }
+                    };
+                    if !written {
                         break;
                     }
                     up.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);

@@ -484,9 +484,23 @@ pub async fn http_raw(
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("api connect");
+    http_from(None, addr, method, path, token, body).await
+}
+
+/// `http_raw` from a chosen loopback source address (a different runner).
+pub async fn http_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0)).expect("bind source");
+    }
+    let mut stream = socket.connect(addr).await.expect("api connect");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));

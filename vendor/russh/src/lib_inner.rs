@@ -524,6 +524,10 @@ pub(crate) struct ChannelParams {
     pub(crate) manual_window: bool,
     /// Consumed bytes not yet granted back to the peer.
     pub(crate) release_pending: u32,
+    /// ci-gateway patch: the window this channel keeps topped up to, when it
+    /// got less than the configured window from its connection's budget
+    /// (0: the configured window).
+    pub(crate) window_target: u32,
 }
 
 impl ChannelParams {

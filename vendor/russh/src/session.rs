@@ -312,6 +312,11 @@ impl Encrypted {
         target: u32,
     ) -> Result<(), crate::Error> {
         if let Some(channel) = self.channels.get_mut(&channel) {
+            let target = if channel.window_target > 0 {
+                channel.window_target
+            } else {
+                target
+            };
             channel.manual_window = true;
             channel.release_pending = channel.release_pending.saturating_add(consumed);
             let pending = channel.release_pending;
@@ -337,6 +342,11 @@ impl Encrypted {
         target: u32,
     ) -> Result<bool, crate::Error> {
         if let Some(channel) = self.channels.get_mut(&channel) {
+            let target = if channel.window_target > 0 {
+                channel.window_target
+            } else {
+                target
+            };
             trace!(
                 "adjust_window_size, channel = {}, size = {},",
                 channel.sender_channel, target
@@ -829,6 +839,7 @@ impl Encrypted {
                     pending_eof: false,
                     pending_close: false,
                     manual_window: false,
+                    window_target: 0,
                     release_pending: 0,
                 });
                 return ChannelId(self.last_channel_id.0);
@@ -960,6 +971,7 @@ mod tests {
             pending_eof,
             pending_close,
             manual_window: false,
+            window_target: 0,
             release_pending: 0,
         }
     }
@@ -1016,6 +1028,7 @@ mod tests {
             pending_eof,
             pending_close,
             manual_window: false,
+            window_target: 0,
             release_pending: 0,
         }
     }

@@ -145,6 +145,24 @@ impl WindowSizeRef {
 /// Allows you to read from a channel without borrowing the session
 pub struct ChannelReadHalf {
     pub(crate) receiver: Receiver<ChannelMsg>,
+    /// ci-gateway patch: the part of its connection's window budget this
+    /// channel holds; given back when the read half (and with it the queue
+    /// of received, unread data) is dropped.
+    pub(crate) share: Option<WindowShare>,
+}
+
+/// ci-gateway patch: a channel's share of [`crate::server::Config::connection_window`].
+#[derive(Debug)]
+pub(crate) struct WindowShare {
+    pub(crate) pool: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) bytes: u64,
+}
+
+impl Drop for WindowShare {
+    fn drop(&mut self) {
+        self.pool
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for ChannelReadHalf {
@@ -479,7 +497,10 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
     ) -> (Self, ChannelRef) {
         let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
         let window_size = WindowSizeRef::new(window_size);
-        let read_half = ChannelReadHalf { receiver: rx };
+        let read_half = ChannelReadHalf {
+            receiver: rx,
+            share: None,
+        };
         let write_half = ChannelWriteHalf {
             id,
             sender,

@@ -856,6 +856,7 @@ impl Session {
                     pending_eof: false,
                     pending_close: false,
                     manual_window: false,
+                    window_target: 0,
                     release_pending: 0,
                 };
 

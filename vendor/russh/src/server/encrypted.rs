@@ -861,6 +861,7 @@ mod tests {
             channels: std::collections::HashMap::new(),
             open_global_requests: std::collections::VecDeque::new(),
             kex: SessionKexState::Idle,
+            window_pool: Default::default(),
         }
     }
 
@@ -2031,6 +2032,53 @@ impl Session {
     ) -> Result<(), H::Error> {
         let msg = OpenChannelMessage::parse(r)?;
 
+        // ci-gateway patch: the channel's window comes out of its
+        // connection's budget, so many channels cannot together make the
+        // server hold more than `connection_window` of a peer's data.
+        let config = &self.common.config;
+        let share = {
+            use std::sync::atomic::Ordering;
+            let mut held = self.window_pool.load(Ordering::Acquire);
+            loop {
+                // Half of what is left (at least a packet): a channel opened
+                // late on a busy connection still gets a usable window.
+                let left = config.connection_window.saturating_sub(held);
+                let packet = u64::from(config.maximum_packet_size.min(config.window_size));
+                if left < packet {
+                    break None;
+                }
+                let share = if config.connection_window == u64::MAX {
+                    u64::from(config.window_size)
+                } else {
+                    (left / 2).max(packet).min(u64::from(config.window_size))
+                };
+                match self.window_pool.compare_exchange(
+                    held,
+                    held + share,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break Some(share as u32),
+                    Err(now) => held = now,
+                }
+            }
+        };
+        let Some(window) = share else {
+            debug!("channel open refused: the connection's window budget is held");
+            if let Some(ref mut enc) = self.common.encrypted {
+                msg.fail(
+                    &mut enc.write,
+                    msg::SSH_OPEN_RESOURCE_SHORTAGE,
+                    b"too much unread data on this connection's channels",
+                )?;
+            }
+            return Ok(());
+        };
+        let window_share = crate::channels::WindowShare {
+            pool: self.window_pool.clone(),
+            bytes: u64::from(window),
+        };
+
         let sender_channel = if let Some(ref mut enc) = self.common.encrypted {
             enc.new_channel_id()
         } else {
@@ -2043,7 +2091,7 @@ impl Session {
             sender_channel,
 
             recipient_window_size: msg.recipient_window_size,
-            sender_window_size: self.common.config.window_size,
+            sender_window_size: window,
             recipient_maximum_packet_size: msg.recipient_maximum_packet_size,
             sender_maximum_packet_size: self.common.config.maximum_packet_size,
             confirmed: true,
@@ -2051,11 +2099,12 @@ impl Session {
             pending_data: std::collections::VecDeque::new(),
             pending_eof: false,
             pending_close: false,
-                    manual_window: false,
-                    release_pending: 0,
+            manual_window: false,
+            window_target: window,
+            release_pending: 0,
         };
 
-        let (channel, channel_ref) = Channel::new(
+        let (mut channel, channel_ref) = Channel::new(
             sender_channel,
             self.sender.sender.clone(),
             channel_params.recipient_maximum_packet_size,
@@ -2063,10 +2112,12 @@ impl Session {
             self.common.config.channel_buffer_size,
         );
 
+        channel.read_half.share = Some(window_share);
+
         let pending = PendingChannelOpen {
             recipient_channel: msg.recipient_channel,
             sender_channel,
-            window_size: self.common.config.window_size,
+            window_size: window,
             packet_size: self.common.config.maximum_packet_size,
             channel_ref,
             channel_params,

@@ -82,6 +82,12 @@ pub struct Config {
     pub window_size: u32,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
+    /// ci-gateway patch: the most window all channels of one connection may
+    /// hold together (granted and not yet sent, or received and not yet
+    /// read). A channel opened when less than `window_size` is left gets
+    /// what is left; with less than one packet left it is refused
+    /// (`SSH_OPEN_RESOURCE_SHORTAGE`). `u64::MAX`: no connection budget.
+    pub connection_window: u64,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
     pub channel_buffer_size: usize,
     /// Internal event buffer size
@@ -116,6 +122,7 @@ impl Default for Config {
             certificates: Vec::new(),
             window_size: 2097152,
             maximum_packet_size: 32768,
+            connection_window: u64::MAX,
             channel_buffer_size: 100,
             event_buffer_size: 10,
             limits: Limits::default(),
@@ -1133,6 +1140,7 @@ where
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
+        window_pool: Arc::default(),
     };
 
     session.begin_rekey()?;

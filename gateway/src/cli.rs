@@ -132,7 +132,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             );
         }
     }
-    crate::run(gw, ssh, api, shutdown_signal()).await
+    let metrics = match gw.config.metrics.listen_addr() {
+        Ok(Some(addr)) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))?,
+        ),
+        _ => None,
+    };
+    if let Some(m) = &metrics {
+        eprintln!("  metrics: http://{}/metrics", m.local_addr()?);
+    }
+    let listeners = crate::Listeners { ssh, api, metrics };
+    crate::run(gw, listeners, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -48,6 +48,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub storage: StorageConfig,
     pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +206,27 @@ pub struct StorageConfig {
 pub struct AuditConfig {
     /// Empty: `<data_dir>/audit.jsonl`.
     pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served (Prometheus text); empty: off.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to serve metrics on, if they are on.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{listen:?} is not host:port: {e}"))
+    }
 }
 
 impl Config {
@@ -385,6 +407,9 @@ impl Config {
                 "api.tls_cert",
                 "api.tls_cert and api.tls_key must be set together",
             ));
+        }
+        if let Err(e) = self.metrics.listen_addr() {
+            return Err(invalid("metrics.listen", &e));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));

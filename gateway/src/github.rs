@@ -47,8 +47,8 @@ pub struct KeySource {
     ttl: Duration,
     stale_for: Duration,
     fetch_timeout: Duration,
-    fetches: std::sync::atomic::AtomicU64,
     in_flight: tokio::sync::Semaphore,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(serde::Deserialize)]
@@ -57,7 +57,10 @@ struct GithubKey {
 }
 
 impl KeySource {
-    pub fn new(config: &GithubConfig) -> anyhow::Result<KeySource> {
+    pub fn new(
+        config: &GithubConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<KeySource> {
         let mut static_keys = HashMap::new();
         for (login, lines) in &config.static_keys {
             let login = GithubLogin::parse(login)?;
@@ -85,14 +88,39 @@ impl KeySource {
             ttl: config.key_cache_ttl,
             stale_for: config.stale_for,
             fetch_timeout: config.fetch_timeout,
-            fetches: Default::default(),
             in_flight: tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT),
+            metrics,
         })
     }
 
-    /// How many fetches went to GitHub so far (tests check the cache with it).
-    pub fn fetch_count(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    /// `GET route` on GitHub's API, counted by outcome; a 404 is `None`.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        route: String,
+    ) -> Result<Option<T>, String> {
+        use crate::metrics::Outcome;
+        let Some(client) = &self.client else {
+            return Err("no GitHub client".into());
+        };
+        let request = async {
+            let _permit = self.in_flight.acquire().await;
+            client.get::<T, _, ()>(route, None).await
+        };
+        let (outcome, result) = match tokio::time::timeout(self.fetch_timeout, request).await {
+            Err(_) => (
+                Outcome::Timeout,
+                Err(format!("no answer within {:?}", self.fetch_timeout)),
+            ),
+            Ok(Ok(value)) => (Outcome::Ok, Ok(Some(value))),
+            Ok(Err(octocrab::Error::GitHub { source, .. }))
+                if source.status_code.as_u16() == 404 =>
+            {
+                (Outcome::NotFound, Ok(None))
+            }
+            Ok(Err(e)) => (Outcome::Error, Err(one_line(&e))),
+        };
+        self.metrics.github_call(outcome);
+        result
     }
 
     /// Whether `keys(login)` would answer without asking GitHub.
@@ -176,53 +204,19 @@ impl KeySource {
         struct Job {
             run_id: u64,
         }
-        let Some(client) = &self.client else {
-            return Err("no GitHub client".into());
-        };
         let route = format!("/repos/{repository}/actions/jobs/{job}");
-        let request = async {
-            let _permit = self.in_flight.acquire().await;
-            client.get::<Job, _, ()>(route, None).await
-        };
-        match tokio::time::timeout(self.fetch_timeout, request).await {
-            Err(_) => Err(format!("no answer within {:?}", self.fetch_timeout)),
-            Ok(Ok(j)) => Ok(Some(j.run_id)),
-            Ok(Err(octocrab::Error::GitHub { source, .. }))
-                if source.status_code.as_u16() == 404 =>
-            {
-                Ok(None)
-            }
-            Ok(Err(e)) => Err(one_line(&e)),
-        }
+        Ok(self.call::<Job>(route).await?.map(|j| j.run_id))
     }
 
     async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, String> {
-        let Some(client) = &self.client else {
-            return Err("no GitHub client".into());
-        };
         let route = format!("/users/{login}/keys");
-        let request = async {
-            let _permit = self.in_flight.acquire().await;
-            self.fetches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            client.get::<Vec<GithubKey>, _, ()>(route, None).await
-        };
-        let result = match tokio::time::timeout(self.fetch_timeout, request).await {
-            Err(_) => return Err(format!("no answer within {:?}", self.fetch_timeout)),
-            Ok(result) => result,
-        };
-        match result {
-            Ok(list) => Ok(list
-                .iter()
-                .filter_map(|k| crate::keys::parse_public_key(&k.key).ok())
-                .take(MAX_KEYS_PER_LOGIN)
-                .collect()),
-            // An account that does not exist has no keys; that is an answer.
-            Err(octocrab::Error::GitHub { source, .. }) if source.status_code.as_u16() == 404 => {
-                Ok(Vec::new())
-            }
-            Err(e) => Err(one_line(&e)),
-        }
+        // An account that does not exist has no keys; that is an answer.
+        let list: Vec<GithubKey> = self.call(route).await?.unwrap_or_default();
+        Ok(list
+            .iter()
+            .filter_map(|k| crate::keys::parse_public_key(&k.key).ok())
+            .take(MAX_KEYS_PER_LOGIN)
+            .collect())
     }
 }
 

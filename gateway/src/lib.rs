@@ -13,6 +13,7 @@
 //! - [`keys`] — host key, CA and certificates the gateway owns.
 //! - [`limits`] — failed-login and API rate limits (governor).
 //! - [`logline`] — the log writer: one record, one line, controls escaped.
+//! - [`metrics`] — Prometheus metrics (`[metrics] listen`).
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
@@ -38,6 +39,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod logline;
+pub mod metrics;
 pub mod oidc;
 pub mod registry;
 pub mod secret;
@@ -73,6 +75,7 @@ pub struct Gateway {
     /// GitHub key lookups per source for logins it names.
     pub github_lookups: limits::LookupBudget,
     pub upstream_config: Arc<russh::client::Config>,
+    pub metrics: Arc<metrics::Metrics>,
     /// Sockets to runners (job-mode SSH connections, jump forwards): one
     /// permit each, for as long as the socket is open.
     pub upstream_sockets: Arc<tokio::sync::Semaphore>,
@@ -108,7 +111,8 @@ impl Gateway {
         }
         let registry =
             registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
-        let keys = github::KeySource::new(&config.github)?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let keys = github::KeySource::new(&config.github, metrics.clone())?;
         let policy = access::Policy {
             admins: config.admins(),
             allow_extra_users: config.registration.allow_extra_users,
@@ -206,6 +210,7 @@ impl Gateway {
             github_lookups,
             oidc,
             upstream_config,
+            metrics,
             generated_token_file,
             stopping: tokio::sync::watch::Sender::new(false),
         })
@@ -295,13 +300,25 @@ pub fn plain_http_warning(addr: std::net::SocketAddr) -> Option<String> {
     })
 }
 
-/// Serves SSH and the API until `shutdown` resolves.
+/// The sockets [`run`] serves, bound by the caller.
+pub struct Listeners {
+    pub ssh: TcpListener,
+    pub api: TcpListener,
+    /// `/metrics`, when `[metrics] listen` is set.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Serves SSH, the API and metrics until `shutdown` resolves.
 pub async fn run(
     gw: Arc<Gateway>,
-    ssh_listener: TcpListener,
-    api_listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        ssh: ssh_listener,
+        api: api_listener,
+        metrics: metrics_listener,
+    } = listeners;
     let tls = if gw.config.api.tls_cert.as_os_str().is_empty() {
         if let Some(warning) = plain_http_warning(api_listener.local_addr()?) {
             tracing::warn!("{warning}");
@@ -333,6 +350,21 @@ pub async fn run(
         },
         stopped(),
     ));
+    let metrics = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            gw.listening_on(addr);
+        }
+        tokio::spawn(api::serve::run(
+            metrics::router(gw.metrics.clone()),
+            listener,
+            None,
+            api::serve::Limits {
+                request_timeout: gw.config.api.request_timeout,
+                per_source: gw.config.api.max_connections_per_source,
+            },
+            stopped(),
+        ))
+    });
     // Holds that were running when the gateway stopped resume.
     for job in gw.registry.finished_jobs() {
         hold::start(gw.clone(), job);
@@ -355,6 +387,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = ssh.await;
     let _ = api.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     sweeper.abort();
     limit_sweeper.abort();
     Ok(())

@@ -9,6 +9,7 @@
 //! limiter state of keys back at full budget is dropped every sweep, and the
 //! block lists are capped.
 
+use crate::metrics::Refusal;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -220,6 +221,16 @@ pub enum Blocked {
     User(Duration),
 }
 
+impl Blocked {
+    /// The metric's kind for this refusal.
+    pub fn kind(&self) -> crate::metrics::Refusal {
+        match self {
+            Blocked::Source(_) => crate::metrics::Refusal::SshSource,
+            Blocked::User(_) => crate::metrics::Refusal::SshUser,
+        }
+    }
+}
+
 impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -359,15 +370,16 @@ impl ApiLimits {
     }
 
     /// Spends one request of `spender` (an index or name, never the token)
-    /// and of `source`. Returns the wait and which budget ran out.
+    /// and of `source`. Returns the wait and which budget ran out
+    /// (`ApiSource` or `ApiToken`).
     pub fn request(
         &self,
         spender: Spender<'_>,
         source: Option<IpAddr>,
-    ) -> Result<(), (Duration, &'static str)> {
+    ) -> Result<(), (Duration, Refusal)> {
         if let Some(ip) = source {
             if let Some(d) = self.sources.spend(&source_key(ip)) {
-                return Err((d, "your address is over its request rate"));
+                return Err((d, Refusal::ApiSource));
             }
         }
         let key = match (spender, source) {
@@ -377,7 +389,7 @@ impl ApiLimits {
         };
         match self.tokens.spend(&key) {
             None => Ok(()),
-            Some(d) => Err((d, "this token is over its request rate")),
+            Some(d) => Err((d, Refusal::ApiToken)),
         }
     }
 
@@ -543,6 +555,6 @@ mod tests {
         // a has spent 4 of its 5; two more jobs' fresh budgets do not help.
         assert!(limits.request(Spender::Job("2"), a).is_ok());
         let (_, why) = limits.request(Spender::Job("3"), a).unwrap_err();
-        assert!(why.contains("address"), "{why}");
+        assert_eq!(why, Refusal::ApiSource);
     }
 }

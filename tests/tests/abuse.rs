@@ -268,9 +268,26 @@ async fn made_up_logins_cannot_spend_the_github_budget() {
     // Another source still gets its lookups (mallory's own keys, uncached).
     let r = run("ssh", &jump_as("127.0.0.118", "mallory"), None).await;
     assert!(r.stderr.contains("mallory is not allowed on job"), "{r:?}");
-    assert_eq!(
-        w.github.hits.load(std::sync::atomic::Ordering::SeqCst) - before,
-        spent + 1
+    let hits = w.github.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(hits - before, spent + 1);
+    // The calls spent and the refusals are metrics an operator can alert on.
+    let text = metrics(&w.gateway).await;
+    let calls: u64 = ["ok", "not_found", "error", "timeout"]
+        .iter()
+        .map(|o| {
+            metric(
+                &text,
+                &format!("ci_gateway_github_api_calls_total{{outcome=\"{o}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(calls, hits as u64, "{text}");
+    assert!(
+        metric(
+            &text,
+            "ci_gateway_rate_limit_refusals_total{kind=\"github_lookups\"}"
+        ) >= 35,
+        "{text}"
     );
 }
 

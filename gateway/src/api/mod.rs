@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::access;
 use crate::ids::{valid_runner_user, GithubLogin, JobId};
 use crate::limits::Spender;
+use crate::metrics::Refusal;
 use crate::registry::{unix_now, Lookup, Os, Registration, RunnerLogin};
 use crate::secret::Secret;
 use crate::Gateway;
@@ -235,6 +236,8 @@ async fn require_token(
         .map(|c| c.0.ip());
     if let Some(wait) = source.and_then(|ip| gw.api_limits.source_blocked(ip)) {
         return too_many(
+            &gw,
+            Refusal::ApiBadToken,
             wait,
             "too many requests with a wrong token from your address",
         );
@@ -272,6 +275,8 @@ async fn require_token(
             tracing::info!(source = ?source, "API request refused: {reason}");
             if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
                 return too_many(
+                    &gw,
+                    Refusal::ApiBadToken,
                     wait,
                     "too many requests with a wrong token from your address",
                 );
@@ -303,14 +308,19 @@ async fn require_token(
         // the wrong-token budget per source already bounds).
         Caller::JobToken(..) => Spender::Job(&job_in_path),
     };
-    if let Err((wait, why)) = gw.api_limits.request(spender, source) {
-        return too_many(wait, why);
+    if let Err((wait, kind)) = gw.api_limits.request(spender, source) {
+        let why = match kind {
+            Refusal::ApiSource => "your address is over its request rate",
+            _ => "this token is over its request rate",
+        };
+        return too_many(&gw, kind, wait, why);
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
 }
 
-fn too_many(wait: std::time::Duration, what: &str) -> Response {
+fn too_many(gw: &Gateway, kind: Refusal, wait: std::time::Duration, what: &str) -> Response {
+    gw.metrics.refused(kind);
     let secs = wait.as_secs().max(1);
     let mut response = ApiError(
         StatusCode::TOO_MANY_REQUESTS,
@@ -759,6 +769,7 @@ async fn authorized_keys(gw: &Gateway, job: &Registration, source: IpAddr) -> Ve
         let listed = login != job.actor && !gw.policy.admins.contains(&login);
         if listed && !gw.keys.is_fresh(&login).await {
             if let Some(wait) = gw.github_lookups.spend(source) {
+                gw.metrics.refused(Refusal::GithubLookups);
                 tracing::warn!(job = %job.job_id, %login, "jump-mode keys left out: the caller's GitHub lookup budget is spent for {}s", wait.as_secs());
                 continue;
             }

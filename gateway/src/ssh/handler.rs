@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::access;
 use crate::ids::{GithubLogin, JobId, Target};
+use crate::metrics::Refusal;
 use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, SessionInfo};
 use crate::ssh::upstream::{self, RunnerConnection};
 use crate::Gateway;
@@ -201,6 +202,7 @@ impl Connection {
         }
         self.user = crate::audit::shown(user);
         if let Err(blocked) = self.gw.auth_limits.check(self.peer.ip(), user) {
+            self.gw.metrics.refused(blocked.kind());
             info!(conn = self.id, peer = %self.peer, "refused: {blocked}");
             self.disconnect_later(format!("ci-gateway: {blocked}"));
             self.state = State::Refused;
@@ -260,6 +262,7 @@ impl Connection {
             State::Jump { login, .. } => {
                 if !self.gw.keys.is_fresh(login).await {
                     if let Some(wait) = self.gw.github_lookups.spend(self.peer.ip()) {
+                        self.gw.metrics.refused(Refusal::GithubLookups);
                         warn!(conn = self.id, peer = %self.peer, "GitHub key lookup refused: this source is over its budget for {}s", wait.as_secs());
                         return None;
                     }
@@ -324,6 +327,7 @@ impl Connection {
     /// the connection is closed with the reason.
     fn spend_failure(&mut self, user: &str) {
         if let Err(blocked) = self.gw.auth_limits.failed(self.peer.ip(), user) {
+            self.gw.metrics.refused(blocked.kind());
             info!(conn = self.id, peer = %self.peer, "closing: {blocked}");
             self.gw.audit.record(
                 "rate_limited",
@@ -370,6 +374,7 @@ impl Connection {
         {
             Ok(()) => true,
             Err(which) => {
+                self.gw.metrics.refused(Refusal::Channels);
                 info!(
                     conn = self.id,
                     "channel refused: this {which} holds its maximum of channels"
@@ -561,6 +566,7 @@ impl server::Handler for Connection {
                     let _ = self.open_channels.login.set(self.gw.login_channels(&login));
                 }
                 None => {
+                    self.gw.metrics.refused(Refusal::LoginConnections);
                     info!(conn = self.id, %login, "refused: {max} connections of this login are open");
                     session.disconnect(
                         Disconnect::ByApplication,
@@ -980,6 +986,7 @@ impl Connection {
             .clone()
             .try_acquire_owned()
             .map_err(|_| {
+                self.gw.metrics.refused(Refusal::UpstreamSockets);
                 format!(
                     "the gateway holds its limit of {} connections to runners; try again in a minute",
                     self.gw.upstream_socket_limit

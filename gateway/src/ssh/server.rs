@@ -105,6 +105,7 @@ async fn accept_loop(
         // A source that spent its failed-login budget is refused before any
         // key exchange work.
         if let Some(wait) = gw.auth_limits.source_blocked(peer.ip()) {
+            gw.metrics.refused(crate::metrics::Refusal::SshSource);
             debug!(%peer, "refused: too many failed logins ({}s left)", wait.as_secs());
             continue;
         }

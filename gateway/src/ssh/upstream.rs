@@ -121,7 +121,10 @@ pub async fn connect(
         .upstream_sockets
         .clone()
         .try_acquire_owned()
-        .map_err(|_| UpstreamError::Busy(gw.upstream_socket_limit))?;
+        .map_err(|_| {
+            gw.metrics.refused(crate::metrics::Refusal::UpstreamSockets);
+            UpstreamError::Busy(gw.upstream_socket_limit)
+        })?;
     let shown = addr.to_string();
     let timeout = gw.config.upstream.connect_timeout;
     let pinned = job

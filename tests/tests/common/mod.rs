@@ -314,6 +314,8 @@ fn nix_is_root() -> bool {
 pub struct Gateway {
     pub ssh: SocketAddr,
     pub api: SocketAddr,
+    /// `/metrics` (on in every test gateway).
+    pub metrics: SocketAddr,
     pub gw: Arc<ci_gateway::Gateway>,
     /// The job tokens `register` got back, by job id.
     pub job_tokens: Mutex<HashMap<String, String>>,
@@ -362,12 +364,22 @@ impl Gateway {
             ci_gateway::config::Config::load_with_env(None, env).expect("test config is valid");
         let gw = Arc::new(ci_gateway::Gateway::new(config).expect("gateway starts"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ci_gateway::run(gw.clone(), ssh_l, api_l, async move {
+        let metrics_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind metrics");
+        let metrics = metrics_l.local_addr().expect("addr");
+        let listeners = ci_gateway::Listeners {
+            ssh: ssh_l,
+            api: api_l,
+            metrics: Some(metrics_l),
+        };
+        let task = tokio::spawn(ci_gateway::run(gw.clone(), listeners, async move {
             let _ = stopped.await;
         }));
         Gateway {
             ssh,
             api,
+            metrics,
             gw,
             job_tokens: Mutex::new(HashMap::new()),
             stop: Some(stop),
@@ -529,6 +541,21 @@ pub async fn http_from(
         .unwrap_or_default()
         .to_string();
     (status, body)
+}
+
+/// The gateway's `/metrics` text.
+pub async fn metrics(gw: &Gateway) -> String {
+    let (status, body) = http_raw(gw.metrics, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the sample `name` (with its labels) in metrics `text`; 0
+/// when absent (a counter never incremented is not shown).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// `ci-gateway` (built from the same library by the test crate) as a

@@ -10,11 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use russh::keys::PublicKey;
 use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{
-    Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, MethodKind, MethodSet,
-    Pty, Sig,
-};
-use tokio::sync::{mpsc, Mutex};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use tracing::{debug, info, warn};
 
 use crate::access;
@@ -25,7 +21,6 @@ use crate::ssh::upstream::{self, RunnerConnection};
 use crate::Gateway;
 
 /// How long the runner may take to answer a forwarded channel request.
-const REQUEST_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 
@@ -87,10 +82,23 @@ enum State {
     },
 }
 
-/// The runner side of one bridged session channel.
-struct UpChannel {
-    tx: Arc<ChannelWriteHalf<russh::client::Msg>>,
-    replies: Mutex<mpsc::Receiver<bool>>,
+/// The originator port OpenSSH puts on a `-W` (stdio) forward, the channel
+/// `ssh -J` opens; nothing else on such a connection will follow.
+const STDIO_FORWARD_PORT: u32 = 65535;
+
+/// The user's refusal for a channel the runner would not open: its own
+/// reason code, or connect-failed.
+fn runner_refusal(what: &str, e: russh::Error) -> (ChannelOpenFailure, String) {
+    match e {
+        russh::Error::ChannelOpenFailure(code) => {
+            let text = format!("the runner refused to open {what}: {code:?}");
+            (code, text)
+        }
+        e => (
+            ChannelOpenFailure::ConnectFailed,
+            format!("the runner could not open {what}: {e}"),
+        ),
+    }
 }
 
 pub struct Connection {
@@ -101,7 +109,6 @@ pub struct Connection {
     state: State,
     runner: Option<Arc<RunnerConnection>>,
     guards: HashMap<JobId, SessionGuard>,
-    channels: HashMap<ChannelId, UpChannel>,
     /// The user's open session channels (job mode), where notices are shown.
     session_channels: Arc<std::sync::Mutex<HashSet<ChannelId>>>,
     open_channels: Arc<ChannelCount>,
@@ -172,7 +179,6 @@ impl Connection {
             state: State::Fresh,
             runner: None,
             guards: HashMap::new(),
-            channels: HashMap::new(),
             session_channels: Default::default(),
             open_channels: Default::default(),
             login_slot: None,
@@ -446,44 +452,6 @@ impl Connection {
             }
         });
     }
-
-    /// Forwards a channel request to the runner and answers the user with the
-    /// runner's verdict.
-    async fn forward_request<F, Fut>(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-        send: F,
-    ) -> Result<(), russh::Error>
-    where
-        F: FnOnce(Arc<ChannelWriteHalf<russh::client::Msg>>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), russh::Error>>,
-    {
-        let Some(up) = self.channels.get(&channel) else {
-            session.channel_failure(channel)?;
-            return Ok(());
-        };
-        let ok = match send(up.tx.clone()).await {
-            Err(_) => false,
-            Ok(()) => {
-                let mut replies = up.replies.lock().await;
-                matches!(
-                    tokio::time::timeout(REQUEST_REPLY_TIMEOUT, replies.recv()).await,
-                    Ok(Some(true))
-                )
-            }
-        };
-        if ok {
-            session.channel_success(channel)?;
-        } else {
-            session.channel_failure(channel)?;
-        }
-        Ok(())
-    }
-
-    fn up_tx(&self, channel: ChannelId) -> Option<Arc<ChannelWriteHalf<russh::client::Msg>>> {
-        self.channels.get(&channel).map(|c| c.tx.clone())
-    }
 }
 
 impl server::Handler for Connection {
@@ -665,21 +633,23 @@ impl server::Handler for Connection {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
-        let opened = tokio::time::timeout(
-            self.gw.config.upstream.connect_timeout,
-            runner.handle.channel_open_session(),
-        )
-        .await;
-        let Ok(Ok(up)) = opened else {
-            self.open_channels.release();
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            return Ok(());
-        };
         self.session_channels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(channel.id());
-        self.bridge(channel, up, reply);
+        // Opened on the runner by the channel's own task: this callback
+        // returns at once, so other channels and keepalives go on.
+        let timeout = self.gw.config.upstream.connect_timeout;
+        self.relay(channel, reply, async move {
+            match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
+                Ok(Ok(up)) => Ok(up),
+                Ok(Err(e)) => Err(runner_refusal("a session", e)),
+                Err(_) => Err((
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("the runner did not open a session within {timeout:?}"),
+                )),
+            }
+        });
         Ok(())
     }
 
@@ -700,44 +670,36 @@ impl server::Handler for Connection {
         match self.runner.clone() {
             // Job mode: the runner's sshd dials, on the runner's side.
             Some(runner) => {
-                let opened = tokio::time::timeout(
-                    self.gw.config.upstream.connect_timeout,
-                    runner.handle.channel_open_direct_tcpip(
-                        host_to_connect,
-                        port_to_connect,
-                        originator_address,
-                        originator_port,
-                    ),
-                )
-                .await;
-                match opened {
-                    Ok(Ok(up)) => {
-                        info!(
-                            conn = self.id,
-                            host_to_connect, port_to_connect, "forward opened on the runner"
-                        );
-                        if let State::Job { job, .. } = &self.state {
-                            let dest = format!(
-                                "{}:{port_to_connect}",
-                                crate::audit::shown(host_to_connect)
-                            );
-                            self.audit_forward(job.job_id, "job", &dest);
-                        }
-                        self.bridge(channel, up, reply);
-                    }
-                    Ok(Err(e)) => self.refuse_channel(
-                        reply,
-                        format!(
-                            "the runner could not open {}:{port_to_connect}: {e}",
-                            crate::audit::shown(host_to_connect)
-                        ),
-                    ),
-                    Err(_) => self.refuse_channel(reply, "the runner did not answer".into()),
+                let shown = format!("{}:{port_to_connect}", crate::audit::shown(host_to_connect));
+                if let State::Job { job, .. } = &self.state {
+                    self.audit_forward(job.job_id, "job", &shown);
                 }
+                let timeout = self.gw.config.upstream.connect_timeout;
+                let (host, origin) = (host_to_connect.to_string(), originator_address.to_string());
+                let open = async move {
+                    let opened = runner.handle.channel_open_direct_tcpip(
+                        host,
+                        port_to_connect,
+                        origin,
+                        originator_port,
+                    );
+                    match tokio::time::timeout(timeout, opened).await {
+                        Ok(Ok(up)) => Ok(up),
+                        Ok(Err(e)) => Err(runner_refusal(&shown, e)),
+                        Err(_) => Err((
+                            ChannelOpenFailure::ConnectFailed,
+                            format!("the runner did not open {shown} within {timeout:?}"),
+                        )),
+                    }
+                };
+                self.relay(channel, reply, open);
             }
             None => match self.dial_jump(host_to_connect, port_to_connect).await {
                 Ok((tcp, socket)) => self.splice(channel, tcp, socket, reply),
-                Err(reason) => self.refuse_channel(reply, reason),
+                Err((code, reason)) => {
+                    let stdio = originator_port == STDIO_FORWARD_PORT;
+                    self.refuse_channel(reply, code, reason, stdio)
+                }
             },
         }
         Ok(())
@@ -748,149 +710,55 @@ impl server::Handler for Connection {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.channels.remove(&channel);
         self.session_channels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&channel);
         Ok(())
     }
-
-    async fn pty_request(
-        &mut self,
-        channel: ChannelId,
-        term: &str,
-        col_width: u32,
-        row_height: u32,
-        pix_width: u32,
-        pix_height: u32,
-        modes: &[(Pty, u32)],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let term = term.to_string();
-        let modes = modes.to_vec();
-        self.forward_request(channel, session, |tx| async move {
-            tx.request_pty(
-                true, &term, col_width, row_height, pix_width, pix_height, &modes,
-            )
-            .await
-        })
-        .await
-    }
-
-    async fn env_request(
-        &mut self,
-        channel: ChannelId,
-        variable_name: &str,
-        variable_value: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let (name, value) = (variable_name.to_string(), variable_value.to_string());
-        self.forward_request(channel, session, |tx| async move {
-            tx.set_env(true, name, value).await
-        })
-        .await
-    }
-
-    async fn shell_request(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        self.forward_request(channel, session, |tx| async move {
-            tx.request_shell(true).await
-        })
-        .await
-    }
-
-    async fn exec_request(
-        &mut self,
-        channel: ChannelId,
-        data: &[u8],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let command = data.to_vec();
-        self.forward_request(channel, session, |tx| async move {
-            tx.exec(true, command).await
-        })
-        .await
-    }
-
-    async fn subsystem_request(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let name = name.to_string();
-        self.forward_request(channel, session, |tx| async move {
-            tx.request_subsystem(true, name).await
-        })
-        .await
-    }
-
-    async fn window_change_request(
-        &mut self,
-        channel: ChannelId,
-        col_width: u32,
-        row_height: u32,
-        pix_width: u32,
-        pix_height: u32,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(tx) = self.up_tx(channel) {
-            let _ = tx
-                .window_change(col_width, row_height, pix_width, pix_height)
-                .await;
-        }
-        Ok(())
-    }
-
-    async fn signal(
-        &mut self,
-        channel: ChannelId,
-        signal: Sig,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(tx) = self.up_tx(channel) {
-            let _ = tx.signal(signal).await;
-        }
-        Ok(())
-    }
 }
 
 impl Connection {
-    /// Accepts the user's channel and bridges it to the runner's.
-    fn bridge(
-        &mut self,
-        channel: Channel<Msg>,
-        up: Channel<russh::client::Msg>,
-        reply: server::ChannelOpenHandle,
-    ) {
+    /// Opens the runner's side of a job-mode channel (`open`), then accepts
+    /// the user's and relays the two in one task ([`crate::ssh::channel`]);
+    /// or refuses the user's with the runner's reason.
+    fn relay<F>(&self, channel: Channel<Msg>, reply: server::ChannelOpenHandle, open: F)
+    where
+        F: std::future::Future<
+                Output = Result<Channel<russh::client::Msg>, (ChannelOpenFailure, String)>,
+            > + Send
+            + 'static,
+    {
         let Some(handle) = self.handle.get().cloned() else {
             return;
         };
-        let id = channel.id();
-        let (user_rx, user_tx) = channel.split();
-        let (runner_rx, runner_tx) = up.split();
-        let runner_tx = Arc::new(runner_tx);
-        let (replies_tx, replies_rx) = mpsc::channel(8);
-        self.channels.insert(
-            id,
-            UpChannel {
-                tx: runner_tx.clone(),
-                replies: Mutex::new(replies_rx),
-            },
-        );
-        let open = self.open_channels.clone();
+        let open_channels = self.open_channels.clone();
         let usage = self.usage.clone();
         let conn = self.id;
         tokio::spawn(async move {
+            let up = match open.await {
+                Ok(up) => up,
+                Err((code, reason)) => {
+                    open_channels.release();
+                    info!(conn, "channel refused: {reason}");
+                    reply
+                        .reject_with(code, format!("ci-gateway: {reason}"))
+                        .await;
+                    return;
+                }
+            };
             reply.accept().await;
-            let bytes =
-                crate::ssh::bridge::run(user_rx, user_tx, handle, runner_rx, runner_tx, replies_tx)
-                    .await;
-            open.release();
+            let (user_rx, user_tx) = channel.split();
+            let (runner_rx, runner_tx) = up.split();
+            let bytes = crate::ssh::channel::run(crate::ssh::channel::Ends {
+                user_rx,
+                user_tx,
+                user_handle: handle,
+                runner_rx,
+                runner_tx,
+            })
+            .await;
+            open_channels.release();
             usage.add(bytes.to_runner, bytes.to_user);
             if let Some(status) = bytes.exit_status {
                 *usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
@@ -899,15 +767,22 @@ impl Connection {
         });
     }
 
-    /// Refuses a channel the user asked for. OpenSSH shows only the code of a
-    /// refused channel, so when nothing else is open on the connection (the
-    /// `ssh -J` case) the reason goes out first as the disconnect message.
-    fn refuse_channel(&self, reply: server::ChannelOpenHandle, reason: String) {
+    /// Refuses a channel the user asked for with `code` and the reason as
+    /// its text; the connection carries on. An `ssh -J` connection
+    /// (`stdio`: OpenSSH's `-W`, whose only channel this is) also gets the
+    /// reason as its disconnect message, the line OpenSSH shows plainly.
+    fn refuse_channel(
+        &self,
+        reply: server::ChannelOpenHandle,
+        code: ChannelOpenFailure,
+        reason: String,
+        stdio: bool,
+    ) {
         let still_open = self.open_channels.release();
         info!(conn = self.id, "channel refused: {reason}");
         let handle = self.handle.get().cloned();
         tokio::spawn(async move {
-            if let (0, Some(handle)) = (still_open, handle) {
+            if let (true, 0, Some(handle)) = (stdio, still_open, handle) {
                 let _ = handle
                     .disconnect(
                         Disconnect::ByApplication,
@@ -921,7 +796,7 @@ impl Connection {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
             reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .reject_with(code, format!("ci-gateway: {reason}"))
                 .await;
         });
     }
@@ -932,80 +807,11 @@ impl Connection {
         &mut self,
         host: &str,
         port: u32,
-    ) -> Result<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit), String> {
-        let State::Jump {
-            identity: Some(who),
-            ..
-        } = &self.state
-        else {
-            return Err("not authenticated".into());
-        };
-        let login = who.login.clone();
-        let job_id = JobId::parse(host).map_err(|_| {
-            format!(
-                "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)",
-                crate::audit::shown(host)
-            )
-        })?;
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|p| self.gw.config.access.jump_ports.contains(p))
-            .ok_or_else(|| {
-                format!(
-                    "port {port} is not open through the gateway (allowed: {:?})",
-                    self.gw.config.access.jump_ports
-                )
-            })?;
-        let (job, live) = match self.gw.registry.lookup(job_id) {
-            Lookup::Active(job, live) => (job, live),
-            Lookup::Ended(reason) => return Err(reason),
-            Lookup::Unknown => {
-                return Err(format!("job {job_id} is not registered with this gateway"))
-            }
-        };
-        if !access::may_enter(&job, &login, &self.gw.policy) {
-            return Err(format!("{login} is not allowed on job {job_id}"));
-        }
-        // Port 22 means the runner's registered SSH port.
-        let target_port = if port == 22 { job.port } else { port };
-        // The address rules again at the dial (DESIGN §4): whatever is
-        // stored, the gateway never connects to itself or to metadata.
-        let addr = self
-            .gw
-            .dialable(SocketAddr::new(job.host, target_port))
-            .map_err(|e| format!("job {job_id}: the runner's address is refused: {e}"))?;
-        if !self.guards.contains_key(&job_id) {
-            self.audit_session_start(login.as_str(), job_id, "jump")
-                .await
-                .map_err(|e| format!("cannot record the session ({e}); refusing it"))?;
-        }
-        self.audit_forward(job_id, "jump", &addr.to_string());
-        let socket = self
-            .gw
-            .upstream_sockets
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                self.gw.metrics.refused(Refusal::UpstreamSockets);
-                format!(
-                    "the gateway holds its limit of {} connections to runners; try again in a minute",
-                    self.gw.upstream_socket_limit
-                )
-            })?;
-        let timeout = self.gw.config.upstream.connect_timeout;
-        let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return Err(format!(
-                    "job {job_id}: the runner at {addr} is unreachable: {e}"
-                ))
-            }
-            Err(_) => {
-                return Err(format!(
-                    "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
-                ))
-            }
-        };
+    ) -> Result<
+        (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit),
+        (ChannelOpenFailure, String),
+    > {
+        let (tcp, socket, login, job_id, live, addr) = self.dial_jump_checked(host, port).await?;
         let _ = tcp.set_nodelay(true);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
             slot.insert(live.enter(SessionInfo {
@@ -1019,6 +825,110 @@ impl Connection {
         Ok((tcp, socket))
     }
 
+    /// The checks and the dial of [`Self::dial_jump`]: refusals by policy
+    /// are administratively prohibited, a full socket table a resource
+    /// shortage, a runner that does not answer a failed connect.
+    #[allow(clippy::type_complexity)]
+    async fn dial_jump_checked(
+        &mut self,
+        host: &str,
+        port: u32,
+    ) -> Result<
+        (
+            tokio::net::TcpStream,
+            tokio::sync::OwnedSemaphorePermit,
+            GithubLogin,
+            JobId,
+            Arc<Live>,
+            SocketAddr,
+        ),
+        (ChannelOpenFailure, String),
+    > {
+        let policy = |reason: String| (ChannelOpenFailure::AdministrativelyProhibited, reason);
+        let State::Jump {
+            identity: Some(who),
+            ..
+        } = &self.state
+        else {
+            return Err(policy("not authenticated".into()));
+        };
+        let login = who.login.clone();
+        let job_id = JobId::parse(host).map_err(|_| {
+            policy(format!(
+                "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)",
+                crate::audit::shown(host)
+            ))
+        })?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| self.gw.config.access.jump_ports.contains(p))
+            .ok_or_else(|| {
+                policy(format!(
+                    "port {port} is not open through the gateway (allowed: {:?})",
+                    self.gw.config.access.jump_ports
+                ))
+            })?;
+        let (job, live) = match self.gw.registry.lookup(job_id) {
+            Lookup::Active(job, live) => (job, live),
+            Lookup::Ended(reason) => return Err(policy(reason)),
+            Lookup::Unknown => {
+                return Err(policy(format!(
+                    "job {job_id} is not registered with this gateway"
+                )))
+            }
+        };
+        if !access::may_enter(&job, &login, &self.gw.policy) {
+            return Err(policy(format!("{login} is not allowed on job {job_id}")));
+        }
+        // Port 22 means the runner's registered SSH port.
+        let target_port = if port == 22 { job.port } else { port };
+        // The address rules again at the dial (DESIGN §4): whatever is
+        // stored, the gateway never connects to itself or to metadata.
+        let addr = self
+            .gw
+            .dialable(SocketAddr::new(job.host, target_port))
+            .map_err(|e| {
+                policy(format!(
+                    "job {job_id}: the runner's address is refused: {e}"
+                ))
+            })?;
+        if !self.guards.contains_key(&job_id) {
+            self.audit_session_start(login.as_str(), job_id, "jump")
+                .await
+                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
+        }
+        self.audit_forward(job_id, "jump", &addr.to_string());
+        let socket = self
+            .gw
+            .upstream_sockets
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.gw.metrics.refused(Refusal::UpstreamSockets);
+                (ChannelOpenFailure::ResourceShortage, format!(
+                    "the gateway holds its limit of {} connections to runners; try again in a minute",
+                    self.gw.upstream_socket_limit
+                ))
+            })?;
+        let timeout = self.gw.config.upstream.connect_timeout;
+        let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err((
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("job {job_id}: the runner at {addr} is unreachable: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err((
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("job {job_id}: the runner at {addr} did not answer within {timeout:?}"),
+                ))
+            }
+        };
+        Ok((tcp, socket, login, job_id, live, addr))
+    }
+
     /// Splices an accepted jump channel with its TCP connection to the runner.
     fn splice(
         &self,
@@ -1027,12 +937,15 @@ impl Connection {
         socket: tokio::sync::OwnedSemaphorePermit,
         reply: server::ChannelOpenHandle,
     ) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
         let open = self.open_channels.clone();
         let usage = self.usage.clone();
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
-            let moved = crate::ssh::splice::run(channel, tcp).await;
+            let moved = crate::ssh::splice::run(channel, tcp, handle).await;
             drop(socket);
             open.release();
             usage.add(moved.to_runner, moved.to_user);

@@ -1,8 +1,8 @@
 //! The SSH side: the accept loop and limits (`server`), the per-connection
 //! handler (`handler`), the client to runners (`upstream`) and the channel
-//! bridge between them (`bridge`).
+//! relay between them, one task per channel (`channel`).
 
-pub mod bridge;
+pub mod channel;
 pub mod handler;
 pub mod server;
 pub mod splice;

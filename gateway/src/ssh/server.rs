@@ -39,6 +39,10 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         // Channels share one budget per connection: a channel opened when
         // less than two windows are left gets half of what is left.
         connection_window: ssh.max_window_per_connection as u64,
+        // Job-mode channels relay requests, replies and the close
+        // handshake themselves (`ssh::channel`), in order.
+        application_answers_requests: true,
+        application_closes_channels: true,
         channel_buffer_size: 1024,
         nodelay: true,
         preferred: crate::ssh::preferred(ssh.allow_sha1_rsa),

@@ -29,7 +29,11 @@ pub struct Moved {
 
 /// Runs until the user's side is gone (the runner's EOF alone does not end
 /// it: the user may still be sending).
-pub async fn run(channel: Channel<Msg>, tcp: tokio::net::TcpStream) -> Moved {
+pub async fn run(
+    channel: Channel<Msg>,
+    tcp: tokio::net::TcpStream,
+    handle: russh::server::Handle,
+) -> Moved {
     let (mut rx, tx) = channel.split();
     let (tcp_r, mut tcp_w) = tcp.into_split();
     let up = std::sync::atomic::AtomicU64::new(0);
@@ -86,6 +90,20 @@ pub async fn run(channel: Channel<Msg>, tcp: tokio::net::TcpStream) -> Moved {
                     let _ = tcp_w.shutdown().await;
                 }
                 ChannelMsg::Close => break,
+                // A TCP forward takes no requests; each that wants a reply
+                // gets a no (russh leaves the answers to us).
+                ChannelMsg::RequestPty { want_reply, .. }
+                | ChannelMsg::RequestX11 { want_reply, .. }
+                | ChannelMsg::SetEnv { want_reply, .. }
+                | ChannelMsg::RequestShell { want_reply }
+                | ChannelMsg::Exec { want_reply, .. }
+                | ChannelMsg::RequestSubsystem { want_reply, .. }
+                | ChannelMsg::AgentForward { want_reply }
+                | ChannelMsg::UnknownRequest { want_reply, .. }
+                    if want_reply =>
+                {
+                    let _ = handle.channel_reply(tx.id(), false).await;
+                }
                 _ => {}
             }
         }

@@ -528,6 +528,9 @@ pub(crate) struct ChannelParams {
     /// got less than the configured window from its connection's budget
     /// (0: the configured window).
     pub(crate) window_target: u32,
+    /// ci-gateway patch: the peer sent CHANNEL_CLOSE and the application
+    /// has not closed yet (`application_closes_channels`).
+    pub(crate) peer_closed: bool,
 }
 
 impl ChannelParams {
@@ -581,6 +584,8 @@ pub struct PendingChannelOpen {
     pub(crate) packet_size: u32,
     pub(crate) channel_ref: channels::ChannelRef,
     pub(crate) channel_params: ChannelParams,
+    /// ci-gateway patch: the text of a refusal (`reject_with`).
+    pub(crate) description: Option<String>,
 }
 
 /// A handle passed to channel-open callbacks that the handler uses to
@@ -612,6 +617,15 @@ impl<M: Send> ChannelOpenHandleInner<M> {
     pub async fn accept(mut self) {
         if let Some(pending) = self.inner.take() {
             let _ = self.sender.send((self.make_msg)(pending, Ok(())));
+        }
+    }
+
+    /// ci-gateway patch: rejects with a reason code and a text the peer may
+    /// show (OpenSSH prints it: "open failed: connect failed: <text>").
+    pub async fn reject_with(mut self, reason: ChannelOpenFailure, description: String) {
+        if let Some(mut pending) = self.inner.take() {
+            pending.description = Some(description);
+            let _ = self.sender.send((self.make_msg)(pending, Err(reason)));
         }
     }
 

@@ -840,6 +840,7 @@ impl Encrypted {
                     pending_close: false,
                     manual_window: false,
                     window_target: 0,
+                    peer_closed: false,
                     release_pending: 0,
                 });
                 return ChannelId(self.last_channel_id.0);
@@ -972,6 +973,7 @@ mod tests {
             pending_close,
             manual_window: false,
             window_target: 0,
+            peer_closed: false,
             release_pending: 0,
         }
     }
@@ -1029,6 +1031,7 @@ mod tests {
             pending_close,
             manual_window: false,
             window_target: 0,
+            peer_closed: false,
             release_pending: 0,
         }
     }

@@ -33,6 +33,12 @@ pub enum ChannelMsg {
     },
     Eof,
     Close,
+    /// ci-gateway patch: a channel request of a type russh does not know,
+    /// handed on when `server::Config::application_answers_requests` is set.
+    UnknownRequest {
+        name: String,
+        want_reply: bool,
+    },
     /// (client only)
     RequestPty {
         want_reply: bool,

@@ -857,6 +857,7 @@ impl Session {
                     pending_close: false,
                     manual_window: false,
                     window_target: 0,
+                    peer_closed: false,
                     release_pending: 0,
                 };
 
@@ -875,6 +876,7 @@ impl Session {
                     packet_size: self.common.config.maximum_packet_size,
                     channel_ref,
                     channel_params,
+                    description: None,
                 };
                 let reply = ChannelOpenHandle::new(
                     self.priority_sender.clone(),

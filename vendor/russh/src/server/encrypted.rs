@@ -1448,6 +1448,23 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
+                if self.common.config.application_closes_channels {
+                    // ci-gateway patch: the application replies with its own
+                    // close, once it has sent what it still has to send.
+                    if let Some(ref mut enc) = self.common.encrypted
+                        && let Some(channel) = enc.channels.get_mut(&channel_num)
+                    {
+                        if channel.peer_closed {
+                            return Ok(());
+                        }
+                        channel.peer_closed = true;
+                    }
+                    if let Some(chan) = self.channels.get(&channel_num) {
+                        chan.send(ChannelMsg::Close).await.unwrap_or(())
+                    }
+                    debug!("handler.channel_close {channel_num:?}");
+                    return handler.channel_close(channel_num, self).await;
+                }
                 if let Some(ref mut enc) = self.common.encrypted {
                     // Reply with CHANNEL_CLOSE per RFC 4254 Section 5.3.
                     enc.close(channel_num)?;
@@ -1667,7 +1684,7 @@ impl Session {
                             let terminal_modes = modes[..i].to_vec();
                             let _ = chan
                                 .send(ChannelMsg::RequestPty {
-                                    want_reply: true,
+                                    want_reply: wants_reply != 0,
                                     term: term.clone(),
                                     col_width,
                                     row_height,
@@ -1703,7 +1720,7 @@ impl Session {
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
                                 .send(ChannelMsg::RequestX11 {
-                                    want_reply: true,
+                                    want_reply: wants_reply != 0,
                                     single_connection,
                                     x11_authentication_cookie: x11_auth_cookie.clone(),
                                     x11_authentication_protocol: x11_auth_protocol.clone(),
@@ -1731,7 +1748,7 @@ impl Session {
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
                                 .send(ChannelMsg::SetEnv {
-                                    want_reply: true,
+                                    want_reply: wants_reply != 0,
                                     variable_name: env_variable.clone(),
                                     variable_value: env_value.clone(),
                                 })
@@ -1747,7 +1764,7 @@ impl Session {
                         map_err!(ensure_end(r))?;
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
-                                .send(ChannelMsg::RequestShell { want_reply: true })
+                                .send(ChannelMsg::RequestShell { want_reply: wants_reply != 0 })
                                 .await;
                         }
                         debug!("handler.shell_request {channel_num:?}");
@@ -1757,12 +1774,15 @@ impl Session {
                         map_err!(ensure_end(r))?;
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
-                                .send(ChannelMsg::AgentForward { want_reply: true })
+                                .send(ChannelMsg::AgentForward { want_reply: wants_reply != 0 })
                                 .await;
                         }
                         debug!("handler.agent_request {channel_num:?}");
 
                         let response = handler.agent_request(channel_num, self).await?;
+                        if self.common.config.application_answers_requests {
+                            return Ok(());
+                        }
                         if response {
                             self.channel_success(channel_num)?
                         } else {
@@ -1776,7 +1796,7 @@ impl Session {
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
                                 .send(ChannelMsg::Exec {
-                                    want_reply: true,
+                                    want_reply: wants_reply != 0,
                                     command: req.to_vec(),
                                 })
                                 .await;
@@ -1791,7 +1811,7 @@ impl Session {
                         if let Some(chan) = self.channels.get(&channel_num) {
                             let _ = chan
                                 .send(ChannelMsg::RequestSubsystem {
-                                    want_reply: true,
+                                    want_reply: wants_reply != 0,
                                     name: name.clone(),
                                 })
                                 .await;
@@ -1843,6 +1863,18 @@ impl Session {
                         handler.signal(channel_num, signal, self).await
                     }
                     x => {
+                        if self.common.config.application_answers_requests {
+                            debug!("unknown channel request {x}, handed on");
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::UnknownRequest {
+                                        name: x.to_string(),
+                                        want_reply: wants_reply != 0,
+                                    })
+                                    .await;
+                            }
+                            return Ok(());
+                        }
                         warn!("unknown channel request {x}");
                         self.channel_failure(channel_num)?;
                         Ok(())
@@ -2101,6 +2133,7 @@ impl Session {
             pending_close: false,
             manual_window: false,
             window_target: window,
+            peer_closed: false,
             release_pending: 0,
         };
 
@@ -2121,6 +2154,7 @@ impl Session {
             packet_size: self.common.config.maximum_packet_size,
             channel_ref,
             channel_params,
+            description: None,
         };
         let reply = ChannelOpenHandle::new(
             self.sender.priority_sender.clone(),

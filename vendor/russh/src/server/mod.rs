@@ -88,6 +88,19 @@ pub struct Config {
     /// what is left; with less than one packet left it is refused
     /// (`SSH_OPEN_RESOURCE_SHORTAGE`). `u64::MAX`: no connection budget.
     pub connection_window: u64,
+    /// ci-gateway patch: the application answers every channel request
+    /// itself, from the channel's message stream, with
+    /// [`Handle::channel_reply`] (requests carry the peer's `want_reply`).
+    /// russh then answers none in place (`auth-agent-req`, unknown types:
+    /// [`ChannelMsg::UnknownRequest`]), so a relay can keep the replies in
+    /// the order of the requests.
+    pub application_answers_requests: bool,
+    /// ci-gateway patch: a peer's `CHANNEL_CLOSE` is handed to the
+    /// application (`ChannelMsg::Close`) without the immediate close reply;
+    /// the channel stays usable until the application closes it, so a
+    /// relay can still send what the other side had not sent yet (an exit
+    /// status). The application must close every channel it is handed.
+    pub application_closes_channels: bool,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
     pub channel_buffer_size: usize,
     /// Internal event buffer size
@@ -123,6 +136,8 @@ impl Default for Config {
             window_size: 2097152,
             maximum_packet_size: 32768,
             connection_window: u64::MAX,
+            application_answers_requests: false,
+            application_closes_channels: false,
             channel_buffer_size: 100,
             event_buffer_size: 10,
             limits: Limits::default(),

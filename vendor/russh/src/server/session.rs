@@ -36,6 +36,11 @@ pub struct Session {
 
 #[derive(Debug)]
 pub enum Msg {
+    /// ci-gateway patch: [`Handle::channel_reply`].
+    ChannelReply {
+        id: ChannelId,
+        success: bool,
+    },
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -164,6 +169,15 @@ impl Handle {
     pub async fn channel_success(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
             .send(Msg::Channel(id, ChannelMsg::Success))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// ci-gateway patch: answers one channel request that wanted a reply,
+    /// in order (see `Config::application_answers_requests`).
+    pub async fn channel_reply(&self, id: ChannelId, success: bool) -> Result<(), ()> {
+        self.sender
+            .send(Msg::ChannelReply { id, success })
             .await
             .map_err(|_| ())
     }
@@ -513,7 +527,19 @@ impl Session {
                 self.eof(id)?;
             }
             Msg::Channel(id, ChannelMsg::Close) => {
+                let peer_closed = self
+                    .common
+                    .encrypted
+                    .as_ref()
+                    .and_then(|enc| enc.channels.get(&id))
+                    .is_some_and(|c| c.peer_closed);
                 self.close(id)?;
+                if peer_closed {
+                    self.channels.remove(&id);
+                }
+            }
+            Msg::ChannelReply { id, success } => {
+                self.channel_reply(id, success)?;
             }
             Msg::Channel(id, ChannelMsg::Success) => {
                 self.channel_success(id)?;
@@ -1106,6 +1132,26 @@ impl Session {
         Ok(())
     }
 
+    /// ci-gateway patch: answers a channel request whether or not the
+    /// latest request wanted a reply (the caller knows which did; see
+    /// `Config::application_answers_requests`).
+    pub fn channel_reply(&mut self, channel: ChannelId, success: bool) -> Result<(), crate::Error> {
+        if let Some(ref mut enc) = self.common.encrypted
+            && let Some(channel) = enc.channels.get_mut(&channel)
+        {
+            channel.wants_reply = false;
+            push_packet!(enc.write, {
+                enc.write.push(if success {
+                    msg::CHANNEL_SUCCESS
+                } else {
+                    msg::CHANNEL_FAILURE
+                });
+                channel.recipient_channel.encode(&mut enc.write)?;
+            })
+        }
+        Ok(())
+    }
+
     /// Send a "failure" reply to a global request.
     pub fn channel_failure(&mut self, channel: ChannelId) -> Result<(), crate::Error> {
         if let Some(ref mut enc) = self.common.encrypted
@@ -1148,7 +1194,10 @@ impl Session {
                         msg::CHANNEL_OPEN_FAILURE.encode(&mut enc.write)?;
                         pending.recipient_channel.encode(&mut enc.write)?;
                         reason.code().encode(&mut enc.write)?;
-                        reason.description().encode(&mut enc.write)?;
+                        match &pending.description {
+                            Some(text) => text.as_str().encode(&mut enc.write)?,
+                            None => reason.description().encode(&mut enc.write)?,
+                        }
                         "en".encode(&mut enc.write)?;
                     });
                 }

@@ -1,0 +1,398 @@
+//! One task per job-mode channel: a user's channel (server side) relayed to
+//! the matching channel on the runner (client side).
+//!
+//! The task owns everything about the channel in both directions: data,
+//! EOF, the close handshake, exit status and signal, and the channel
+//! requests with their replies. Requests are forwarded with the user's own
+//! `want_reply`, so the runner's replies come back in the order the user
+//! expects them and are relayed as they come; the requests the gateway
+//! answers itself (X11 and agent forwarding are refused, unknown types too)
+//! wait their turn behind the runner's replies still due. Nothing is
+//! matched by timeout: a runner that never answers delays only this
+//! channel's later replies, never another channel's.
+//!
+//! Flow control is end to end: each direction writes with the receiving
+//! side's window (`data_bytes` waits for it) and only then gives the bytes
+//! back to the sender (`release_window`, our russh patch), so at most one
+//! window per direction is held here.
+//!
+//! The close: when the user closes first (PuTTY and dropbear close as soon
+//! as both sides sent EOF), the runner is asked to close too and its exit
+//! status, if it still comes within [`USER_CLOSED_GRACE`], is relayed before
+//! the gateway's own close (russh patch `application_closes_channels`).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use russh::server;
+use russh::{client, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::Mutex;
+
+/// How long the runner may take to send its exit status and close once the
+/// user has closed the channel.
+pub const USER_CLOSED_GRACE: Duration = Duration::from_secs(10);
+
+/// Byte counters and the exit status of one channel, for the audit trail.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Bytes {
+    pub to_runner: u64,
+    pub to_user: u64,
+    pub exit_status: Option<u32>,
+}
+
+/// Who answers a request the user wanted a reply to, in request order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Due {
+    /// The runner (the request was forwarded).
+    Runner,
+    /// The gateway, with this verdict.
+    Gateway(bool),
+}
+
+/// The replies due to the user, and the user side to send them on.
+struct Replies {
+    due: Mutex<VecDeque<Due>>,
+    handle: server::Handle,
+    id: russh::ChannelId,
+}
+
+/// Replies are bounded: a user may have this many unanswered requests on
+/// one channel; beyond it the channel is closed (OpenSSH sends a handful).
+const MAX_DUE: usize = 64;
+
+impl Replies {
+    /// Notes a reply due; false when too many are.
+    async fn expect(&self, who: Due) -> bool {
+        let mut due = self.due.lock().await;
+        if due.len() >= MAX_DUE {
+            return false;
+        }
+        due.push_back(who);
+        self.flush(&mut due).await;
+        true
+    }
+
+    /// The runner answered its oldest request.
+    async fn runner_answered(&self, ok: bool) -> Result<(), ()> {
+        let mut due = self.due.lock().await;
+        // Replies the gateway gave are sent as soon as they are at the front,
+        // so the front is the runner's, or the runner answered nothing asked.
+        if due.pop_front() != Some(Due::Runner) {
+            return Err(());
+        }
+        self.handle.channel_reply(self.id, ok).await?;
+        self.flush(&mut due).await;
+        Ok(())
+    }
+
+    /// Sends the gateway's own replies now at the front.
+    async fn flush(&self, due: &mut VecDeque<Due>) {
+        while let Some(Due::Gateway(ok)) = due.front().copied() {
+            due.pop_front();
+            let _ = self.handle.channel_reply(self.id, ok).await;
+        }
+    }
+}
+
+/// The two ends of one channel.
+pub struct Ends {
+    pub user_rx: ChannelReadHalf,
+    pub user_tx: ChannelWriteHalf<server::Msg>,
+    pub user_handle: server::Handle,
+    pub runner_rx: ChannelReadHalf,
+    pub runner_tx: ChannelWriteHalf<client::Msg>,
+}
+
+/// Relays the channel until both sides are closed (or the runner's grace
+/// after the user's close is over); then closes both.
+pub async fn run(ends: Ends) -> Bytes {
+    let Ends {
+        user_rx,
+        user_tx,
+        user_handle,
+        runner_rx,
+        runner_tx,
+    } = ends;
+    let replies = Replies {
+        due: Mutex::new(VecDeque::new()),
+        handle: user_handle.clone(),
+        id: user_tx.id(),
+    };
+    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies);
+    let down = runner_to_user(runner_rx, &user_tx, &runner_tx, &user_handle, &replies);
+    let mut bytes = Bytes::default();
+    {
+        let mut up = std::pin::pin!(up);
+        let mut down = std::pin::pin!(down);
+        tokio::select! {
+            // The user closed (or is gone): what the runner still sends
+            // (its exit status above all) is relayed for a while.
+            n = &mut up => {
+                bytes.to_runner = n;
+                let _ = runner_tx.eof().await;
+                if let Ok((n, status)) = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await {
+                    bytes.to_user = n;
+                    bytes.exit_status = status;
+                }
+            }
+            // The runner closed: nothing more will come from it.
+            (n, status) = &mut down => {
+                bytes.to_user = n;
+                bytes.exit_status = status;
+            }
+        }
+    }
+    let _ = runner_tx.close().await;
+    let _ = user_handle.close(user_tx.id()).await;
+    bytes
+}
+
+/// Reads the user's side until the user closes it; returns bytes relayed.
+async fn user_to_runner(
+    mut rx: ChannelReadHalf,
+    user: &ChannelWriteHalf<server::Msg>,
+    tx: &ChannelWriteHalf<client::Msg>,
+    replies: &Replies,
+) -> u64 {
+    let mut n = 0u64;
+    let mut inbox = Inbox::default();
+    while let Some(msg) = inbox.next(&mut rx).await {
+        let sent: Result<(), russh::Error> = match msg {
+            // Handed on, then given back to the user as window: the user can
+            // never have more in flight here than one window.
+            ChannelMsg::Data { data } => {
+                let len = data.len();
+                n += len as u64;
+                match inbox.meanwhile(&mut rx, tx.data_bytes(data)).await {
+                    Some(Ok(())) => user.release_window(len as u32).await,
+                    Some(Err(e)) => Err(e),
+                    None => continue,
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                let len = data.len();
+                n += len as u64;
+                match inbox
+                    .meanwhile(&mut rx, tx.extended_data_bytes(ext, data))
+                    .await
+                {
+                    Some(Ok(())) => user.release_window(len as u32).await,
+                    Some(Err(e)) => Err(e),
+                    None => continue,
+                }
+            }
+            ChannelMsg::Eof => tx.eof().await,
+            ChannelMsg::Close => break,
+            msg => match forward(msg, tx).await {
+                Forwarded::Sent { want_reply } => {
+                    if want_reply && !replies.expect(Due::Runner).await {
+                        break;
+                    }
+                    Ok(())
+                }
+                Forwarded::Refused { want_reply } => {
+                    if want_reply && !replies.expect(Due::Gateway(false)).await {
+                        break;
+                    }
+                    Ok(())
+                }
+                Forwarded::Failed(e) => Err(e),
+                Forwarded::Ignored => Ok(()),
+            },
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    n
+}
+
+enum Forwarded {
+    Sent {
+        want_reply: bool,
+    },
+    /// Not forwarded; the gateway says no.
+    Refused {
+        want_reply: bool,
+    },
+    Failed(russh::Error),
+    Ignored,
+}
+
+/// Forwards one channel request to the runner, or refuses it.
+async fn forward(msg: ChannelMsg, tx: &ChannelWriteHalf<client::Msg>) -> Forwarded {
+    let (want_reply, sent) = match msg {
+        ChannelMsg::RequestPty {
+            want_reply,
+            term,
+            col_width,
+            row_height,
+            pix_width,
+            pix_height,
+            terminal_modes,
+        } => (
+            want_reply,
+            tx.request_pty(
+                want_reply,
+                &term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                &terminal_modes,
+            )
+            .await,
+        ),
+        ChannelMsg::SetEnv {
+            want_reply,
+            variable_name,
+            variable_value,
+        } => (
+            want_reply,
+            tx.set_env(want_reply, variable_name, variable_value).await,
+        ),
+        ChannelMsg::RequestShell { want_reply } => (want_reply, tx.request_shell(want_reply).await),
+        ChannelMsg::Exec {
+            want_reply,
+            command,
+        } => (want_reply, tx.exec(want_reply, command).await),
+        ChannelMsg::RequestSubsystem { want_reply, name } => {
+            (want_reply, tx.request_subsystem(want_reply, name).await)
+        }
+        ChannelMsg::WindowChange {
+            col_width,
+            row_height,
+            pix_width,
+            pix_height,
+        } => {
+            let sent = tx
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
+            return match sent {
+                Ok(()) => Forwarded::Ignored,
+                Err(e) => Forwarded::Failed(e),
+            };
+        }
+        ChannelMsg::Signal { signal } => {
+            return match tx.signal(signal).await {
+                Ok(()) => Forwarded::Ignored,
+                Err(e) => Forwarded::Failed(e),
+            };
+        }
+        // X11 and agent forwarding would hand the runner (where the job's
+        // code runs) a way into the user's display or keys: refused
+        // (docs/decisions.md). Unknown requests are refused as OpenSSH does.
+        ChannelMsg::RequestX11 { want_reply, .. }
+        | ChannelMsg::AgentForward { want_reply }
+        | ChannelMsg::UnknownRequest { want_reply, .. } => {
+            return Forwarded::Refused { want_reply };
+        }
+        _ => return Forwarded::Ignored,
+    };
+    match sent {
+        Ok(()) => Forwarded::Sent { want_reply },
+        Err(e) => Forwarded::Failed(e),
+    }
+}
+
+/// Reads the runner's side until it closes; returns bytes relayed and the
+/// exit status.
+async fn runner_to_user(
+    mut rx: ChannelReadHalf,
+    tx: &ChannelWriteHalf<server::Msg>,
+    runner: &ChannelWriteHalf<client::Msg>,
+    handle: &server::Handle,
+    replies: &Replies,
+) -> (u64, Option<u32>) {
+    let id = tx.id();
+    let mut n = 0u64;
+    let mut status = None;
+    while let Some(msg) = rx.wait().await {
+        let sent = match msg {
+            ChannelMsg::Data { data } => {
+                let len = data.len();
+                n += len as u64;
+                match tx.data_bytes(data).await {
+                    Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                let len = data.len();
+                n += len as u64;
+                match tx.extended_data_bytes(ext, data).await {
+                    Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
+            }
+            ChannelMsg::Eof => handle.eof(id).await,
+            ChannelMsg::ExitStatus { exit_status } => {
+                status = Some(exit_status);
+                handle.exit_status_request(id, exit_status).await
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await
+            }
+            ChannelMsg::Success => replies.runner_answered(true).await,
+            ChannelMsg::Failure => replies.runner_answered(false).await,
+            ChannelMsg::Close => break,
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    (n, status)
+}
+
+/// A channel's incoming messages with a look-ahead: while a write waits
+/// (the other side's window is shut), later messages are read and kept, so
+/// a close is seen at once. What is kept is bounded by the sender's window
+/// (data past it is a protocol error) and by russh's channel queue.
+#[derive(Default)]
+pub struct Inbox {
+    later: VecDeque<ChannelMsg>,
+    closed: bool,
+}
+
+impl Inbox {
+    /// The next message: a kept one first.
+    pub async fn next(&mut self, rx: &mut ChannelReadHalf) -> Option<ChannelMsg> {
+        match self.later.pop_front() {
+            Some(msg) => Some(msg),
+            None if self.closed => None,
+            None => rx.wait().await,
+        }
+    }
+
+    /// Runs `write` while keeping what arrives meanwhile. `None` when the
+    /// channel closed before `write` finished (the write is dropped; the
+    /// close is the next message).
+    pub async fn meanwhile<F: std::future::Future>(
+        &mut self,
+        rx: &mut ChannelReadHalf,
+        write: F,
+    ) -> Option<F::Output> {
+        let mut write = std::pin::pin!(write);
+        loop {
+            tokio::select! {
+                out = &mut write => return Some(out),
+                msg = rx.wait(), if !self.closed => match msg {
+                    Some(ChannelMsg::Close) | None => {
+                        self.closed = true;
+                        self.later.push_back(ChannelMsg::Close);
+                        return None;
+                    }
+                    Some(msg) => self.later.push_back(msg),
+                },
+            }
+        }
+    }
+}

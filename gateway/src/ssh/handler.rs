@@ -20,7 +20,6 @@ use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, Sessio
 use crate::ssh::upstream::{self, RunnerConnection};
 use crate::Gateway;
 
-/// How long the runner may take to answer a forwarded channel request.
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 

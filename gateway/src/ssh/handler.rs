@@ -20,7 +20,6 @@ use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, Sessio
 use crate::ssh::upstream::{self, RunnerConnection};
 use crate::Gateway;
 
-
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 
 /// Open channels of one connection, and of its login over all its

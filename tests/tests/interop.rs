@@ -1,0 +1,239 @@
+//! Clients nobody here tuned against: PuTTY's plink and dropbear's dbclient,
+//! and OpenSSH features that exercise channel requests and refusals (X11,
+//! `-N -L` to a port nothing listens on). Loopback only; counts bounded.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+
+/// `key` as a PuTTY private key file.
+fn ppk(w: &World, key: &KeyPair) -> PathBuf {
+    let out = w.dir.path().join("key.ppk");
+    let status = std::process::Command::new("puttygen")
+        .arg(&key.path)
+        .args(["-O", "private", "-o"])
+        .arg(&out)
+        .status()
+        .expect("puttygen (putty-tools) runs");
+    assert!(status.success(), "puttygen converted the key");
+    out
+}
+
+/// `key` as a dropbear private key file.
+fn dropbear_key(w: &World, key: &KeyPair) -> PathBuf {
+    let out = w.dir.path().join("key.dropbear");
+    let status = std::process::Command::new("dropbearconvert")
+        .args(["openssh", "dropbear"])
+        .arg(&key.path)
+        .arg(&out)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("dropbearconvert (dropbear-bin) runs");
+    assert!(status.success(), "dropbearconvert converted the key");
+    out
+}
+
+/// The gateway's host key fingerprint, as plink's `-hostkey` takes it.
+fn gateway_fingerprint(w: &World) -> String {
+    ci_gateway::keys::fingerprint(w.gateway.gw.host_key.public_key())
+}
+
+fn plink_args(w: &World, ppk: &std::path::Path, extra: &[&str], command: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-batch".into(),
+        "-ssh".into(),
+        "-P".into(),
+        w.gateway.ssh.port().to_string(),
+        "-i".into(),
+        ppk.display().to_string(),
+        "-hostkey".into(),
+        gateway_fingerprint(w),
+        "-l".into(),
+        w.job.clone(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["127.0.0.1".into(), command.into()]);
+    args
+}
+
+/// plink and dbclient close the channel as soon as both sides sent EOF,
+/// before the runner's exit status arrives; the gateway ended the channel
+/// there, and 2 to 6 of 40 runs got status 0. The status is relayed now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plink_and_dbclient_get_every_exit_status() {
+    let w = World::new("127.0.0.131", "9876543131").await;
+    let ppk = ppk(&w, &w.octocat);
+    let db = dropbear_key(&w, &w.octocat);
+    let mut lost = Vec::new();
+    for n in 0..40u32 {
+        let status = 1 + n % 100;
+        let command = format!("echo run{n}; exit {status}");
+        let r = run("plink", &plink_args(&w, &ppk, &[], &command), None).await;
+        assert!(r.stdout.contains(&format!("run{n}")), "{r:?}");
+        if r.code != status as i32 {
+            lost.push(("plink", n, r.code));
+        }
+        let args = [
+            "-y".to_string(),
+            "-y".into(),
+            "-i".into(),
+            db.display().to_string(),
+            "-p".into(),
+            w.gateway.ssh.port().to_string(),
+            format!("{}@127.0.0.1", w.job),
+            command.clone(),
+        ];
+        let r = run("dbclient", &args, None).await;
+        assert!(r.stdout.contains(&format!("run{n}")), "{r:?}");
+        if r.code != status as i32 {
+            lost.push(("dbclient", n, r.code));
+        }
+    }
+    assert!(lost.is_empty(), "exit statuses lost: {lost:?}");
+}
+
+/// Runs a client with an X display set, so that it asks for X11.
+async fn with_display(program: &str, args: &[String]) -> Run {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("DISPLAY", "127.0.0.1:99")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    finish(cmd).await
+}
+
+/// `x11-req` was never answered: OpenSSH claimed X11 forwarding was
+/// accepted, and `plink -X` failed every login with "Server refused to start
+/// a shell/command" (its next reply was taken as the answer to X11). X11 is
+/// refused now, in its turn, and the command runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x11_is_refused_in_order_and_the_session_runs() {
+    let w = World::new("127.0.0.132", "9876543132").await;
+    let ppk = ppk(&w, &w.octocat);
+    let plink = plink_args(&w, &ppk, &["-X", "-t"], "echo x11-ok; exit 3");
+    let r = with_display("plink", &plink).await;
+    assert!(r.stdout.contains("x11-ok"), "{r:?}");
+    assert_eq!(r.code, 3, "{r:?}");
+    let mut args = vec!["-o".to_string(), "LogLevel=INFO".into()];
+    args.extend(client_opts(&w.octocat.path));
+    args.extend([
+        "-X".to_string(),
+        "-p".into(),
+        w.gateway.ssh.port().to_string(),
+        format!("{}@127.0.0.1", w.job),
+        "echo x11-ok".into(),
+    ]);
+    let r = with_display("ssh", &args).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("x11-ok"), "{r:?}");
+    assert!(
+        r.stderr.contains("X11 forwarding request failed"),
+        "OpenSSH is told X11 was refused: {r:?}"
+    );
+}
+
+/// A free loopback port on `ip` (bound, then let go).
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind(format!("{ip}:0"))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Connects to a local forward and reads what comes first (an SSH banner
+/// when the forward reaches a runner's sshd; nothing when it is refused).
+async fn first_bytes(port: u16) -> String {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `ssh -N -L` with one forward to a port nothing listens on: one refused
+/// connect disconnected everything. Now the refusal ends that channel only
+/// and the other forward on the same connection works, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_forward_leaves_the_connection_up() {
+    let w = World::new("127.0.0.133", "9876543133").await;
+    let runner_port = w.runner.addr.port();
+    for (user, dead, live) in [
+        // Job mode: destinations as the runner sees them.
+        (
+            w.job.clone(),
+            format!("127.0.0.133:{}", free_port("127.0.0.133")),
+            format!("127.0.0.133:{runner_port}"),
+        ),
+        // Jump mode: 3389 is allowed and nothing listens there; 22 is the
+        // runner's sshd.
+        (
+            "octocat".to_string(),
+            format!("job-{}:3389", w.job),
+            format!("job-{}:22", w.job),
+        ),
+    ] {
+        let (p_dead, p_live) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+        // The first LogLevel wins: INFO shows the refusal's code and text.
+        let mut args = vec!["-o".to_string(), "LogLevel=INFO".into()];
+        args.extend(client_opts(&w.octocat.path));
+        args.extend([
+            "-N".to_string(),
+            "-o".into(),
+            "ExitOnForwardFailure=yes".into(),
+            "-L".into(),
+            format!("127.0.0.1:{p_dead}:{dead}"),
+            "-L".into(),
+            format!("127.0.0.1:{p_live}:{live}"),
+            "-p".into(),
+            w.gateway.ssh.port().to_string(),
+            format!("{user}@127.0.0.1"),
+        ]);
+        let mut child = tokio::process::Command::new("ssh")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ssh");
+        // Up once the live forward answers with the runner's banner.
+        let mut banner = String::new();
+        for _ in 0..100 {
+            banner = first_bytes(p_live).await;
+            if banner.starts_with("SSH-") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(
+            banner.starts_with("SSH-"),
+            "{user}: the forward works: {banner:?}"
+        );
+        // The refused one gives nothing, three times over.
+        for _ in 0..3 {
+            assert_eq!(first_bytes(p_dead).await, "", "{user}");
+        }
+        // The connection is still up and the good forward still works.
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "{user}: ssh exited"
+        );
+        assert!(first_bytes(p_live).await.starts_with("SSH-"), "{user}");
+        let _ = child.kill().await;
+        let out = child.wait_with_output().await.expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("open failed: connect failed: ci-gateway:"),
+            "{user}: the refusal is reported with its code and reason: {stderr}"
+        );
+    }
+}

@@ -17,7 +17,7 @@
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
 //! - [`api`] — the runner HTTP API; calls the registry, never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
-//! - [`ssh`] — accept loop, per-connection handler, runner client, bridge.
+//! - [`ssh`] — accept loop, per-connection handler, runner client, the job-mode channel task, the jump splice.
 //! - [`hold`] — hold window after a job finishes, registration expiry.
 //! - [`agent`] — `ci-gateway runner …`, the runner's side of the API.
 //!

@@ -127,12 +127,16 @@ pub async fn run(ends: Ends) -> Bytes {
         tokio::select! {
             // The user closed (or is gone): what the runner still sends
             // (its exit status above all) is relayed for a while.
-            n = &mut up => {
+            (n, user_closed) = &mut up => {
                 bytes.to_runner = n;
-                let _ = runner_tx.eof().await;
-                if let Ok((n, status)) = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await {
-                    bytes.to_user = n;
-                    bytes.exit_status = status;
+                // A user whose connection is gone gets nothing more.
+                if user_closed {
+                    let _ = runner_tx.eof().await;
+                    let rest = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await;
+                    if let Ok((n, status)) = rest {
+                        bytes.to_user = n;
+                        bytes.exit_status = status;
+                    }
                 }
             }
             // The runner closed: nothing more will come from it.
@@ -147,13 +151,15 @@ pub async fn run(ends: Ends) -> Bytes {
     bytes
 }
 
-/// Reads the user's side until the user closes it; returns bytes relayed.
+/// Reads the user's side until the user closes it; returns bytes relayed
+/// and whether the user closed the channel (rather than being gone).
 async fn user_to_runner(
     mut rx: ChannelReadHalf,
     user: &ChannelWriteHalf<server::Msg>,
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
-) -> u64 {
+) -> (u64, bool) {
+    let mut closed = false;
     let mut n = 0u64;
     let mut inbox = Inbox::default();
     while let Some(msg) = inbox.next(&mut rx).await {
@@ -182,7 +188,10 @@ async fn user_to_runner(
                 }
             }
             ChannelMsg::Eof => tx.eof().await,
-            ChannelMsg::Close => break,
+            ChannelMsg::Close => {
+                closed = true;
+                break;
+            }
             msg => match forward(msg, tx).await {
                 Forwarded::Sent { want_reply } => {
                     if want_reply && !replies.expect(Due::Runner).await {
@@ -204,7 +213,7 @@ async fn user_to_runner(
             break;
         }
     }
-    n
+    (n, closed)
 }
 
 enum Forwarded {

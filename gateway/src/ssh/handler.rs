@@ -1,5 +1,5 @@
 //! The russh `Handler` for one user connection: decisions come from
-//! `access`, `registry` and `github`; bytes move in `bridge` (job mode) or a
+//! `access`, `registry` and `github`; bytes move in `channel` (job mode, one task per channel) or a
 //! TCP splice (jump mode). Every refusal the user can act on is one line,
 //! sent as the SSH disconnect reason (OpenSSH prints it) or as the reason of
 //! a refused channel.

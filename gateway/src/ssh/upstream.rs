@@ -89,7 +89,7 @@ pub struct RunnerConnection {
 pub fn client_config(keepalive: Duration) -> client::Config {
     client::Config {
         // Large windows keep a long fat pipe full; flow control still holds
-        // end to end because the bridge only reads what it can forward.
+        // end to end because the channel task only reads what it can forward.
         // With consumption-driven grants a peer has at most one window in
         // flight per channel; the queue holds that many full packets and
         // more, so the session loop does not wait on it for a well-behaved peer.

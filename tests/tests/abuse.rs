@@ -405,8 +405,8 @@ async fn a_registration_listing_many_people_cannot_spend_the_github_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_runner_cannot_spend_everyones_api_budget() {
     let w = World::with_config(
-        "127.0.0.121",
-        "9876543121",
+        "127.0.0.141",
+        "9876543141",
         &[
             ("CI_GATEWAY__API__REQUESTS_PER_MINUTE_PER_TOKEN", "10"),
             ("CI_GATEWAY__API__REQUESTS_PER_MINUTE_PER_SOURCE", "30"),
@@ -435,7 +435,7 @@ async fn one_runner_cannot_spend_everyones_api_budget() {
     for _ in 0..15 {
         flooded.push(
             from(
-                "127.0.0.122",
+                "127.0.0.142",
                 "GET",
                 "/v1/jobs/1".into(),
                 TOKEN.into(),
@@ -449,10 +449,10 @@ async fn one_runner_cannot_spend_everyones_api_budget() {
     let body = registration(&w.runner, "octocat").to_string();
     let mut jobs = Vec::new();
     for n in 0..4 {
-        let job = format!("71212121{n:02}");
+        let job = format!("71414141{n:02}");
         let path = format!("/v1/jobs/{job}");
         let (status, text) = http_from(
-            Some("127.0.0.123".parse().expect("ip")),
+            Some("127.0.0.143".parse().expect("ip")),
             w.gateway.api,
             "PUT",
             &path,
@@ -472,13 +472,13 @@ async fn one_runner_cannot_spend_everyones_api_budget() {
     let mut statuses = Vec::new();
     for (path, token) in &jobs[..3] {
         for _ in 0..10 {
-            statuses.push(from("127.0.0.124", "GET", path.clone(), token.clone(), None).await);
+            statuses.push(from("127.0.0.144", "GET", path.clone(), token.clone(), None).await);
         }
     }
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let (path, token) = &jobs[3];
     let (status, text) = http_from(
-        Some("127.0.0.124".parse().expect("ip")),
+        Some("127.0.0.144".parse().expect("ip")),
         w.gateway.api,
         "GET",
         path,
@@ -493,7 +493,7 @@ async fn one_runner_cannot_spend_everyones_api_budget() {
     );
     // The same job from its own runner is served.
     assert_eq!(
-        from("127.0.0.125", "GET", path.clone(), token.clone(), None).await,
+        from("127.0.0.145", "GET", path.clone(), token.clone(), None).await,
         200
     );
 }

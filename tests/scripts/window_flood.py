@@ -8,23 +8,19 @@ gateway ends the connection or LIMIT bytes are sent. Prints one JSON line:
 {"sent": bytes, "window": the window the gateway granted, "closed": bool}.
 """
 import json
-import socket
 import sys
 import time
 
-import paramiko
 from paramiko.common import cMSG_CHANNEL_DATA
 from paramiko.message import Message
+
+import jump_login
 
 host, port, login, key_path, job, packet, limit = sys.argv[1:8]
 port, packet, limit = int(port), int(packet), int(limit)
 
-key = paramiko.Ed25519Key.from_private_key_file(key_path)
-sock = socket.create_connection((host, port), timeout=20)
-transport = paramiko.Transport(sock)
-transport.start_client(timeout=20)
-transport.auth_publickey(login, key)
-chan = transport.open_channel("direct-tcpip", (f"job-{job}", 22), ("127.0.0.1", 5555), timeout=20)
+transport = jump_login.login(host, port, login, key_path)
+chan = jump_login.open_to_job(transport, job)
 window = chan.out_window_size
 payload = b"x" * packet
 sent = 0

@@ -542,3 +542,19 @@ async fn a_connections_channels_share_one_window_budget() {
     // runner never read (that data is dropped after a short drain).
     assert_eq!(out["after_close"], 2 << 20, "{out}");
 }
+
+/// Requests take no window, so while a write to a runner that stopped
+/// reading waited, a user could send any number of them and the gateway kept
+/// them all (read ahead so that a close is seen). What is kept is counted
+/// now: past the bound the channel is closed, the connection lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_while_a_write_waits_are_bounded() {
+    let w = World::unregistered("127.0.0.146", "9876543146", &[]).await;
+    deaf_job(&w, "127.0.0.147").await;
+    let out = paramiko(&w, "request_flood.py", &w.job, &["3000".into()]).await;
+    assert_eq!(
+        out["closed"], true,
+        "the gateway gave the channel up: {out}"
+    );
+    assert_eq!(out["active"], true, "the connection lives on: {out}");
+}

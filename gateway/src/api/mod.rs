@@ -284,29 +284,31 @@ async fn require_token(
             return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
         }
     };
-    let job_in_path: String = request
-        .uri()
-        .path()
-        .trim_start_matches("/v1/jobs/")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .take(24)
-        .collect();
-    let shared;
+    let key;
     let spender = match &caller {
         Caller::Token(i) => {
-            shared = format!("token-{i}");
-            Spender::Shared(&shared)
+            key = format!("token-{i}");
+            Spender::Shared(&key)
         }
         Caller::Oidc(c) => {
-            shared = format!("oidc:{}", c.repository.to_lowercase());
-            Spender::Shared(&shared)
+            key = format!("oidc:{}", c.repository.to_lowercase());
+            Spender::Shared(&key)
         }
         // Keyed by the job the path names (an id, so the key space is what
         // the wrong-token budget per source already bounds).
-        Caller::JobToken(..) => Spender::Job(&job_in_path),
+        Caller::JobToken(..) => {
+            key = request
+                .uri()
+                .path()
+                .trim_start_matches("/v1/jobs/")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(24)
+                .collect();
+            Spender::Job(&key)
+        }
     };
     if let Err((wait, kind)) = gw.api_limits.request(spender, source) {
         let why = match kind {

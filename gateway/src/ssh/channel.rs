@@ -14,7 +14,9 @@
 //! Flow control is end to end: each direction writes with the receiving
 //! side's window (`data_bytes` waits for it) and only then gives the bytes
 //! back to the sender (`release_window`, our russh patch), so at most one
-//! window per direction is held here.
+//! window per direction is held here. While a write to the runner waits,
+//! the user's later messages are read ahead ([`Inbox`]), so a close is
+//! never stuck behind a runner that stopped reading.
 //!
 //! The close: when the user closes first (PuTTY and dropbear close as soon
 //! as both sides sent EOF), the runner is asked to close too and its exit
@@ -23,6 +25,8 @@
 
 use std::collections::VecDeque;
 use std::time::Duration;
+
+use crate::ssh::inbox::Inbox;
 
 use russh::server;
 use russh::{client, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
@@ -131,7 +135,6 @@ pub async fn run(ends: Ends) -> Bytes {
                 bytes.to_runner = n;
                 // A user whose connection is gone gets nothing more.
                 if user_closed {
-                    let _ = runner_tx.eof().await;
                     let rest = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await;
                     if let Ok((n, status)) = rest {
                         bytes.to_user = n;
@@ -159,7 +162,7 @@ async fn user_to_runner(
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
 ) -> (u64, bool) {
-    let mut closed = false;
+    let (mut closed, mut eof_sent) = (false, false);
     let mut n = 0u64;
     let mut inbox = Inbox::default();
     while let Some(msg) = inbox.next(&mut rx).await {
@@ -187,9 +190,17 @@ async fn user_to_runner(
                     None => continue,
                 }
             }
-            ChannelMsg::Eof => tx.eof().await,
+            ChannelMsg::Eof => {
+                eof_sent = true;
+                tx.eof().await
+            }
+            // The runner is told the user sends nothing more (once), and
+            // may still send its exit status.
             ChannelMsg::Close => {
                 closed = true;
+                if !eof_sent {
+                    let _ = tx.eof().await;
+                }
                 break;
             }
             msg => match forward(msg, tx).await {
@@ -214,6 +225,21 @@ async fn user_to_runner(
         }
     }
     (n, closed)
+}
+
+/// Whether `msg` is a channel request that wants a reply.
+pub fn wants_reply(msg: &ChannelMsg) -> bool {
+    match msg {
+        ChannelMsg::RequestPty { want_reply, .. }
+        | ChannelMsg::RequestX11 { want_reply, .. }
+        | ChannelMsg::SetEnv { want_reply, .. }
+        | ChannelMsg::RequestShell { want_reply }
+        | ChannelMsg::Exec { want_reply, .. }
+        | ChannelMsg::RequestSubsystem { want_reply, .. }
+        | ChannelMsg::AgentForward { want_reply }
+        | ChannelMsg::UnknownRequest { want_reply, .. } => *want_reply,
+        _ => false,
+    }
 }
 
 enum Forwarded {
@@ -291,10 +317,12 @@ async fn forward(msg: ChannelMsg, tx: &ChannelWriteHalf<client::Msg>) -> Forward
         // X11 and agent forwarding would hand the runner (where the job's
         // code runs) a way into the user's display or keys: refused
         // (docs/decisions.md). Unknown requests are refused as OpenSSH does.
-        ChannelMsg::RequestX11 { want_reply, .. }
-        | ChannelMsg::AgentForward { want_reply }
-        | ChannelMsg::UnknownRequest { want_reply, .. } => {
-            return Forwarded::Refused { want_reply };
+        msg @ (ChannelMsg::RequestX11 { .. }
+        | ChannelMsg::AgentForward { .. }
+        | ChannelMsg::UnknownRequest { .. }) => {
+            return Forwarded::Refused {
+                want_reply: wants_reply(&msg),
+            };
         }
         _ => return Forwarded::Ignored,
     };
@@ -359,49 +387,4 @@ async fn runner_to_user(
         }
     }
     (n, status)
-}
-
-/// A channel's incoming messages with a look-ahead: while a write waits
-/// (the other side's window is shut), later messages are read and kept, so
-/// a close is seen at once. What is kept is bounded by the sender's window
-/// (data past it is a protocol error) and by russh's channel queue.
-#[derive(Default)]
-pub struct Inbox {
-    later: VecDeque<ChannelMsg>,
-    closed: bool,
-}
-
-impl Inbox {
-    /// The next message: a kept one first.
-    pub async fn next(&mut self, rx: &mut ChannelReadHalf) -> Option<ChannelMsg> {
-        match self.later.pop_front() {
-            Some(msg) => Some(msg),
-            None if self.closed => None,
-            None => rx.wait().await,
-        }
-    }
-
-    /// Runs `write` while keeping what arrives meanwhile. `None` when the
-    /// channel closed before `write` finished (the write is dropped; the
-    /// close is the next message).
-    pub async fn meanwhile<F: std::future::Future>(
-        &mut self,
-        rx: &mut ChannelReadHalf,
-        write: F,
-    ) -> Option<F::Output> {
-        let mut write = std::pin::pin!(write);
-        loop {
-            tokio::select! {
-                out = &mut write => return Some(out),
-                msg = rx.wait(), if !self.closed => match msg {
-                    Some(ChannelMsg::Close) | None => {
-                        self.closed = true;
-                        self.later.push_back(ChannelMsg::Close);
-                        return None;
-                    }
-                    Some(msg) => self.later.push_back(msg),
-                },
-            }
-        }
-    }
 }

@@ -99,6 +99,28 @@ fn runner_refusal(what: &str, e: russh::Error) -> (ChannelOpenFailure, String) {
     }
 }
 
+/// A connection's open job-mode session channels, where notices are shown.
+type NoticeChannels = Arc<std::sync::Mutex<HashSet<ChannelId>>>;
+
+/// A channel's place in [`NoticeChannels`], for as long as its task runs.
+struct Listed(NoticeChannels, ChannelId);
+
+impl Listed {
+    fn new(set: NoticeChannels, id: ChannelId) -> Listed {
+        set.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+        Listed(set, id)
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
 pub struct Connection {
     gw: Arc<Gateway>,
     peer: SocketAddr,
@@ -108,7 +130,7 @@ pub struct Connection {
     runner: Option<Arc<RunnerConnection>>,
     guards: HashMap<JobId, SessionGuard>,
     /// The user's open session channels (job mode), where notices are shown.
-    session_channels: Arc<std::sync::Mutex<HashSet<ChannelId>>>,
+    session_channels: NoticeChannels,
     open_channels: Arc<ChannelCount>,
     /// This connection's place among its login's connections.
     login_slot: Option<crate::limits::Slot<String>>,
@@ -631,14 +653,11 @@ impl server::Handler for Connection {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
-        self.session_channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(channel.id());
         // Opened on the runner by the channel's own task: this callback
         // returns at once, so other channels and keepalives go on.
         let timeout = self.gw.config.upstream.connect_timeout;
-        self.relay(channel, reply, async move {
+        let notices = Some(self.session_channels.clone());
+        self.relay(channel, reply, notices, async move {
             match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
                 Ok(Ok(up)) => Ok(up),
                 Ok(Err(e)) => Err(runner_refusal("a session", e)),
@@ -690,7 +709,7 @@ impl server::Handler for Connection {
                         )),
                     }
                 };
-                self.relay(channel, reply, open);
+                self.relay(channel, reply, None, open);
             }
             None => match self.dial_jump(host_to_connect, port_to_connect).await {
                 Ok((tcp, socket)) => self.splice(channel, tcp, socket, reply),
@@ -702,26 +721,20 @@ impl server::Handler for Connection {
         }
         Ok(())
     }
-
-    async fn channel_close(
-        &mut self,
-        channel: ChannelId,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        self.session_channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&channel);
-        Ok(())
-    }
 }
 
 impl Connection {
     /// Opens the runner's side of a job-mode channel (`open`), then accepts
     /// the user's and relays the two in one task ([`crate::ssh::channel`]);
-    /// or refuses the user's with the runner's reason.
-    fn relay<F>(&self, channel: Channel<Msg>, reply: server::ChannelOpenHandle, open: F)
-    where
+    /// or refuses the user's with the runner's reason. A session channel is
+    /// listed in `notices` (hold warnings are shown there) while it is open.
+    fn relay<F>(
+        &self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        notices: Option<NoticeChannels>,
+        open: F,
+    ) where
         F: std::future::Future<
                 Output = Result<Channel<russh::client::Msg>, (ChannelOpenFailure, String)>,
             > + Send
@@ -746,6 +759,7 @@ impl Connection {
                 }
             };
             reply.accept().await;
+            let _listed = notices.map(|set| Listed::new(set, channel.id()));
             let (user_rx, user_tx) = channel.split();
             let (runner_rx, runner_tx) = up.split();
             let bytes = crate::ssh::channel::run(crate::ssh::channel::Ends {
@@ -809,39 +823,9 @@ impl Connection {
         (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit),
         (ChannelOpenFailure, String),
     > {
-        let (tcp, socket, login, job_id, live, addr) = self.dial_jump_checked(host, port).await?;
-        let _ = tcp.set_nodelay(true);
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
-            slot.insert(live.enter(SessionInfo {
-                login: login.to_string(),
-                mode: "jump",
-                since: unix_now(),
-            }));
-            self.watch_kicks(&live);
-        }
-        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");
-        Ok((tcp, socket))
-    }
-
-    /// The checks and the dial of [`Self::dial_jump`]: refusals by policy
-    /// are administratively prohibited, a full socket table a resource
-    /// shortage, a runner that does not answer a failed connect.
-    #[allow(clippy::type_complexity)]
-    async fn dial_jump_checked(
-        &mut self,
-        host: &str,
-        port: u32,
-    ) -> Result<
-        (
-            tokio::net::TcpStream,
-            tokio::sync::OwnedSemaphorePermit,
-            GithubLogin,
-            JobId,
-            Arc<Live>,
-            SocketAddr,
-        ),
-        (ChannelOpenFailure, String),
-    > {
+        // Refusals by policy are administratively prohibited, a full socket
+        // table a resource shortage, a runner that does not answer a failed
+        // connect.
         let policy = |reason: String| (ChannelOpenFailure::AdministrativelyProhibited, reason);
         let State::Jump {
             identity: Some(who),
@@ -924,7 +908,17 @@ impl Connection {
                 ))
             }
         };
-        Ok((tcp, socket, login, job_id, live, addr))
+        let _ = tcp.set_nodelay(true);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
+            slot.insert(live.enter(SessionInfo {
+                login: login.to_string(),
+                mode: "jump",
+                since: unix_now(),
+            }));
+            self.watch_kicks(&live);
+        }
+        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");
+        Ok((tcp, socket))
     }
 
     /// Splices an accepted jump channel with its TCP connection to the runner.

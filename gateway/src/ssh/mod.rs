@@ -4,6 +4,7 @@
 
 pub mod channel;
 pub mod handler;
+pub mod inbox;
 pub mod server;
 pub mod splice;
 pub mod upstream;

@@ -13,12 +13,10 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tokio::io::AsyncWriteExt;
 
+use crate::ssh::inbox::Inbox;
+
 /// The most read from TCP at once (one SSH packet's worth of payload).
 const READ_CHUNK: usize = 32 * 1024;
-
-/// How long data a user sent before closing a channel may take to reach a
-/// runner that has stopped reading; then it is dropped with the channel.
-const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bytes moved each way.
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,47 +37,17 @@ pub async fn run(
     let up = std::sync::atomic::AtomicU64::new(0);
     let down = std::sync::atomic::AtomicU64::new(0);
     let to_runner = async {
-        // Messages that arrived while a write was stuck (at most the user's
-        // window: more is a protocol error), so a close is seen at once
-        // even when the runner stops reading.
-        let mut later = std::collections::VecDeque::new();
-        // Set once the user closed: what they sent before still goes out,
-        // for as long as the runner reads it within `CLOSE_DRAIN`.
-        let mut closing: Option<tokio::time::Instant> = None;
-        loop {
-            let msg = match later.pop_front() {
-                Some(msg) => msg,
-                None => match rx.wait().await {
-                    Some(msg) => msg,
-                    None => break,
-                },
-            };
+        // A close is seen even while a write to a runner that stopped
+        // reading waits; what was sent before it drains for a while.
+        let mut inbox = Inbox::default();
+        while let Some(msg) = inbox.next(&mut rx).await {
             match msg {
                 ChannelMsg::Data { data } => {
                     let len = data.len();
-                    let write = tcp_w.write_all(&data);
-                    let mut write = std::pin::pin!(write);
-                    let written = loop {
-                        let drained = async {
-                            match closing {
-                                Some(at) => tokio::time::sleep_until(at).await,
-                                None => std::future::pending().await,
-                            }
-                        };
-                        tokio::select! {
-                            r = &mut write => break r.is_ok(),
-                            msg = rx.wait(), if closing.is_none() => match msg {
-                                Some(ChannelMsg::Close) | None => {
-                                    closing = Some(tokio::time::Instant::now() + CLOSE_DRAIN);
-                                    later.push_back(ChannelMsg::Close);
-                                }
-                                Some(msg) => later.push_back(msg),
-                            },
-                            _ = drained => break false,
-                        }
-                    };
-                    if !written {
-                        break;
+                    match inbox.meanwhile(&mut rx, tcp_w.write_all(&data)).await {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) => break,
+                        None => continue,
                     }
                     up.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                     if tx.release_window(len as u32).await.is_err() {
@@ -90,21 +58,13 @@ pub async fn run(
                     let _ = tcp_w.shutdown().await;
                 }
                 ChannelMsg::Close => break,
-                // A TCP forward takes no requests; each that wants a reply
-                // gets a no (russh leaves the answers to us).
-                ChannelMsg::RequestPty { want_reply, .. }
-                | ChannelMsg::RequestX11 { want_reply, .. }
-                | ChannelMsg::SetEnv { want_reply, .. }
-                | ChannelMsg::RequestShell { want_reply }
-                | ChannelMsg::Exec { want_reply, .. }
-                | ChannelMsg::RequestSubsystem { want_reply, .. }
-                | ChannelMsg::AgentForward { want_reply }
-                | ChannelMsg::UnknownRequest { want_reply, .. }
-                    if want_reply =>
-                {
-                    let _ = handle.channel_reply(tx.id(), false).await;
+                msg => {
+                    // A TCP forward takes no requests; each that wants a
+                    // reply gets a no (russh leaves the answers to us).
+                    if crate::ssh::channel::wants_reply(&msg) {
+                        let _ = handle.channel_reply(tx.id(), false).await;
+                    }
                 }
-                _ => {}
             }
         }
         let _ = tcp_w.shutdown().await;

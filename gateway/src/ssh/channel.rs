@@ -44,6 +44,37 @@ pub struct Bytes {
     pub exit_status: Option<u32>,
 }
 
+/// What a connection's channels moved, and the last exit status, for the
+/// audit trail's `session_end`. Each channel adds its own before it closes
+/// toward the user: a client that disconnects the moment it sees the close
+/// ends the connection, and its record, right then.
+#[derive(Default)]
+pub struct Usage {
+    to_runner: std::sync::atomic::AtomicU64,
+    to_user: std::sync::atomic::AtomicU64,
+    exit_status: std::sync::Mutex<Option<u32>>,
+}
+
+impl Usage {
+    pub fn add(&self, bytes: &Bytes) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.to_runner.fetch_add(bytes.to_runner, Relaxed);
+        self.to_user.fetch_add(bytes.to_user, Relaxed);
+        if let Some(status) = bytes.exit_status {
+            *self.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+        }
+    }
+
+    pub fn total(&self) -> Bytes {
+        use std::sync::atomic::Ordering::Relaxed;
+        Bytes {
+            to_runner: self.to_runner.load(Relaxed),
+            to_user: self.to_user.load(Relaxed),
+            exit_status: *self.exit_status.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+}
+
 /// Who answers a request the user wanted a reply to, in request order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Due {
@@ -108,8 +139,9 @@ pub struct Ends {
 }
 
 /// Relays the channel until both sides are closed (or the runner's grace
-/// after the user's close is over); then closes both.
-pub async fn run(ends: Ends) -> Bytes {
+/// after the user's close is over); adds what it moved to `usage`, then
+/// closes both.
+pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
     let Ends {
         user_rx,
         user_tx,
@@ -149,6 +181,7 @@ pub async fn run(ends: Ends) -> Bytes {
             }
         }
     }
+    usage.add(&bytes);
     let _ = runner_tx.close().await;
     let _ = user_handle.close(user_tx.id()).await;
     bytes

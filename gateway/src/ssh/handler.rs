@@ -138,7 +138,7 @@ pub struct Connection {
     /// Dropped with the connection: the tasks it spawned end with it.
     alive: tokio::sync::watch::Sender<()>,
     /// What the audit trail's `session_end` reports.
-    usage: Arc<Usage>,
+    usage: Arc<crate::ssh::channel::Usage>,
     /// When the session started (job mode: authenticated; jump mode: first
     /// forward), and who it was.
     session: Option<(std::time::Instant, String)>,
@@ -146,28 +146,12 @@ pub struct Connection {
     user: String,
 }
 
-/// Bytes and the last exit status of a connection's channels.
-#[derive(Default)]
-struct Usage {
-    to_runner: std::sync::atomic::AtomicU64,
-    to_user: std::sync::atomic::AtomicU64,
-    exit_status: std::sync::Mutex<Option<u32>>,
-}
-
-impl Usage {
-    fn add(&self, to_runner: u64, to_user: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.to_runner.fetch_add(to_runner, Relaxed);
-        self.to_user.fetch_add(to_user, Relaxed);
-    }
-}
-
 impl Drop for Connection {
     fn drop(&mut self) {
         let Some((started, login)) = self.session.take() else {
             return;
         };
-        use std::sync::atomic::Ordering::Relaxed;
+        let usage = self.usage.total();
         let (mode, jobs): (&str, Vec<String>) = match &self.state {
             State::Job { job, .. } => ("job", vec![job.job_id.to_string()]),
             _ => ("jump", self.guards.keys().map(|j| j.to_string()).collect()),
@@ -180,10 +164,10 @@ impl Drop for Connection {
                 "mode": mode,
                 "jobs": jobs,
                 "source": self.peer.to_string(),
-                "bytes_to_runner": self.usage.to_runner.load(Relaxed),
-                "bytes_to_user": self.usage.to_user.load(Relaxed),
+                "bytes_to_runner": usage.to_runner,
+                "bytes_to_user": usage.to_user,
                 "duration_seconds": started.elapsed().as_secs_f64(),
-                "exit_status": *self.usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()),
+                "exit_status": usage.exit_status,
             }),
         );
     }
@@ -762,19 +746,18 @@ impl Connection {
             let _listed = notices.map(|set| Listed::new(set, channel.id()));
             let (user_rx, user_tx) = channel.split();
             let (runner_rx, runner_tx) = up.split();
-            let bytes = crate::ssh::channel::run(crate::ssh::channel::Ends {
-                user_rx,
-                user_tx,
-                user_handle: handle,
-                runner_rx,
-                runner_tx,
-            })
+            let bytes = crate::ssh::channel::run(
+                crate::ssh::channel::Ends {
+                    user_rx,
+                    user_tx,
+                    user_handle: handle,
+                    runner_rx,
+                    runner_tx,
+                },
+                &usage,
+            )
             .await;
             open_channels.release();
-            usage.add(bytes.to_runner, bytes.to_user);
-            if let Some(status) = bytes.exit_status {
-                *usage.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
-            }
             debug!(conn, to_runner = bytes.to_runner, to_user = bytes.to_user, exit_status = ?bytes.exit_status, "channel closed");
         });
     }
@@ -937,10 +920,9 @@ impl Connection {
         let conn = self.id;
         tokio::spawn(async move {
             reply.accept().await;
-            let moved = crate::ssh::splice::run(channel, tcp, handle).await;
+            let moved = crate::ssh::splice::run(channel, tcp, handle, &usage).await;
             drop(socket);
             open.release();
-            usage.add(moved.to_runner, moved.to_user);
             debug!(conn, ?moved, "jump forward closed");
         });
     }

@@ -13,25 +13,21 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tokio::io::AsyncWriteExt;
 
+use crate::ssh::channel::{Bytes, Usage};
 use crate::ssh::inbox::Inbox;
 
 /// The most read from TCP at once (one SSH packet's worth of payload).
 const READ_CHUNK: usize = 32 * 1024;
 
-/// Bytes moved each way.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Moved {
-    pub to_runner: u64,
-    pub to_user: u64,
-}
-
 /// Runs until the user's side is gone (the runner's EOF alone does not end
-/// it: the user may still be sending).
+/// it: the user may still be sending); adds what it moved to `usage` before
+/// it closes the channel.
 pub async fn run(
     channel: Channel<Msg>,
     tcp: tokio::net::TcpStream,
     handle: russh::server::Handle,
-) -> Moved {
+    usage: &Usage,
+) -> Bytes {
     let (mut rx, tx) = channel.split();
     let (tcp_r, mut tcp_w) = tcp.into_split();
     let up = std::sync::atomic::AtomicU64::new(0);
@@ -100,9 +96,12 @@ pub async fn run(
             _ = to_user => to_runner.await,
         }
     }
-    let _ = tx.close().await;
-    Moved {
+    let moved = Bytes {
         to_runner: up.into_inner(),
         to_user: down.into_inner(),
-    }
+        exit_status: None,
+    };
+    usage.add(&moved);
+    let _ = tx.close().await;
+    moved
 }

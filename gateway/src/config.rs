@@ -55,7 +55,9 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SshConfig {
     pub listen: SocketAddr,
-    /// Empty: `<data_dir>/ssh_host_ed25519_key`, generated on first start.
+    /// The ed25519 host key. Empty: `<data_dir>/ssh_host_ed25519_key`.
+    /// The ECDSA P-256 and RSA 3072 host keys are `ssh_host_ecdsa_key` and
+    /// `ssh_host_rsa_key` in `<data_dir>`. Each is generated on first start.
     pub host_key: PathBuf,
     /// Where users reach the SSH port, `host` or `host:port`, used in the
     /// commands the API hands out.
@@ -439,11 +441,14 @@ impl Config {
         }
     }
 
-    pub fn host_key_path(&self) -> PathBuf {
-        if self.ssh.host_key.as_os_str().is_empty() {
-            self.storage.data_dir.join("ssh_host_ed25519_key")
-        } else {
-            self.ssh.host_key.clone()
+    /// Where the host key of `kind` lives: `ssh.host_key` names the
+    /// ed25519 one if set; the rest are in `storage.data_dir`.
+    pub fn host_key_path(&self, kind: crate::keys::HostKeyKind) -> PathBuf {
+        match kind {
+            crate::keys::HostKeyKind::Ed25519 if !self.ssh.host_key.as_os_str().is_empty() => {
+                self.ssh.host_key.clone()
+            }
+            kind => self.storage.data_dir.join(kind.file_name()),
         }
     }
 

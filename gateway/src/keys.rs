@@ -26,6 +26,12 @@ pub enum KeyError {
         path: String,
         source: ssh_key::Error,
     },
+    #[error("{path}: holds a {found} key, where {want} belongs")]
+    Kind {
+        path: String,
+        want: &'static str,
+        found: String,
+    },
     #[error("key: {0}")]
     Ssh(#[from] ssh_key::Error),
 }
@@ -59,6 +65,82 @@ pub fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
 
 /// Loads an Ed25519 private key from `path`, creating it (0600) if missing.
 pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
+    load_or_generate_kind(path, HostKeyKind::Ed25519)
+}
+
+/// The kinds of host key the gateway serves, in the order it offers them.
+/// Ed25519 is what current clients pick; ECDSA P-256 and RSA (signing with
+/// `rsa-sha2-256/512`, never SHA-1) are for hardened and FIPS-mode clients
+/// that take nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyKind {
+    Ed25519,
+    EcdsaP256,
+    Rsa3072,
+}
+
+impl HostKeyKind {
+    pub const ALL: [HostKeyKind; 3] = [
+        HostKeyKind::Ed25519,
+        HostKeyKind::EcdsaP256,
+        HostKeyKind::Rsa3072,
+    ];
+
+    /// The file name under `storage.data_dir`, as OpenSSH names its own.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            HostKeyKind::Ed25519 => "ssh_host_ed25519_key",
+            HostKeyKind::EcdsaP256 => "ssh_host_ecdsa_key",
+            HostKeyKind::Rsa3072 => "ssh_host_rsa_key",
+        }
+    }
+
+    fn generate(self) -> Result<PrivateKey, ssh_key::Error> {
+        let mut rng = rand::rng();
+        match self {
+            HostKeyKind::Ed25519 => PrivateKey::random(&mut rng, Algorithm::Ed25519),
+            HostKeyKind::EcdsaP256 => PrivateKey::random(
+                &mut rng,
+                Algorithm::Ecdsa {
+                    curve: ssh_key::EcdsaCurve::NistP256,
+                },
+            ),
+            HostKeyKind::Rsa3072 => {
+                let key = ssh_key::private::RsaKeypair::random(&mut rng, 3072)?;
+                PrivateKey::new(ssh_key::private::KeypairData::Rsa(key), "")
+            }
+        }
+    }
+
+    fn matches(self, key: &PrivateKey) -> bool {
+        matches!(
+            (self, key.algorithm()),
+            (HostKeyKind::Ed25519, Algorithm::Ed25519)
+                | (HostKeyKind::EcdsaP256, Algorithm::Ecdsa { .. })
+                | (HostKeyKind::Rsa3072, Algorithm::Rsa { .. })
+        )
+    }
+}
+
+/// Loads a private key of `kind` from `path`, creating it (0600) if
+/// missing. A file holding another kind of key is an error, not a silent
+/// second key of the same type.
+pub fn load_or_generate_kind(path: &Path, kind: HostKeyKind) -> Result<PrivateKey, KeyError> {
+    let key = load_or_create(path, || kind.generate())?;
+    if !kind.matches(&key) {
+        return Err(KeyError::Kind {
+            path: path.display().to_string(),
+            want: kind.file_name(),
+            found: key.algorithm().to_string(),
+        });
+    }
+    Ok(key)
+}
+
+fn load_or_create(
+    path: &Path,
+    generate: impl FnOnce() -> Result<PrivateKey, ssh_key::Error>,
+) -> Result<PrivateKey, KeyError> {
     let display = path.display().to_string();
     match std::fs::read_to_string(path) {
         Ok(text) => PrivateKey::from_openssh(text.as_bytes()).map_err(|source| KeyError::Parse {
@@ -66,7 +148,7 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
             source,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
+            let key = generate()?;
             let text = key.to_openssh(LineEnding::LF)?;
             write_private(path, text.as_bytes()).map_err(|source| KeyError::Io {
                 path: display,
@@ -151,6 +233,24 @@ impl Ca {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_host_key_kind_is_generated_once_and_a_wrong_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("cigw-hostkeys-{}", rand::random::<u64>()));
+        for kind in HostKeyKind::ALL {
+            let path = dir.join(kind.file_name());
+            let started = std::time::Instant::now();
+            let a = load_or_generate_kind(&path, kind).expect("generate");
+            eprintln!("{kind:?}: {:?}", started.elapsed());
+            assert!(kind.matches(&a), "{kind:?} {}", a.algorithm());
+            let b = load_or_generate_kind(&path, kind).expect("reload");
+            assert_eq!(a.public_key(), b.public_key());
+        }
+        let err = load_or_generate_kind(&dir.join("ssh_host_rsa_key"), HostKeyKind::Ed25519)
+            .expect_err("an RSA file is not an ed25519 key");
+        assert!(err.to_string().contains("ssh_host_ed25519_key"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn generated_key_is_reloaded_unchanged_and_private() {

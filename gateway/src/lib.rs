@@ -62,7 +62,8 @@ pub struct Gateway {
     pub keys: github::KeySource,
     pub policy: access::Policy,
     pub ca: keys::Ca,
-    pub host_key: PrivateKey,
+    /// The SSH host keys, ed25519 first (see `keys::HostKeyKind`).
+    pub host_keys: Vec<PrivateKey>,
     /// The addresses the gateway listens on (config and bound sockets):
     /// never dialled as a runner.
     own_sockets: std::sync::RwLock<Vec<std::net::SocketAddr>>,
@@ -101,7 +102,10 @@ impl Gateway {
         let dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("storage.data_dir {}: {e}", dir.display()))?;
-        let host_key = keys::load_or_generate(&config.host_key_path())?;
+        let host_keys = keys::HostKeyKind::ALL
+            .into_iter()
+            .map(|kind| keys::load_or_generate_kind(&config.host_key_path(kind), kind))
+            .collect::<Result<Vec<_>, _>>()?;
         let ca = keys::Ca::new(keys::load_or_generate(&dir.join("ca_ed25519_key"))?);
         if dir.join("client_ed25519_key").exists() {
             tracing::warn!(
@@ -196,7 +200,7 @@ impl Gateway {
             keys,
             policy,
             ca,
-            host_key,
+            host_keys,
             own_sockets: std::sync::RwLock::new(own_sockets),
             upstream_sockets: Arc::new(tokio::sync::Semaphore::new(upstream_socket_limit)),
             upstream_socket_limit,

@@ -97,15 +97,24 @@ async fn bad_api_requests_get_a_json_4xx_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_host_key_and_ca_survive_a_restart() {
     let w = World::new("127.0.0.42", "9876543242").await;
-    let host_key = w.gateway.gw.host_key.public_key().clone();
+    let host_keys: Vec<_> = w
+        .gateway
+        .gw
+        .host_keys
+        .iter()
+        .map(|k| k.public_key().clone())
+        .collect();
+    assert_eq!(host_keys.len(), 3, "ed25519, ECDSA and RSA");
     let ca = w.gateway.gw.ca.public_key().clone();
     let w = w.restart(&[]).await;
     let gateway = &w.gateway;
-    assert_eq!(
-        gateway.gw.host_key.public_key(),
-        &host_key,
-        "host key changed"
-    );
+    let after: Vec<_> = gateway
+        .gw
+        .host_keys
+        .iter()
+        .map(|k| k.public_key().clone())
+        .collect();
+    assert_eq!(after, host_keys, "a host key changed");
     assert_eq!(gateway.gw.ca.public_key(), &ca, "CA changed");
     let (status, body) = gateway.job(&w.job).await;
     assert_eq!(status, 200, "{body}");

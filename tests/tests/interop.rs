@@ -37,7 +37,7 @@ fn dropbear_key(w: &World, key: &KeyPair) -> PathBuf {
 
 /// The gateway's host key fingerprint, as plink's `-hostkey` takes it.
 fn gateway_fingerprint(w: &World) -> String {
-    ci_gateway::keys::fingerprint(w.gateway.gw.host_key.public_key())
+    ci_gateway::keys::fingerprint(w.gateway.gw.host_keys[0].public_key())
 }
 
 fn plink_args(w: &World, ppk: &std::path::Path, extra: &[&str], command: &str) -> Vec<String> {
@@ -236,4 +236,145 @@ async fn a_refused_forward_leaves_the_connection_up() {
             "{user}: the refusal is reported with its code and reason: {stderr}"
         );
     }
+}
+
+/// The gateway's host keys as a known_hosts file for its SSH port, one
+/// key type only: the client must verify a signature by exactly that key.
+fn known_hosts_with(w: &World, algorithm_prefix: &str) -> PathBuf {
+    let key = w
+        .gateway
+        .gw
+        .host_keys
+        .iter()
+        .map(|k| ci_gateway::keys::openssh_line(k.public_key()))
+        .find(|line| line.starts_with(algorithm_prefix))
+        .unwrap_or_else(|| panic!("the gateway has a {algorithm_prefix} host key"));
+    let path = w.dir.path().join(format!("known_hosts-{algorithm_prefix}"));
+    std::fs::write(
+        &path,
+        format!("[127.0.0.1]:{} {key}\n", w.gateway.ssh.port()),
+    )
+    .expect("write known_hosts");
+    path
+}
+
+/// Hardened and FIPS-mode clients: each ECDH kex, and each host key type
+/// checked against a known_hosts that holds only that key. A runner whose
+/// sshd takes only ECDH kex (with an ECDSA host key) is reached too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kex_and_host_key_type_gets_in() {
+    let w = World::new("127.0.0.148", "9876543148").await;
+    let data = w.dir.path().join("data");
+    for file in [
+        "ssh_host_ed25519_key",
+        "ssh_host_ecdsa_key",
+        "ssh_host_rsa_key",
+    ] {
+        let meta = std::fs::metadata(data.join(file)).expect("generated on first start");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+    }
+    let job = w.job.clone();
+    for kex in [
+        "ecdh-sha2-nistp256",
+        "ecdh-sha2-nistp384",
+        "ecdh-sha2-nistp521",
+        "curve25519-sha256",
+        "diffie-hellman-group14-sha256",
+    ] {
+        let option = format!("-oKexAlgorithms={kex}");
+        let r = ssh(
+            &w.gateway,
+            &w.octocat.path,
+            &job,
+            &[&option, "echo", "in"],
+            None,
+        )
+        .await;
+        assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{kex}: {r:?}");
+    }
+    for (algorithm, prefix, works) in [
+        // The check is real: a known_hosts with only the ed25519 key does
+        // not vouch for the RSA one.
+        ("rsa-sha2-512", "ssh-ed25519", false),
+        ("ssh-ed25519", "ssh-ed25519", true),
+        ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256", true),
+        ("rsa-sha2-512", "ssh-rsa", true),
+        ("rsa-sha2-256", "ssh-rsa", true),
+    ] {
+        let known = known_hosts_with(&w, prefix);
+        // client_opts trusts any host key; OpenSSH takes the first value
+        // of an option, so these replace its two.
+        let mut args: Vec<String> = client_opts(&w.octocat.path)
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "StrictHostKeyChecking=no" => "StrictHostKeyChecking=yes".to_string(),
+                "UserKnownHostsFile=/dev/null" => format!("UserKnownHostsFile={}", known.display()),
+                _ => a,
+            })
+            .collect();
+        args.extend([
+            format!("-oHostKeyAlgorithms={algorithm}"),
+            "-p".into(),
+            w.gateway.ssh.port().to_string(),
+            format!("{job}@127.0.0.1"),
+            "echo".into(),
+            "in".into(),
+        ]);
+        let r = run("ssh", &args, None).await;
+        if works {
+            assert_eq!(
+                (r.code, r.stdout.as_str()),
+                (0, "in\n"),
+                "{algorithm}: {r:?}"
+            );
+        } else {
+            assert_eq!(r.code, 255, "{algorithm} with another key pinned: {r:?}");
+            assert!(r.stderr.contains("Host key verification failed"), "{r:?}");
+        }
+    }
+    // A FIPS-mode profile end to end.
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &job,
+        &[
+            "-oKexAlgorithms=ecdh-sha2-nistp384",
+            "-oHostKeyAlgorithms=ecdsa-sha2-nistp256",
+            "-oCiphers=aes256-gcm@openssh.com",
+            "echo",
+            "in",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
+
+    // The runner leg: an sshd that takes nothing but ECDH.
+    let strict = RunnerSshd::start_with(
+        w.dir.path(),
+        "127.0.0.149",
+        "ecdsa",
+        "KexAlgorithms ecdh-sha2-nistp256,ecdh-sha2-nistp384\nHostKeyAlgorithms ecdsa-sha2-nistp256\n",
+    );
+    let (status, body) = w
+        .gateway
+        .register("9876543149", registration(&strict, "octocat"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    strict.install_from(&body);
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        "9876543149",
+        &["echo", "in"],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "in\n"),
+        "{r:?}\n{}",
+        strict.log()
+    );
 }

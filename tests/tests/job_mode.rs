@@ -314,13 +314,7 @@ async fn a_person_allowed_on_job_a_never_reaches_job_b() {
         .register("5555555555", registration(&other, "hubot"))
         .await;
     assert_eq!(status, 201, "{body}");
-    let lines: Vec<String> = body["authorized_keys"]
-        .as_array()
-        .expect("lines")
-        .iter()
-        .map(|l| l.as_str().expect("s").to_string())
-        .collect();
-    other.install(&lines);
+    other.install_from(&body);
     let r = ssh(&w.gateway, &w.octocat.path, "5555555555", &["true"], None).await;
     assert_eq!(r.code, 255, "octocat reached hubot's job: {r:?}");
     let r = ssh(&w.gateway, &w.hubot.path, "5555555555", &["echo ok"], None).await;

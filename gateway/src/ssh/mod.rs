@@ -22,6 +22,31 @@ pub const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_256_CTR,
 ];
 
+/// Key exchanges offered on both sides: OpenSSH's default set as far as
+/// russh has it (no sntrup761), plus russh's extra DH groups. russh's
+/// default omits ECDH over the NIST curves, the only kex that FIPS-mode
+/// clients and some hardened runner sshds take. Where the gateway is the
+/// client (the runner leg) this order decides: post-quantum hybrid first,
+/// then curve25519, as before; on the user leg the client's order decides.
+pub const KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::ECDH_SHA2_NISTP256,
+    russh::kex::ECDH_SHA2_NISTP384,
+    russh::kex::ECDH_SHA2_NISTP521,
+    russh::kex::DH_GEX_SHA256,
+    russh::kex::DH_G16_SHA512,
+    russh::kex::DH_G18_SHA512,
+    russh::kex::DH_G17_SHA512,
+    russh::kex::DH_G15_SHA512,
+    russh::kex::DH_G14_SHA256,
+    russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
 /// The user-key signature algorithms the gateway takes (and advertises in
 /// `server-sig-algs`): russh's default list without `ssh-rsa`, whose SHA-1
 /// signatures OpenSSH has refused by default since 8.8.
@@ -48,6 +73,7 @@ const KEY_ALGORITHMS_WITHOUT_SHA1: &[russh::keys::Algorithm] = &[
 /// with `ssh.allow_sha1_rsa`.
 pub fn preferred(allow_sha1_rsa: bool) -> russh::Preferred {
     russh::Preferred {
+        kex: std::borrow::Cow::Borrowed(KEX),
         cipher: std::borrow::Cow::Borrowed(CIPHERS),
         key: if allow_sha1_rsa {
             russh::Preferred::DEFAULT.key
@@ -83,6 +109,22 @@ pub const UPSTREAM_CIPHERS: &[russh::cipher::Name] = &[
 mod tests {
     /// The runner leg changes the order, never the set: a runner that serves
     /// what a user's client may pick is served by the gateway too.
+    /// Every kex russh offers by default is still offered, ECDH added.
+    #[test]
+    fn kex_is_russh_default_plus_ecdh() {
+        let ours: Vec<&str> = super::KEX.iter().map(|k| k.as_ref()).collect();
+        for k in russh::Preferred::DEFAULT.kex.iter() {
+            assert!(ours.contains(&k.as_ref()), "{}", k.as_ref());
+        }
+        for k in [
+            "ecdh-sha2-nistp256",
+            "ecdh-sha2-nistp384",
+            "ecdh-sha2-nistp521",
+        ] {
+            assert!(ours.contains(&k), "{k}");
+        }
+    }
+
     #[test]
     fn upstream_ciphers_are_the_same_set_in_another_order() {
         let mut ours: Vec<&str> = super::CIPHERS.iter().map(|c| c.as_ref()).collect();

@@ -17,7 +17,7 @@ use crate::config::SshConfig;
 use crate::ssh::handler::Connection;
 use crate::Gateway;
 
-pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
+pub fn russh_config(ssh: &SshConfig, host_keys: Vec<PrivateKey>) -> Config {
     Config {
         server_id: SshId::Standard(
             concat!("SSH-2.0-ci-gateway_", env!("CARGO_PKG_VERSION")).into(),
@@ -26,7 +26,7 @@ pub fn russh_config(ssh: &SshConfig, host_key: PrivateKey) -> Config {
         auth_rejection_time: ssh.auth_rejection_time,
         // OpenSSH probes with "none" first; answering it at once costs nothing.
         auth_rejection_time_initial: Some(std::time::Duration::ZERO),
-        keys: vec![host_key],
+        keys: host_keys,
         max_auth_attempts: ssh.max_auth_attempts,
         inactivity_timeout: Some(ssh.idle_timeout),
         keepalive_interval: Some(ssh.keepalive_interval),
@@ -75,7 +75,7 @@ async fn accept_loop(
     peak: &AtomicUsize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_key.clone()));
+    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_keys.clone()));
     // Per source address, an IPv6 /64 counting as one (as the failure limits do).
     let per_source = Arc::new(crate::limits::Counted::<IpAddr>::default());
     let mut backoff = std::time::Duration::from_millis(10);

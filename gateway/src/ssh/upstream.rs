@@ -101,6 +101,7 @@ pub fn client_config(keepalive: Duration) -> client::Config {
         keepalive_max: 3,
         nodelay: true,
         preferred: russh::Preferred {
+            kex: std::borrow::Cow::Borrowed(crate::ssh::KEX),
             cipher: std::borrow::Cow::Borrowed(crate::ssh::UPSTREAM_CIPHERS),
             ..russh::Preferred::DEFAULT
         },

@@ -218,11 +218,17 @@ pub struct RunnerSshd {
 impl RunnerSshd {
     /// `ip` is a loopback address such as 127.0.0.5.
     pub fn start(dir: &Path, ip: &str) -> RunnerSshd {
+        Self::start_with(dir, ip, "ed25519", "")
+    }
+
+    /// A runner whose host key is of `key_kind` (as `ssh-keygen -t` takes
+    /// it) and whose sshd_config ends with `extra` lines.
+    pub fn start_with(dir: &Path, ip: &str, key_kind: &str, extra: &str) -> RunnerSshd {
         require_tools();
         let dir = dir.join(format!("runner-{ip}"));
         std::fs::create_dir_all(&dir).expect("mkdir");
         set_mode(&dir, 0o755);
-        let host_key = keygen(&dir, "ssh_host_ed25519_key", "ed25519");
+        let host_key = keygen(&dir, &format!("ssh_host_{key_kind}_key"), key_kind);
         let authorized_keys = dir.join("authorized_keys");
         std::fs::write(&authorized_keys, "").expect("write");
         set_mode(&authorized_keys, 0o644);
@@ -244,7 +250,7 @@ impl RunnerSshd {
                     "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
                      StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel DEBUG1\n\
-                     AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n",
+                     AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n{extra}",
                     hk = host_key.path.display(),
                     ak = authorized_keys.display(),
                     pid = dir.join("sshd.pid").display(),
@@ -283,6 +289,17 @@ impl RunnerSshd {
             "sshd did not start: {}",
             std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
         );
+    }
+
+    /// Installs the `authorized_keys` lines of a registration's answer.
+    pub fn install_from(&self, answer: &serde_json::Value) {
+        let lines: Vec<String> = answer["authorized_keys"]
+            .as_array()
+            .expect("authorized_keys")
+            .iter()
+            .map(|l| l.as_str().expect("line").to_string())
+            .collect();
+        self.install(&lines);
     }
 
     pub fn install(&self, lines: &[String]) {
@@ -776,13 +793,7 @@ impl World {
             .register(job, registration(&world.runner, "octocat"))
             .await;
         assert_eq!(status, 201, "registration failed: {body}");
-        let lines: Vec<String> = body["authorized_keys"]
-            .as_array()
-            .expect("authorized_keys")
-            .iter()
-            .map(|l| l.as_str().expect("line").to_string())
-            .collect();
-        world.runner.install(&lines);
+        world.runner.install_from(&body);
         world
     }
 

@@ -195,6 +195,11 @@ pub struct UpstreamConfig {
     /// Sockets to runners open at once (job-mode SSH connections and jump
     /// forwards); 0: half of the descriptors left after a headroom.
     pub max_sockets: usize,
+    /// Job-mode logins to one runner in progress at once (TCP connect, SSH
+    /// handshake, authentication); the rest wait in line for up to
+    /// `connect_timeout`. Below OpenSSH's default `MaxStartups 10`, whose
+    /// random drops would otherwise reset a burst's connections.
+    pub max_handshakes_per_runner: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,7 +357,11 @@ impl Config {
         if self.api.request_timeout.is_zero() {
             return Err(invalid("api.request_timeout", "must be longer than 0s"));
         }
-        let counts: [(&'static str, usize); 7] = [
+        let counts: [(&'static str, usize); 8] = [
+            (
+                "upstream.max_handshakes_per_runner",
+                self.upstream.max_handshakes_per_runner,
+            ),
             ("ssh.max_connections", self.ssh.max_connections),
             (
                 "ssh.max_connections_per_source",

@@ -81,6 +81,8 @@ pub struct Gateway {
     /// permit each, for as long as the socket is open.
     pub upstream_sockets: Arc<tokio::sync::Semaphore>,
     pub upstream_socket_limit: usize,
+    /// Job-mode logins in progress per runner address.
+    pub runner_handshakes: Arc<limits::Gates<std::net::SocketAddr>>,
     /// User connections at once: `ssh.max_connections`, or less when the
     /// descriptor limit demands it.
     pub max_user_connections: usize,
@@ -183,6 +185,9 @@ impl Gateway {
         // get at most half of what RLIMIT_NOFILE leaves after a headroom, so
         // neither can make `accept` fail for everyone.
         let share = limits::open_files_limit().map(limits::descriptor_share);
+        let runner_handshakes = Arc::new(limits::Gates::new(
+            config.upstream.max_handshakes_per_runner,
+        ));
         let upstream_socket_limit = match config.upstream.max_sockets {
             0 => share.unwrap_or(16_384),
             n => n,
@@ -203,6 +208,7 @@ impl Gateway {
             host_keys,
             own_sockets: std::sync::RwLock::new(own_sockets),
             upstream_sockets: Arc::new(tokio::sync::Semaphore::new(upstream_socket_limit)),
+            runner_handshakes,
             upstream_socket_limit,
             max_user_connections,
             logins: Arc::new(limits::Counted::default()),

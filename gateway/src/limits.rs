@@ -78,6 +78,76 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
+/// At most `per_key` holders per key at once, the rest waiting in line (a
+/// fair semaphore per key). The map holds only keys someone holds or waits
+/// for, so it is bounded by the callers, who are bounded themselves.
+pub struct Gates<K: std::hash::Hash + Eq + Clone> {
+    map: Mutex<HashMap<K, std::sync::Arc<tokio::sync::Semaphore>>>,
+    per_key: usize,
+}
+
+/// One place taken in [`Gates`]; the key's entry goes when the last holder
+/// or waiter does.
+pub struct Gate<K: std::hash::Hash + Eq + Clone> {
+    gates: std::sync::Arc<Gates<K>>,
+    key: K,
+    semaphore: std::sync::Arc<tokio::sync::Semaphore>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Gates<K> {
+    pub fn new(per_key: usize) -> Gates<K> {
+        Gates {
+            map: Mutex::new(HashMap::new()),
+            per_key: per_key.max(1),
+        }
+    }
+
+    pub fn per_key(&self) -> usize {
+        self.per_key
+    }
+
+    /// Waits up to `patience` for a place for `key`; `None` when none came.
+    pub async fn enter(self: &std::sync::Arc<Self>, key: K, patience: Duration) -> Option<Gate<K>> {
+        let semaphore = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.clone())
+                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_key)))
+                .clone()
+        };
+        // The gate is built before the wait so that a waiter that gives up
+        // cleans its key up as a holder does.
+        let mut gate = Gate {
+            gates: self.clone(),
+            key,
+            semaphore: semaphore.clone(),
+            permit: None,
+        };
+        let permit = tokio::time::timeout(patience, semaphore.acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        gate.permit = Some(permit);
+        Some(gate)
+    }
+
+    /// How many keys are held or waited for (for tests and metrics).
+    pub fn keys(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Gate<K> {
+    fn drop(&mut self) {
+        let mut map = self.gates.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.permit.take();
+        // Held by the map and by this gate only: nobody else holds or waits.
+        if std::sync::Arc::strong_count(&self.semaphore) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
+
 /// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`
 /// (Linux; `None` elsewhere or when unlimited).
 pub fn open_files_limit() -> Option<u64> {
@@ -413,6 +483,36 @@ impl ApiLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn gates_queue_beyond_the_limit_and_forget_idle_keys() {
+        let gates = std::sync::Arc::new(Gates::<u8>::new(2));
+        let a = gates
+            .enter(1, Duration::from_millis(10))
+            .await
+            .expect("first");
+        let b = gates
+            .enter(1, Duration::from_millis(10))
+            .await
+            .expect("second");
+        // A third waits, and gives up when its patience ends.
+        assert!(gates.enter(1, Duration::from_millis(20)).await.is_none());
+        // Another key is not held up by this one.
+        let other = gates
+            .enter(2, Duration::from_millis(10))
+            .await
+            .expect("other key");
+        // A waiter gets the place a holder leaves.
+        let waiter = {
+            let gates = gates.clone();
+            tokio::spawn(async move { gates.enter(1, Duration::from_secs(5)).await.is_some() })
+        };
+        tokio::task::yield_now().await;
+        drop(a);
+        assert!(waiter.await.expect("join"));
+        drop((b, other));
+        assert_eq!(gates.keys(), 0, "no key is kept once nobody holds or waits");
+    }
 
     #[test]
     fn a_flooding_source_is_blocked_and_nobody_else_is() {

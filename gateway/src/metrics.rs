@@ -65,6 +65,9 @@ pub enum Refusal {
     Channels,
     /// SSH: the gateway holding its limit of runner sockets.
     UpstreamSockets,
+    /// SSH: a job-mode login that waited its connect timeout in the line of
+    /// logins to one runner.
+    RunnerHandshakes,
     /// A source over its GitHub key-lookup budget.
     GithubLookups,
     /// API: a token (a job, or a shared token from one source) over its rate.

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::*;
 
@@ -377,4 +378,152 @@ async fn every_kex_and_host_key_type_gets_in() {
         "{r:?}\n{}",
         strict.log()
     );
+}
+
+/// A TCP relay on `ip` to `target` that holds every chunk for `delay` each
+/// way: a runner far away, whose handshakes take a while and so overlap.
+async fn far_away(ip: &str, target: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    relay(ip, target, delay, 0).await
+}
+
+/// [`far_away`] that also closes its first `drop_first` connections at
+/// once, as an sshd past its MaxStartups does.
+async fn relay(
+    ip: &str,
+    target: std::net::SocketAddr,
+    delay: Duration,
+    drop_first: usize,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .expect("bind the relay");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut dropped = 0;
+        while let Ok((user, _)) = listener.accept().await {
+            if dropped < drop_first {
+                dropped += 1;
+                drop(user);
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(runner) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (a_r, a_w) = user.into_split();
+                let (b_r, b_w) = runner.into_split();
+                tokio::join!(slow_copy(a_r, b_w, delay), slow_copy(b_r, a_w, delay));
+            });
+        }
+    });
+    addr
+}
+
+async fn slow_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// OpenSSH's sshd drops new connections at random once 10 are
+/// unauthenticated (`MaxStartups 10:30:100`, the default). A burst of job
+/// logins to a runner 100 ms away waits in line at the gateway instead (8
+/// handshakes per runner at once; one retry of a connection dropped before
+/// the handshake), so none is lost. The runner here drops every connection
+/// past 8 (`MaxStartups 8:100:8`), the gateway's own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_gets_through_a_default_maxstartups_runner() {
+    const BURST: usize = 60;
+    let w = World::unregistered(
+        "127.0.0.150",
+        "9876543150",
+        &[
+            ("CI_GATEWAY__SSH__MAX_CONNECTIONS_PER_LOGIN", "100"),
+            // 60 handshakes of about 1 s each, 8 at a time.
+            ("CI_GATEWAY__UPSTREAM__CONNECT_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    let runner = RunnerSshd::start_with(
+        w.dir.path(),
+        "127.0.0.151",
+        "ed25519",
+        "MaxStartups 8:100:8\n",
+    );
+    let distant = far_away("127.0.0.152", runner.addr, Duration::from_millis(100)).await;
+    let mut far = registration(&runner, "octocat");
+    far["host"] = distant.ip().to_string().into();
+    far["port"] = distant.port().into();
+    let (status, body) = w.gateway.register("9876543151", far).await;
+    assert_eq!(status, 201, "{body}");
+    runner.install_from(&body);
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..BURST {
+        let args = {
+            let mut a = client_opts(&w.octocat.path);
+            a.extend([
+                "-p".to_string(),
+                w.gateway.ssh.port().to_string(),
+                "9876543151@127.0.0.1".to_string(),
+                "true".to_string(),
+            ]);
+            a
+        };
+        burst.spawn(async move { run("ssh", &args, None).await });
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = burst.join_next().await {
+        let r = r.expect("join");
+        if r.code != 0 {
+            failed.push(r.stderr);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {BURST} logins failed: {failed:#?}",
+        failed.len()
+    );
+    assert!(
+        !runner.log().contains("past MaxStartups"),
+        "the runner's sshd dropped connections:\n{}",
+        runner.log()
+    );
+
+    // One connection dropped before the handshake is retried; two are
+    // reported for what they are.
+    for (job, ip, drops) in [
+        ("9876543153", "127.0.0.153", 1),
+        ("9876543154", "127.0.0.154", 2),
+    ] {
+        let dropper = relay(ip, runner.addr, Duration::ZERO, drops).await;
+        let mut dropping = registration(&runner, "octocat");
+        dropping["host"] = dropper.ip().to_string().into();
+        dropping["port"] = dropper.port().into();
+        let (status, body) = w.gateway.register(job, dropping).await;
+        assert_eq!(status, 201, "{body}");
+        runner.install_from(&body);
+        let r = ssh(&w.gateway, &w.octocat.path, job, &["echo", "in"], None).await;
+        if drops == 1 {
+            assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
+        } else {
+            assert_eq!(r.code, 255, "{r:?}");
+            assert!(
+                r.stderr
+                    .contains("closed the connection before the SSH handshake, twice")
+                    && r.stderr.contains("MaxStartups")
+                    && r.stderr.lines().count() == 1,
+                "{r:?}"
+            );
+        }
+    }
 }

@@ -30,6 +30,10 @@ pub enum UpstreamError {
     Busy(usize),
     #[error("the runner at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
+    #[error("the gateway lets {1} logins at a time through to the runner at {0} (so its sshd does not drop them) and this one waited {2:?} in line; try again")]
+    Throttled(String, usize, Duration),
+    #[error("the runner at {0} closed the connection before the SSH handshake, twice ({1}); its sshd may be refusing new connections (MaxStartups)")]
+    DroppedTwice(String, String),
     #[error("could not sign a login certificate: {0}")]
     Certificate(String),
 }
@@ -109,6 +113,73 @@ pub fn client_config(keepalive: Duration) -> client::Config {
     }
 }
 
+/// How one attempt at the runner's SSH handshake failed.
+enum Handshake {
+    /// Closed or reset before the handshake was through, as sshd does to
+    /// connections past its `MaxStartups`: worth one more try.
+    Dropped(String),
+    Timeout,
+    Mismatch,
+    Failed(String),
+}
+
+impl Handshake {
+    fn into_error(self, shown: &str, timeout: Duration) -> UpstreamError {
+        match self {
+            Handshake::Dropped(e) | Handshake::Failed(e) => {
+                UpstreamError::Unreachable(shown.to_string(), e)
+            }
+            Handshake::Timeout => UpstreamError::Timeout(shown.to_string(), timeout),
+            Handshake::Mismatch => UpstreamError::HostKeyMismatch(shown.to_string()),
+        }
+    }
+}
+
+/// Whether `e` is the peer going away mid-handshake (not a refusal of ours).
+fn dropped(e: &russh::Error) -> bool {
+    use std::io::ErrorKind::*;
+    match e {
+        russh::Error::Disconnect => true,
+        russh::Error::IO(e) => matches!(
+            e.kind(),
+            ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+        ),
+        _ => false,
+    }
+}
+
+/// One TCP connect and SSH handshake (to the host key check) with `addr`.
+async fn handshake(
+    gw: &Gateway,
+    addr: std::net::SocketAddr,
+    pinned: &[PublicKey],
+    timeout: Duration,
+) -> Result<(client::Handle<Runner>, watch::Receiver<bool>), Handshake> {
+    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (closed_tx, closed) = watch::channel(false);
+    let handler = Runner {
+        pinned: pinned.to_vec(),
+        mismatch: mismatch.clone(),
+        closed: closed_tx,
+    };
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => return Err(Handshake::Timeout),
+        Ok(Err(e)) => return Err(Handshake::Failed(e.to_string())),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    let connecting = client::connect_stream(gw.upstream_config.clone(), tcp, handler);
+    match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => Err(Handshake::Timeout),
+        Ok(Err(_)) if mismatch.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err(Handshake::Mismatch)
+        }
+        Ok(Err(e)) if dropped(&e) => Err(Handshake::Dropped(e.to_string())),
+        Ok(Err(e)) => Err(Handshake::Failed(e.to_string())),
+        Ok(Ok(handle)) => Ok((handle, closed)),
+    }
+}
+
 /// Connects and logs in to `job`'s runner on behalf of `login`.
 pub async fn connect(
     gw: &Gateway,
@@ -118,6 +189,19 @@ pub async fn connect(
     let addr = gw
         .dialable(std::net::SocketAddr::new(job.host, job.port))
         .map_err(UpstreamError::Forbidden)?;
+    let shown = addr.to_string();
+    let timeout = gw.config.upstream.connect_timeout;
+    // A burst of logins to one runner waits in line here rather than being
+    // dropped by the runner's sshd (MaxStartups): the line is part of
+    // connecting, so it gets the connect timeout as its patience.
+    let _in_line = gw
+        .runner_handshakes
+        .enter(addr, timeout)
+        .await
+        .ok_or_else(|| {
+            gw.metrics.refused(crate::metrics::Refusal::RunnerHandshakes);
+            UpstreamError::Throttled(shown.clone(), gw.runner_handshakes.per_key(), timeout)
+        })?;
     let socket = gw
         .upstream_sockets
         .clone()
@@ -126,35 +210,28 @@ pub async fn connect(
             gw.metrics.refused(crate::metrics::Refusal::UpstreamSockets);
             UpstreamError::Busy(gw.upstream_socket_limit)
         })?;
-    let shown = addr.to_string();
-    let timeout = gw.config.upstream.connect_timeout;
-    let pinned = job
+    let pinned: Vec<PublicKey> = job
         .host_keys
         .iter()
         .filter_map(|k| crate::keys::parse_public_key(k).ok())
         .collect();
-    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (closed_tx, closed) = watch::channel(false);
-    let handler = Runner {
-        pinned,
-        mismatch: mismatch.clone(),
-        closed: closed_tx,
-    };
-
-    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Err(_) => return Err(UpstreamError::Timeout(shown, timeout)),
-        Ok(Err(e)) => return Err(UpstreamError::Unreachable(shown, e.to_string())),
-        Ok(Ok(tcp)) => tcp,
-    };
-    let _ = tcp.set_nodelay(true);
-    let connecting = client::connect_stream(gw.upstream_config.clone(), tcp, handler);
-    let mut handle = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => return Err(UpstreamError::Timeout(shown, timeout)),
-        Ok(Err(_)) if mismatch.load(std::sync::atomic::Ordering::Relaxed) => {
-            return Err(UpstreamError::HostKeyMismatch(shown))
+    let (mut handle, closed) = match handshake(gw, addr, &pinned, timeout).await {
+        Err(Handshake::Dropped(first)) => {
+            // An sshd past its MaxStartups closes new connections at random;
+            // one more try, after a short random pause, gets most through.
+            let pause = Duration::from_millis(50 + rand::random::<u64>() % 200);
+            tokio::time::sleep(pause).await;
+            match handshake(gw, addr, &pinned, timeout).await {
+                Err(Handshake::Dropped(second)) => {
+                    return Err(UpstreamError::DroppedTwice(
+                        shown,
+                        format!("{first}; then {second}"),
+                    ))
+                }
+                other => other.map_err(|e| e.into_error(&shown, timeout))?,
+            }
         }
-        Ok(Err(e)) => return Err(UpstreamError::Unreachable(shown, e.to_string())),
-        Ok(Ok(handle)) => handle,
+        other => other.map_err(|e| e.into_error(&shown, timeout))?,
     };
 
     let auth = async {

@@ -222,7 +222,7 @@ impl RunnerSshd {
     }
 
     /// A runner whose host key is of `key_kind` (as `ssh-keygen -t` takes
-    /// it) and whose sshd_config ends with `extra` lines.
+    /// it) and whose sshd_config has `extra` lines in place of defaults.
     pub fn start_with(dir: &Path, ip: &str, key_kind: &str, extra: &str) -> RunnerSshd {
         require_tools();
         let dir = dir.join(format!("runner-{ip}"));
@@ -244,19 +244,26 @@ impl RunnerSshd {
                 l.local_addr().expect("addr").port()
             };
             let config = dir.join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
-                     StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                     PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel DEBUG1\n\
-                     AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n{extra}",
-                    hk = host_key.path.display(),
-                    ak = authorized_keys.display(),
-                    pid = dir.join("sshd.pid").display(),
-                ),
-            )
-            .expect("write sshd_config");
+            let defaults = format!(
+                "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel DEBUG1\n\
+                 AllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n",
+                hk = host_key.path.display(),
+                ak = authorized_keys.display(),
+                pid = dir.join("sshd.pid").display(),
+            );
+            // A keyword in `extra` replaces the default line (sshd keeps the
+            // first value of most keywords and the last of some).
+            let keyword = |l: &str| l.split_whitespace().next().unwrap_or("").to_lowercase();
+            let replaced: Vec<String> = extra.lines().map(keyword).collect();
+            let mut text: String = defaults
+                .lines()
+                .filter(|l| !replaced.contains(&keyword(l)))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            text.push_str(extra);
+            std::fs::write(&config, text).expect("write sshd_config");
             let log = dir.join("sshd.log");
             let child = std::process::Command::new(sshd_path().expect("sshd"))
                 .args(["-D", "-e", "-f"])
@@ -291,13 +298,19 @@ impl RunnerSshd {
         );
     }
 
-    /// Installs the `authorized_keys` lines of a registration's answer.
+    /// Adds the `authorized_keys` lines of a registration's answer.
     pub fn install_from(&self, answer: &serde_json::Value) {
-        let lines: Vec<String> = answer["authorized_keys"]
-            .as_array()
-            .expect("authorized_keys")
-            .iter()
-            .map(|l| l.as_str().expect("line").to_string())
+        let had = std::fs::read_to_string(&self.authorized_keys).unwrap_or_default();
+        let lines: Vec<String> = had
+            .lines()
+            .map(str::to_string)
+            .chain(
+                answer["authorized_keys"]
+                    .as_array()
+                    .expect("authorized_keys")
+                    .iter()
+                    .map(|l| l.as_str().expect("line").to_string()),
+            )
             .collect();
         self.install(&lines);
     }

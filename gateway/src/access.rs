@@ -1,8 +1,11 @@
-//! Who may reach which job: one pure function of the job, the person and the
-//! operator's policy. No I/O, no keys: callers identify the person first.
+//! Who may reach which job: pure functions of the job, the person and the
+//! operator's policy. No I/O, no keys: callers identify the person first and
+//! look the job up.
 
-use crate::ids::GithubLogin;
-use crate::registry::Registration;
+use std::sync::Arc;
+
+use crate::ids::{GithubLogin, JobId};
+use crate::registry::{Live, Lookup, Registration};
 
 /// The operator's side of the decision.
 #[derive(Debug, Clone, Default)]
@@ -10,6 +13,9 @@ pub struct Policy {
     pub admins: Vec<GithubLogin>,
     /// Whether a registration's own `allowed_users` list is honoured.
     pub allow_extra_users: bool,
+    /// The ports a jump-mode forward may name (`<job-id>:<port>`); 22 is
+    /// the runner's registered SSH port.
+    pub jump_ports: Vec<u16>,
 }
 
 /// Everyone allowed on `job`, in a stable order (actor, listed users, admins),
@@ -32,6 +38,51 @@ pub fn allowed_people(job: &Registration, policy: &Policy) -> Vec<GithubLogin> {
 /// Deny by default: only the people [`allowed_people`] names get in.
 pub fn may_enter(job: &Registration, who: &GithubLogin, policy: &Policy) -> bool {
     allowed_people(job, policy).contains(who)
+}
+
+/// Where a jump-mode forward may go: the job and the port to dial.
+pub struct JumpTarget {
+    pub job: Arc<Registration>,
+    pub live: Arc<Live>,
+    pub port: u16,
+}
+
+/// Decides a jump-mode forward to `host:port` by `who`, with `lookup`
+/// finding the job a valid id names. Every refusal is a reason the user can
+/// act on. The address rules (DESIGN §4) are the dialer's, at the dial.
+pub fn jump(
+    host: &str,
+    port: u32,
+    who: &GithubLogin,
+    policy: &Policy,
+    lookup: impl FnOnce(JobId) -> Lookup,
+) -> Result<JumpTarget, String> {
+    let job_id = JobId::parse(host).map_err(|_| {
+        format!(
+            "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {who}@gateway runneruser@<job-id>)",
+            crate::audit::shown(host)
+        )
+    })?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| policy.jump_ports.contains(p))
+        .ok_or_else(|| {
+            format!(
+                "port {port} is not open through the gateway (allowed: {:?})",
+                policy.jump_ports
+            )
+        })?;
+    let (job, live) = match lookup(job_id) {
+        Lookup::Active(job, live) => (job, live),
+        Lookup::Ended(reason) => return Err(reason),
+        Lookup::Unknown => return Err(format!("job {job_id} is not registered with this gateway")),
+    };
+    if !may_enter(&job, who, policy) {
+        return Err(format!("{who} is not allowed on job {job_id}"));
+    }
+    // Port 22 means the runner's registered SSH port.
+    let port = if port == 22 { job.port } else { port };
+    Ok(JumpTarget { job, live, port })
 }
 
 #[cfg(test)]
@@ -58,6 +109,7 @@ mod tests {
         let policy = Policy {
             admins: vec![login("root-admin")],
             allow_extra_users: false,
+            ..Policy::default()
         };
         assert!(may_enter(&job, &login("root-admin"), &policy));
     }
@@ -68,10 +120,52 @@ mod tests {
         let on = Policy {
             admins: vec![],
             allow_extra_users: true,
+            ..Policy::default()
         };
         let off = Policy::default();
         assert!(may_enter(&job, &login("hubot"), &on));
         assert!(!may_enter(&job, &login("hubot"), &off));
+    }
+
+    #[test]
+    fn jump_goes_only_to_allowed_ports_of_jobs_the_person_may_enter() {
+        let policy = Policy {
+            jump_ports: vec![22, 3389],
+            ..Policy::default()
+        };
+        let mut job = registration(1234567890, "octocat", &[]);
+        job.port = 2200;
+        let job = Arc::new(job);
+        let found = |_: JobId| Lookup::Active(job.clone(), Live::new());
+        let octocat = login("octocat");
+        let to = |host: &str, port: u32, who: &GithubLogin| {
+            jump(host, port, who, &policy, found).map(|t| (t.job.job_id.to_string(), t.port))
+        };
+        assert_eq!(
+            to("1234567890", 22, &octocat),
+            Ok(("1234567890".into(), 2200))
+        );
+        assert_eq!(
+            to("job-1234567890", 3389, &octocat),
+            Ok(("1234567890".into(), 3389))
+        );
+        for (host, port, reason) in [
+            ("169.254.169.254", 80, "is not a job"),
+            ("localhost", 22, "is not a job"),
+            ("1234567890", 25, "port 25 is not open"),
+            ("1234567890", 65558, "is not open"),
+        ] {
+            let err = to(host, port, &octocat).expect_err(host);
+            assert!(err.contains(reason), "{host}:{port}: {err}");
+        }
+        let err = to("1234567890", 22, &login("mallory")).expect_err("stranger");
+        assert!(err.contains("mallory is not allowed"), "{err}");
+        let unknown = jump("1234567890", 22, &octocat, &policy, |_| Lookup::Unknown);
+        assert!(unknown.err().is_some_and(|e| e.contains("not registered")));
+        let ended = jump("1234567890", 22, &octocat, &policy, |_| {
+            Lookup::Ended("job 1234567890 has ended".into())
+        });
+        assert!(ended.err().is_some_and(|e| e.contains("has ended")));
     }
 
     #[test]
@@ -80,6 +174,7 @@ mod tests {
         let policy = Policy {
             admins: vec![login("hubot"), login("admin")],
             allow_extra_users: true,
+            ..Policy::default()
         };
         let people: Vec<String> = allowed_people(&job, &policy)
             .into_iter()

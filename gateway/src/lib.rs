@@ -122,6 +122,7 @@ impl Gateway {
         let policy = access::Policy {
             admins: config.admins(),
             allow_extra_users: config.registration.allow_extra_users,
+            jump_ports: config.access.jump_ports.clone(),
         };
         let (tokens, generated_token_file) = if config.registration.tokens.is_empty() {
             let path = dir.join("registration_token");

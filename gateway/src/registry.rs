@@ -145,7 +145,7 @@ pub struct Live {
 }
 
 impl Live {
-    fn new() -> Arc<Live> {
+    pub(crate) fn new() -> Arc<Live> {
         Arc::new(Live {
             sessions: watch::Sender::new(0),
             kick: watch::Sender::new(None),

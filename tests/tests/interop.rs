@@ -527,3 +527,89 @@ async fn a_burst_of_logins_gets_through_a_default_maxstartups_runner() {
         }
     }
 }
+
+/// A forward whose dial hangs (a runner that drops SYNs) holds up nothing
+/// else on the user's connection: the dial runs in the channel's own task,
+/// not in the connection's callback. Before, the second forward waited for
+/// the first dial's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_dial_holds_up_no_other_channel() {
+    let w = World::with_config(
+        "127.0.0.157",
+        "9876543157",
+        &[("CI_GATEWAY__UPSTREAM__CONNECT_TIMEOUT", "60s")],
+    )
+    .await;
+    // A listener whose accept queue is full: further SYNs go unanswered.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.156:0".parse().expect("addr"))
+        .expect("bind");
+    let black_hole = socket.listen(0).expect("listen");
+    let hole = black_hole.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        fillers.push(tokio::spawn(tokio::net::TcpStream::connect(hole)));
+    }
+    let mut stalled = registration(&w.runner, "octocat");
+    stalled["host"] = hole.ip().to_string().into();
+    stalled["port"] = hole.port().into();
+    let (status, body) = w.gateway.register("9876543156", stalled).await;
+    assert_eq!(status, 201, "{body}");
+
+    let (p_stalled, p_live) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-N".to_string(),
+        "-L".into(),
+        format!("127.0.0.1:{p_stalled}:job-9876543156:22"),
+        "-L".into(),
+        format!("127.0.0.1:{p_live}:job-{}:22", w.job),
+        "-p".into(),
+        w.gateway.ssh.port().to_string(),
+        "octocat@127.0.0.1".into(),
+    ]);
+    let mut child = tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh");
+    let mut banner = String::new();
+    for _ in 0..100 {
+        banner = first_bytes(p_live).await;
+        if banner.starts_with("SSH-") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(banner.starts_with("SSH-"), "the forward works: {banner:?}");
+
+    // Start the dial that hangs, and wait until the gateway is in it.
+    let mut hanging = tokio::net::TcpStream::connect(("127.0.0.1", p_stalled))
+        .await
+        .expect("the local forward accepts");
+    let audit = w.dir.path().join("data").join("audit.jsonl");
+    let destination = format!("\"destination\":\"{hole}\"");
+    eventually("the gateway dials the black hole", || {
+        std::fs::read_to_string(&audit).is_ok_and(|a| a.contains(&destination))
+    })
+    .await;
+    // The other forward on the same connection answers meanwhile...
+    assert!(
+        first_bytes(p_live).await.starts_with("SSH-"),
+        "a second channel waited for the hanging dial"
+    );
+    // ...while the hanging one is still waiting (neither data nor EOF).
+    let mut buf = [0u8; 16];
+    let still = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::io::AsyncReadExt::read(&mut hanging, &mut buf),
+    )
+    .await;
+    assert!(still.is_err(), "the stalled forward ended early: {still:?}");
+    assert!(child.try_wait().expect("wait").is_none(), "ssh exited");
+    drop(fillers);
+}

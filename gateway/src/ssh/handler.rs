@@ -17,7 +17,7 @@ use crate::access;
 use crate::ids::{GithubLogin, JobId, Target};
 use crate::metrics::Refusal;
 use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, SessionInfo};
-use crate::ssh::upstream::{self, RunnerConnection};
+use crate::ssh::upstream::{self, RunnerConnection, RunnerLink};
 use crate::Gateway;
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
@@ -99,6 +99,53 @@ fn runner_refusal(what: &str, e: russh::Error) -> (ChannelOpenFailure, String) {
     }
 }
 
+/// How long a refusal waits behind a disconnect that carries its reason.
+/// Channel-open replies overtake other queued messages in russh's session
+/// loop; sent at once, one could end the client before the disconnect
+/// message that OpenSSH prints. The disconnect ends the channel anyway.
+const DISCONNECT_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The job's runner connection for a channel, once it is up; or the
+/// refusal for a channel whose runner never came up (the connection is
+/// being closed with the same reason, which goes first).
+async fn runner_for_channel(
+    link: RunnerLink,
+) -> Result<Arc<RunnerConnection>, (ChannelOpenFailure, String)> {
+    match link.get().await {
+        Ok(runner) => Ok(runner),
+        Err(e) => {
+            tokio::time::sleep(DISCONNECT_FIRST).await;
+            Err((ChannelOpenFailure::ConnectFailed, e.to_string()))
+        }
+    }
+}
+
+/// Ends the user's connection with `reason`, the line OpenSSH prints.
+async fn say_goodbye(handle: &server::Handle, reason: String) {
+    let _ = handle
+        .disconnect(Disconnect::ByApplication, reason, "en".into())
+        .await;
+}
+
+/// Refuses a channel with `code` and `reason`; with `disconnect`, the
+/// reason goes out as the connection's disconnect message first (an
+/// `ssh -J` stdio forward, whose connection carries nothing else, and
+/// whose client prints nothing useful for a refused channel).
+async fn refuse(
+    reply: server::ChannelOpenHandle,
+    code: ChannelOpenFailure,
+    reason: String,
+    disconnect: Option<server::Handle>,
+) {
+    if let Some(handle) = disconnect {
+        say_goodbye(&handle, format!("ci-gateway: {reason}")).await;
+        tokio::time::sleep(DISCONNECT_FIRST).await;
+    }
+    reply
+        .reject_with(code, format!("ci-gateway: {reason}"))
+        .await;
+}
+
 /// A connection's open job-mode session channels, where notices are shown.
 type NoticeChannels = Arc<std::sync::Mutex<HashSet<ChannelId>>>;
 
@@ -127,7 +174,8 @@ pub struct Connection {
     id: u64,
     handle: SharedHandle,
     state: State,
-    runner: Option<Arc<RunnerConnection>>,
+    /// Job mode: the runner connection, as it comes up in its own task.
+    runner: Option<RunnerLink>,
     guards: HashMap<JobId, SessionGuard>,
     /// The user's open session channels (job mode), where notices are shown.
     session_channels: NoticeChannels,
@@ -198,9 +246,7 @@ impl Connection {
     fn disconnect_later(&self, reason: String) {
         if let Some(handle) = self.handle.get().cloned() {
             tokio::spawn(async move {
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, reason, "en".into())
-                    .await;
+                say_goodbye(&handle, reason).await;
             });
         }
     }
@@ -394,6 +440,53 @@ impl Connection {
         }
     }
 
+    /// Logs in to `job`'s runner in a task of its own; channels wait for it
+    /// in theirs. A runner that cannot be reached, or that goes away later,
+    /// ends the user's connection with the reason.
+    fn connect_runner(&mut self, job: Arc<Registration>, login: String) {
+        let (outcome, link) = tokio::sync::watch::channel(None);
+        self.runner = Some(RunnerLink(link));
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let gw = self.gw.clone();
+        let mut alive = self.alive.subscribe();
+        let conn = self.id;
+        tokio::spawn(async move {
+            let job_id = job.job_id;
+            let connected = tokio::select! {
+                connected = upstream::connect(&gw, &job, &login) => connected,
+                // The user left first: nothing to connect for.
+                _ = alive.changed() => return,
+            };
+            let reason = match connected {
+                Ok(runner) => {
+                    info!(conn, job = %job_id, %login, "connected to runner");
+                    let mut closed = runner.closed.clone();
+                    outcome.send_replace(Some(Ok(Arc::new(runner))));
+                    tokio::select! {
+                        closed = closed.wait_for(|c| *c) => match closed {
+                            Ok(_) => format!("ci-gateway: the runner of job {job_id} closed the connection"),
+                            Err(_) => return,
+                        },
+                        _ = alive.changed() => return,
+                    }
+                }
+                Err(e) => {
+                    warn!(conn, job = %job_id, %login, "{e}");
+                    // The disconnect first: its reason is the line OpenSSH
+                    // prints, and a channel refusal sent before it could
+                    // end the client without it.
+                    let reason = format!("ci-gateway: job {job_id}: {e}");
+                    say_goodbye(&handle, reason).await;
+                    outcome.send_replace(Some(Err(Arc::new(e))));
+                    return;
+                }
+            };
+            say_goodbye(&handle, reason).await;
+        });
+    }
+
     /// Closes this connection with `reason` when the job is kicked.
     fn watch_kicks(&self, live: &Live) {
         let Some(handle) = self.handle.get().cloned() else {
@@ -407,13 +500,7 @@ impl Connection {
                 let reason = kick.borrow_and_update().clone();
                 if let Some(reason) = reason {
                     info!(conn, "closing: {reason}");
-                    let _ = handle
-                        .disconnect(
-                            Disconnect::ByApplication,
-                            format!("ci-gateway: {reason}"),
-                            "en".into(),
-                        )
-                        .await;
+                    say_goodbye(&handle, format!("ci-gateway: {reason}")).await;
                     return;
                 }
                 tokio::select! {
@@ -586,37 +673,7 @@ impl server::Handler for Connection {
         );
         self.watch_kicks(&live);
         self.watch_notices(&live);
-        match upstream::connect(&self.gw, &job, &login).await {
-            Ok(runner) => {
-                let runner = Arc::new(runner);
-                // The runner going away ends the user's connection with a reason.
-                if let Some(handle) = self.handle.get().cloned() {
-                    let mut closed = runner.closed.clone();
-                    let job_id = job.job_id;
-                    tokio::spawn(async move {
-                        if closed.wait_for(|c| *c).await.is_ok() {
-                            let _ = handle
-                                .disconnect(
-                                    Disconnect::ByApplication,
-                                    format!("ci-gateway: the runner of job {job_id} closed the connection"),
-                                    "en".into(),
-                                )
-                                .await;
-                        }
-                    });
-                }
-                self.runner = Some(runner);
-                info!(conn = self.id, job = %job.job_id, %login, "connected to runner");
-            }
-            Err(e) => {
-                warn!(conn = self.id, job = %job.job_id, %login, "{e}");
-                session.disconnect(
-                    Disconnect::ByApplication,
-                    &format!("ci-gateway: job {}: {e}", job.job_id),
-                    "en",
-                )?;
-            }
-        }
+        self.connect_runner(job, login);
         Ok(())
     }
 
@@ -626,7 +683,7 @@ impl server::Handler for Connection {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(runner) = self.runner.clone() else {
+        let Some(link) = self.runner.clone() else {
             // Jump mode serves forwards only.
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
@@ -642,6 +699,7 @@ impl server::Handler for Connection {
         let timeout = self.gw.config.upstream.connect_timeout;
         let notices = Some(self.session_channels.clone());
         self.relay(channel, reply, notices, async move {
+            let runner = runner_for_channel(link).await?;
             match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
                 Ok(Ok(up)) => Ok(up),
                 Ok(Err(e)) => Err(runner_refusal("a session", e)),
@@ -668,9 +726,10 @@ impl server::Handler for Connection {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
+        let stdio = originator_port == STDIO_FORWARD_PORT;
         match self.runner.clone() {
             // Job mode: the runner's sshd dials, on the runner's side.
-            Some(runner) => {
+            Some(link) => {
                 let shown = format!("{}:{port_to_connect}", crate::audit::shown(host_to_connect));
                 if let State::Job { job, .. } = &self.state {
                     self.audit_forward(job.job_id, "job", &shown);
@@ -678,6 +737,7 @@ impl server::Handler for Connection {
                 let timeout = self.gw.config.upstream.connect_timeout;
                 let (host, origin) = (host_to_connect.to_string(), originator_address.to_string());
                 let open = async move {
+                    let runner = runner_for_channel(link).await?;
                     let opened = runner.handle.channel_open_direct_tcpip(
                         host,
                         port_to_connect,
@@ -695,12 +755,10 @@ impl server::Handler for Connection {
                 };
                 self.relay(channel, reply, None, open);
             }
-            None => match self.dial_jump(host_to_connect, port_to_connect).await {
-                Ok((tcp, socket)) => self.splice(channel, tcp, socket, reply),
-                Err((code, reason)) => {
-                    let stdio = originator_port == STDIO_FORWARD_PORT;
-                    self.refuse_channel(reply, code, reason, stdio)
-                }
+            // Jump mode: the decision here, the dial in the channel's task.
+            None => match self.jump_target(host_to_connect, port_to_connect).await {
+                Ok(target) => self.dial_and_splice(channel, target, reply, stdio),
+                Err((code, reason)) => self.refuse_channel(reply, code, reason, stdio),
             },
         }
         Ok(())
@@ -775,37 +833,23 @@ impl Connection {
     ) {
         let still_open = self.open_channels.release();
         info!(conn = self.id, "channel refused: {reason}");
-        let handle = self.handle.get().cloned();
-        tokio::spawn(async move {
-            if let (true, 0, Some(handle)) = (stdio, still_open, handle) {
-                let _ = handle
-                    .disconnect(
-                        Disconnect::ByApplication,
-                        format!("ci-gateway: {reason}"),
-                        "en".into(),
-                    )
-                    .await;
-                // A refusal sent now could overtake the disconnect and make
-                // the client exit without printing the reason; the
-                // disconnect ends the channel anyway.
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            }
-            reply
-                .reject_with(code, format!("ci-gateway: {reason}"))
-                .await;
-        });
+        let disconnect = self
+            .handle
+            .get()
+            .cloned()
+            .filter(|_| stdio && still_open == 0);
+        tokio::spawn(refuse(reply, code, reason, disconnect));
     }
 
-    /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` is connected by TCP to
-    /// that job's runner, and to nothing else.
-    async fn dial_jump(
+    /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` goes to that job's
+    /// runner and to nothing else ([`access::jump`] decides). Records the
+    /// session and counts it on the job (a connecting forward keeps the
+    /// runner held, as in job mode); the dial is the channel task's.
+    async fn jump_target(
         &mut self,
         host: &str,
         port: u32,
-    ) -> Result<
-        (tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit),
-        (ChannelOpenFailure, String),
-    > {
+    ) -> Result<Dial, (ChannelOpenFailure, String)> {
         // Refusals by policy are administratively prohibited, a full socket
         // table a resource shortage, a runner that does not answer a failed
         // connect.
@@ -818,51 +862,22 @@ impl Connection {
             return Err(policy("not authenticated".into()));
         };
         let login = who.login.clone();
-        let job_id = JobId::parse(host).map_err(|_| {
-            policy(format!(
-                "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {login}@gateway runneruser@<job-id>)",
-                crate::audit::shown(host)
-            ))
-        })?;
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|p| self.gw.config.access.jump_ports.contains(p))
-            .ok_or_else(|| {
-                policy(format!(
-                    "port {port} is not open through the gateway (allowed: {:?})",
-                    self.gw.config.access.jump_ports
-                ))
-            })?;
-        let (job, live) = match self.gw.registry.lookup(job_id) {
-            Lookup::Active(job, live) => (job, live),
-            Lookup::Ended(reason) => return Err(policy(reason)),
-            Lookup::Unknown => {
-                return Err(policy(format!(
-                    "job {job_id} is not registered with this gateway"
-                )))
-            }
-        };
-        if !access::may_enter(&job, &login, &self.gw.policy) {
-            return Err(policy(format!("{login} is not allowed on job {job_id}")));
-        }
-        // Port 22 means the runner's registered SSH port.
-        let target_port = if port == 22 { job.port } else { port };
+        let registry = &self.gw.registry;
+        let target = access::jump(host, port, &login, &self.gw.policy, |id| {
+            registry.lookup(id)
+        })
+        .map_err(policy)?;
+        let job_id = target.job.job_id;
         // The address rules again at the dial (DESIGN §4): whatever is
         // stored, the gateway never connects to itself or to metadata.
         let addr = self
             .gw
-            .dialable(SocketAddr::new(job.host, target_port))
+            .dialable(SocketAddr::new(target.job.host, target.port))
             .map_err(|e| {
                 policy(format!(
                     "job {job_id}: the runner's address is refused: {e}"
                 ))
             })?;
-        if !self.guards.contains_key(&job_id) {
-            self.audit_session_start(login.as_str(), job_id, "jump")
-                .await
-                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
-        }
-        self.audit_forward(job_id, "jump", &addr.to_string());
         let socket = self
             .gw
             .upstream_sockets
@@ -875,42 +890,36 @@ impl Connection {
                     self.gw.upstream_socket_limit
                 ))
             })?;
-        let timeout = self.gw.config.upstream.connect_timeout;
-        let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return Err((
-                    ChannelOpenFailure::ConnectFailed,
-                    format!("job {job_id}: the runner at {addr} is unreachable: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err((
-                    ChannelOpenFailure::ConnectFailed,
-                    format!("job {job_id}: the runner at {addr} did not answer within {timeout:?}"),
-                ))
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        if !self.guards.contains_key(&job_id) {
+            self.audit_session_start(login.as_str(), job_id, "jump")
+                .await
+                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
+        }
+        self.audit_forward(job_id, "jump", &addr.to_string());
         if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
-            slot.insert(live.enter(SessionInfo {
+            slot.insert(target.live.enter(SessionInfo {
                 login: login.to_string(),
                 mode: "jump",
                 since: unix_now(),
             }));
-            self.watch_kicks(&live);
+            self.watch_kicks(&target.live);
         }
-        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward opened");
-        Ok((tcp, socket))
+        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward");
+        Ok(Dial {
+            job_id,
+            addr,
+            socket,
+        })
     }
 
-    /// Splices an accepted jump channel with its TCP connection to the runner.
-    fn splice(
+    /// Dials a jump forward's runner in the channel's own task, then
+    /// splices the two; or refuses the channel with the reason.
+    fn dial_and_splice(
         &self,
         channel: Channel<Msg>,
-        tcp: tokio::net::TcpStream,
-        socket: tokio::sync::OwnedSemaphorePermit,
+        dial: Dial,
         reply: server::ChannelOpenHandle,
+        stdio: bool,
     ) {
         let Some(handle) = self.handle.get().cloned() else {
             return;
@@ -918,12 +927,48 @@ impl Connection {
         let open = self.open_channels.clone();
         let usage = self.usage.clone();
         let conn = self.id;
+        let timeout = self.gw.config.upstream.connect_timeout;
         tokio::spawn(async move {
-            reply.accept().await;
-            let moved = crate::ssh::splice::run(channel, tcp, handle, &usage).await;
+            let Dial {
+                job_id,
+                addr,
+                socket,
+            } = dial;
+            let refused =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                    Ok(Ok(tcp)) => {
+                        let _ = tcp.set_nodelay(true);
+                        reply.accept().await;
+                        let moved = crate::ssh::splice::run(channel, tcp, handle, &usage).await;
+                        drop(socket);
+                        open.release();
+                        debug!(conn, ?moved, "jump forward closed");
+                        return;
+                    }
+                    Ok(Err(e)) => format!("job {job_id}: the runner at {addr} is unreachable: {e}"),
+                    Err(_) => format!(
+                        "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
+                    ),
+                };
             drop(socket);
-            open.release();
-            debug!(conn, ?moved, "jump forward closed");
+            let still_open = open.release();
+            info!(conn, "channel refused: {refused}");
+            let disconnect = (stdio && still_open == 0).then_some(handle);
+            refuse(
+                reply,
+                ChannelOpenFailure::ConnectFailed,
+                refused,
+                disconnect,
+            )
+            .await;
         });
     }
+}
+
+/// A jump forward the policy allowed, about to be dialed.
+struct Dial {
+    job_id: JobId,
+    addr: SocketAddr,
+    /// Its place among the gateway's upstream sockets.
+    socket: tokio::sync::OwnedSemaphorePermit,
 }

@@ -34,6 +34,8 @@ pub enum UpstreamError {
     Throttled(String, usize, Duration),
     #[error("the runner at {0} closed the connection before the SSH handshake, twice ({1}); its sshd may be refusing new connections (MaxStartups)")]
     DroppedTwice(String, String),
+    #[error("the connection to the runner was given up")]
+    Gone,
     #[error("could not sign a login certificate: {0}")]
     Certificate(String),
 }
@@ -88,6 +90,28 @@ pub struct RunnerConnection {
     pub closed: watch::Receiver<bool>,
     /// This connection's place among the gateway's upstream sockets.
     _socket: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How a job-mode connection's runner comes up: the login to the runner
+/// runs in its own task after the user's authentication, and each channel's
+/// task waits here for its outcome (no callback of the user's connection
+/// waits on the network).
+pub type Outcome = Option<Result<Arc<RunnerConnection>, Arc<UpstreamError>>>;
+
+/// The waiting side of [`Outcome`]; cheap to clone into channel tasks.
+#[derive(Clone)]
+pub struct RunnerLink(pub watch::Receiver<Outcome>);
+
+impl RunnerLink {
+    /// The runner connection once it is up, or why it will not be.
+    pub async fn get(mut self) -> Result<Arc<RunnerConnection>, Arc<UpstreamError>> {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome
+                .clone()
+                .unwrap_or_else(|| Err(Arc::new(UpstreamError::Gone))),
+            Err(_) => Err(Arc::new(UpstreamError::Gone)),
+        }
+    }
 }
 
 pub fn client_config(keepalive: Duration) -> client::Config {
@@ -199,7 +223,8 @@ pub async fn connect(
         .enter(addr, timeout)
         .await
         .ok_or_else(|| {
-            gw.metrics.refused(crate::metrics::Refusal::RunnerHandshakes);
+            gw.metrics
+                .refused(crate::metrics::Refusal::RunnerHandshakes);
             UpstreamError::Throttled(shown.clone(), gw.runner_handshakes.per_key(), timeout)
         })?;
     let socket = gw

@@ -613,3 +613,68 @@ async fn a_hanging_dial_holds_up_no_other_channel() {
     assert!(child.try_wait().expect("wait").is_none(), "ssh exited");
     drop(fillers);
 }
+
+/// A runner whose sshd answers a request late: its refusal of the pty comes
+/// after 3 s, and the exec behind it is answered after that. Each reply
+/// reaches the request it answers (the old reply FIFO with its 30 s wait
+/// could hand a late reply to the next request): the client reports the
+/// pty refused, and the command runs with its output and exit status.
+/// (OpenSSH's `-tt` makes a refused pty fatal, so the client is plink.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reply_answers_its_own_request() {
+    let w = World::unregistered("127.0.0.158", "9876543158", &[]).await;
+    let host_key = keygen(w.dir.path(), "slow_host_key", "ed25519");
+    let allowed = w.dir.path().join("slow_authorized_keys");
+    std::fs::write(&allowed, "").expect("write");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slow_runner.py");
+    let mut runner = tokio::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg("127.0.0.159")
+        .arg(&host_key.path)
+        .arg(&allowed)
+        .arg("3")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 with paramiko (python3-paramiko)");
+    let mut port = String::new();
+    tokio::io::AsyncBufReadExt::read_line(
+        &mut tokio::io::BufReader::new(runner.stdout.take().expect("stdout")),
+        &mut port,
+    )
+    .await
+    .expect("the runner's port");
+    let port: u16 = port.trim().parse().expect("a port");
+    let (status, answer) = w
+        .gateway
+        .register(
+            &w.job,
+            serde_json::json!({
+                "actor": "octocat", "host": "127.0.0.159", "port": port,
+                "user": "runner", "host_keys": [host_key.public], "os": "linux",
+                "runner_login": "key",
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let lines: Vec<&str> = answer["authorized_keys"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    std::fs::write(&allowed, lines.join("\n")).expect("install");
+    // plink asks for a pty (`-t`), goes on without one when refused, and
+    // says "refused to start a shell/command" if its exec is refused.
+    let ppk = ppk(&w, &w.octocat);
+    let r = run(
+        "plink",
+        &plink_args(&w, &ppk, &["-t"], "echo late-ok; exit 4"),
+        None,
+    )
+    .await;
+    assert!(r.stdout.contains("late-ok"), "{r:?}");
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains("refused to allocate pty"), "{r:?}");
+    assert!(!r.stderr.contains("refused to start"), "{r:?}");
+}

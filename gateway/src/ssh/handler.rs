@@ -4,7 +4,7 @@
 //! sent as the SSH disconnect reason (OpenSSH prints it) or as the reason of
 //! a refused channel.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -17,56 +17,24 @@ use crate::access;
 use crate::ids::{GithubLogin, JobId, Target};
 use crate::metrics::Refusal;
 use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, SessionInfo};
-use crate::ssh::upstream::{self, RunnerConnection, RunnerLink};
+use crate::ssh::open::{
+    refuse, runner_for_channel, runner_refusal, say_goodbye, ChannelCount, Listed, NoticeChannels,
+    STDIO_FORWARD_PORT,
+};
+use crate::ssh::upstream::{self, RunnerLink};
 use crate::Gateway;
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 
-/// Open channels of one connection, and of its login over all its
-/// connections (shared counter, set once the login is known).
-#[derive(Default)]
-pub struct ChannelCount {
-    conn: std::sync::atomic::AtomicUsize,
-    login: OnceLock<Arc<std::sync::atomic::AtomicUsize>>,
-}
-
-impl ChannelCount {
-    /// Takes a place, or says which bound is full.
-    fn take(&self, per_conn: usize, per_login: usize) -> Result<(), &'static str> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.conn.fetch_add(1, Relaxed) >= per_conn {
-            self.conn.fetch_sub(1, Relaxed);
-            return Err("connection");
-        }
-        if let Some(login) = self.login.get() {
-            if login.fetch_add(1, Relaxed) >= per_login {
-                login.fetch_sub(1, Relaxed);
-                self.conn.fetch_sub(1, Relaxed);
-                return Err("login");
-            }
-        }
-        Ok(())
-    }
-
-    /// Gives a place back; returns the connection's channels still open.
-    fn release(&self) -> usize {
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(login) = self.login.get() {
-            login.fetch_sub(1, Relaxed);
-        }
-        self.conn.fetch_sub(1, Relaxed).saturating_sub(1)
-    }
-}
-
 /// A user's identity once their key matched.
 #[derive(Debug, Clone)]
-struct Identity {
-    login: GithubLogin,
+pub(super) struct Identity {
+    pub(super) login: GithubLogin,
 }
 
 /// Per-connection state. `Resolved` is what the username asked for, looked up
 /// once; the key checks run against it.
-enum State {
+pub(super) enum State {
     Fresh,
     Refused,
     Job {
@@ -80,118 +48,30 @@ enum State {
     },
 }
 
-/// The originator port OpenSSH puts on a `-W` (stdio) forward, the channel
-/// `ssh -J` opens; nothing else on such a connection will follow.
-const STDIO_FORWARD_PORT: u32 = 65535;
-
-/// The user's refusal for a channel the runner would not open: its own
-/// reason code, or connect-failed.
-fn runner_refusal(what: &str, e: russh::Error) -> (ChannelOpenFailure, String) {
-    match e {
-        russh::Error::ChannelOpenFailure(code) => {
-            let text = format!("the runner refused to open {what}: {code:?}");
-            (code, text)
-        }
-        e => (
-            ChannelOpenFailure::ConnectFailed,
-            format!("the runner could not open {what}: {e}"),
-        ),
-    }
-}
-
-/// How long a refusal waits behind a disconnect that carries its reason.
-/// Channel-open replies overtake other queued messages in russh's session
-/// loop; sent at once, one could end the client before the disconnect
-/// message that OpenSSH prints. The disconnect ends the channel anyway.
-const DISCONNECT_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The job's runner connection for a channel, once it is up; or the
-/// refusal for a channel whose runner never came up (the connection is
-/// being closed with the same reason, which goes first).
-async fn runner_for_channel(
-    link: RunnerLink,
-) -> Result<Arc<RunnerConnection>, (ChannelOpenFailure, String)> {
-    match link.get().await {
-        Ok(runner) => Ok(runner),
-        Err(e) => {
-            tokio::time::sleep(DISCONNECT_FIRST).await;
-            Err((ChannelOpenFailure::ConnectFailed, e.to_string()))
-        }
-    }
-}
-
-/// Ends the user's connection with `reason`, the line OpenSSH prints.
-async fn say_goodbye(handle: &server::Handle, reason: String) {
-    let _ = handle
-        .disconnect(Disconnect::ByApplication, reason, "en".into())
-        .await;
-}
-
-/// Refuses a channel with `code` and `reason`; with `disconnect`, the
-/// reason goes out as the connection's disconnect message first (an
-/// `ssh -J` stdio forward, whose connection carries nothing else, and
-/// whose client prints nothing useful for a refused channel).
-async fn refuse(
-    reply: server::ChannelOpenHandle,
-    code: ChannelOpenFailure,
-    reason: String,
-    disconnect: Option<server::Handle>,
-) {
-    if let Some(handle) = disconnect {
-        say_goodbye(&handle, format!("ci-gateway: {reason}")).await;
-        tokio::time::sleep(DISCONNECT_FIRST).await;
-    }
-    reply
-        .reject_with(code, format!("ci-gateway: {reason}"))
-        .await;
-}
-
-/// A connection's open job-mode session channels, where notices are shown.
-type NoticeChannels = Arc<std::sync::Mutex<HashSet<ChannelId>>>;
-
-/// A channel's place in [`NoticeChannels`], for as long as its task runs.
-struct Listed(NoticeChannels, ChannelId);
-
-impl Listed {
-    fn new(set: NoticeChannels, id: ChannelId) -> Listed {
-        set.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-        Listed(set, id)
-    }
-}
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.1);
-    }
-}
-
 pub struct Connection {
-    gw: Arc<Gateway>,
-    peer: SocketAddr,
-    id: u64,
-    handle: SharedHandle,
-    state: State,
+    pub(super) gw: Arc<Gateway>,
+    pub(super) peer: SocketAddr,
+    pub(super) id: u64,
+    pub(super) handle: SharedHandle,
+    pub(super) state: State,
     /// Job mode: the runner connection, as it comes up in its own task.
-    runner: Option<RunnerLink>,
-    guards: HashMap<JobId, SessionGuard>,
+    pub(super) runner: Option<RunnerLink>,
+    pub(super) guards: HashMap<JobId, SessionGuard>,
     /// The user's open session channels (job mode), where notices are shown.
-    session_channels: NoticeChannels,
-    open_channels: Arc<ChannelCount>,
+    pub(super) session_channels: NoticeChannels,
+    pub(super) open_channels: Arc<ChannelCount>,
     /// This connection's place among its login's connections.
-    login_slot: Option<crate::limits::Slot<String>>,
+    pub(super) login_slot: Option<crate::limits::Slot<String>>,
     pub authenticated: Arc<std::sync::atomic::AtomicBool>,
     /// Dropped with the connection: the tasks it spawned end with it.
-    alive: tokio::sync::watch::Sender<()>,
+    pub(super) alive: tokio::sync::watch::Sender<()>,
     /// What the audit trail's `session_end` reports.
-    usage: Arc<crate::ssh::channel::Usage>,
+    pub(super) usage: Arc<crate::ssh::channel::Usage>,
     /// When the session started (job mode: authenticated; jump mode: first
     /// forward), and who it was.
-    session: Option<(std::time::Instant, String)>,
+    pub(super) session: Option<(std::time::Instant, String)>,
     /// The username as sent, for the audit trail.
-    user: String,
+    pub(super) user: String,
 }
 
 impl Drop for Connection {
@@ -340,7 +220,7 @@ impl Connection {
     }
 
     /// Writes `session_start` durably; the session proceeds only after that.
-    async fn audit_session_start(
+    pub(super) async fn audit_session_start(
         &mut self,
         login: &str,
         job: JobId,
@@ -365,7 +245,7 @@ impl Connection {
         Ok(())
     }
 
-    fn audit_forward(&self, job: JobId, mode: &str, destination: &str) {
+    pub(super) fn audit_forward(&self, job: JobId, mode: &str, destination: &str) {
         let login = self.session.as_ref().map(|(_, l)| l.as_str());
         self.gw.audit.record(
             "forward",
@@ -488,7 +368,7 @@ impl Connection {
     }
 
     /// Closes this connection with `reason` when the job is kicked.
-    fn watch_kicks(&self, live: &Live) {
+    pub(super) fn watch_kicks(&self, live: &Live) {
         let Some(handle) = self.handle.get().cloned() else {
             return;
         };
@@ -840,135 +720,4 @@ impl Connection {
             .filter(|_| stdio && still_open == 0);
         tokio::spawn(refuse(reply, code, reason, disconnect));
     }
-
-    /// Jump mode: a `direct-tcpip` to `<job-id>:<port>` goes to that job's
-    /// runner and to nothing else ([`access::jump`] decides). Records the
-    /// session and counts it on the job (a connecting forward keeps the
-    /// runner held, as in job mode); the dial is the channel task's.
-    async fn jump_target(
-        &mut self,
-        host: &str,
-        port: u32,
-    ) -> Result<Dial, (ChannelOpenFailure, String)> {
-        // Refusals by policy are administratively prohibited, a full socket
-        // table a resource shortage, a runner that does not answer a failed
-        // connect.
-        let policy = |reason: String| (ChannelOpenFailure::AdministrativelyProhibited, reason);
-        let State::Jump {
-            identity: Some(who),
-            ..
-        } = &self.state
-        else {
-            return Err(policy("not authenticated".into()));
-        };
-        let login = who.login.clone();
-        let registry = &self.gw.registry;
-        let target = access::jump(host, port, &login, &self.gw.policy, |id| {
-            registry.lookup(id)
-        })
-        .map_err(policy)?;
-        let job_id = target.job.job_id;
-        // The address rules again at the dial (DESIGN §4): whatever is
-        // stored, the gateway never connects to itself or to metadata.
-        let addr = self
-            .gw
-            .dialable(SocketAddr::new(target.job.host, target.port))
-            .map_err(|e| {
-                policy(format!(
-                    "job {job_id}: the runner's address is refused: {e}"
-                ))
-            })?;
-        let socket = self
-            .gw
-            .upstream_sockets
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                self.gw.metrics.refused(Refusal::UpstreamSockets);
-                (ChannelOpenFailure::ResourceShortage, format!(
-                    "the gateway holds its limit of {} connections to runners; try again in a minute",
-                    self.gw.upstream_socket_limit
-                ))
-            })?;
-        if !self.guards.contains_key(&job_id) {
-            self.audit_session_start(login.as_str(), job_id, "jump")
-                .await
-                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
-        }
-        self.audit_forward(job_id, "jump", &addr.to_string());
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
-            slot.insert(target.live.enter(SessionInfo {
-                login: login.to_string(),
-                mode: "jump",
-                since: unix_now(),
-            }));
-            self.watch_kicks(&target.live);
-        }
-        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward");
-        Ok(Dial {
-            job_id,
-            addr,
-            socket,
-        })
-    }
-
-    /// Dials a jump forward's runner in the channel's own task, then
-    /// splices the two; or refuses the channel with the reason.
-    fn dial_and_splice(
-        &self,
-        channel: Channel<Msg>,
-        dial: Dial,
-        reply: server::ChannelOpenHandle,
-        stdio: bool,
-    ) {
-        let Some(handle) = self.handle.get().cloned() else {
-            return;
-        };
-        let open = self.open_channels.clone();
-        let usage = self.usage.clone();
-        let conn = self.id;
-        let timeout = self.gw.config.upstream.connect_timeout;
-        tokio::spawn(async move {
-            let Dial {
-                job_id,
-                addr,
-                socket,
-            } = dial;
-            let refused =
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                    Ok(Ok(tcp)) => {
-                        let _ = tcp.set_nodelay(true);
-                        reply.accept().await;
-                        let moved = crate::ssh::splice::run(channel, tcp, handle, &usage).await;
-                        drop(socket);
-                        open.release();
-                        debug!(conn, ?moved, "jump forward closed");
-                        return;
-                    }
-                    Ok(Err(e)) => format!("job {job_id}: the runner at {addr} is unreachable: {e}"),
-                    Err(_) => format!(
-                        "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
-                    ),
-                };
-            drop(socket);
-            let still_open = open.release();
-            info!(conn, "channel refused: {refused}");
-            let disconnect = (stdio && still_open == 0).then_some(handle);
-            refuse(
-                reply,
-                ChannelOpenFailure::ConnectFailed,
-                refused,
-                disconnect,
-            )
-            .await;
-        });
-    }
-}
-
-/// A jump forward the policy allowed, about to be dialed.
-struct Dial {
-    job_id: JobId,
-    addr: SocketAddr,
-    /// Its place among the gateway's upstream sockets.
-    socket: tokio::sync::OwnedSemaphorePermit,
 }

@@ -1,10 +1,13 @@
 //! The SSH side: the accept loop and limits (`server`), the per-connection
-//! handler (`handler`), the client to runners (`upstream`) and the channel
-//! relay between them, one task per channel (`channel`).
+//! handler (`handler`), opening channels and refusing them (`open`), jump
+//! mode's forwards (`jump`, spliced by `splice`), the client to runners
+//! (`upstream`) and job mode's relay, one task per channel (`channel`).
 
 pub mod channel;
 pub mod handler;
 pub mod inbox;
+pub mod jump;
+pub mod open;
 pub mod server;
 pub mod splice;
 pub mod upstream;

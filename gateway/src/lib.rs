@@ -16,7 +16,9 @@
 //! - [`logline`] — the log writer: one record, one line, controls escaped.
 //! - [`metrics`] — Prometheus metrics (`[metrics] listen`).
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
-//! - [`api`] — the runner HTTP API; calls the registry, never SSH.
+//! - [`api`] — the runner HTTP API (`auth`: callers and limits; `jobs`: the
+//!   handlers and validation; `wire`: bodies and views); calls the registry,
+//!   never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, the job-mode channel task, the jump splice.
 //! - [`hold`] — hold window after a job finishes, registration expiry.

@@ -1,0 +1,136 @@
+//! What the API reads and writes: the registration body and answer, the
+//! `GET` query and the job's view; and why a body is refused.
+
+use super::*;
+
+/// The body of `PUT /v1/jobs/{job_id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Required with a static token; with an OIDC token it comes from the
+    /// token (and must agree if given).
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    pub user: String,
+    pub host_keys: Vec<String>,
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub run_id: Option<u64>,
+    #[serde(default)]
+    pub os: Option<Os>,
+    #[serde(default)]
+    pub allowed_users: Vec<String>,
+    /// How the gateway logs in to the runner in job mode; default `key` for
+    /// Windows, `certificate` otherwise.
+    #[serde(default)]
+    pub runner_login: Option<RunnerLogin>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub job_id: String,
+    /// Only in the answer that created the job (`201`): every later call on
+    /// the job needs it. Shown once; the gateway keeps only its hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_token: Option<String>,
+    pub authorized_keys: Vec<String>,
+    /// Job mode: `ssh <job>@gateway`.
+    pub ssh_command: String,
+    /// Jump mode for the job's actor (others put their own login).
+    pub jump_command: String,
+    /// An `~/.ssh/config` block that makes `ssh job-<id>` work.
+    pub ssh_config: String,
+    /// The RDP forward, for Windows runners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdp_command: Option<String>,
+    /// Re-register at least this often, or the registration expires.
+    pub refresh_seconds: u64,
+    pub hold_max_seconds: u64,
+}
+
+/// Why a registration body is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invalid {
+    /// `400`: a field is malformed or not allowed; names the field.
+    Bad(String),
+    /// `409`: a refresh tried to change a field fixed at creation.
+    Changed(String),
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Bad(m) | Invalid::Changed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(s: String) -> Invalid {
+        Invalid::Bad(s)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(s: &str) -> Invalid {
+        Invalid::Bad(s.to_string())
+    }
+}
+
+/// `GET /v1/jobs/{id}?wait=N`: with `wait`, answers when the job's sessions
+/// or hold change, or after N seconds (at most [`MAX_WAIT_SECONDS`]): the
+/// runner's `wait` long-polls instead of hammering the API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    #[serde(default)]
+    pub(super) wait: Option<u64>,
+}
+
+pub const MAX_WAIT_SECONDS: u64 = 25;
+
+/// What `GET` shows of a job to its own runner: the registration without
+/// the token hash or the store's version.
+#[derive(Serialize)]
+pub(super) struct JobView<'a> {
+    job_id: JobId,
+    actor: &'a GithubLogin,
+    host: IpAddr,
+    port: u16,
+    user: &'a str,
+    host_keys: &'a [String],
+    repository: Option<&'a str>,
+    run_id: Option<u64>,
+    os: Os,
+    runner_login: RunnerLogin,
+    allowed_users: &'a [GithubLogin],
+    registered_at: u64,
+    refreshed_at: u64,
+    finished_at: Option<u64>,
+}
+
+impl<'a> JobView<'a> {
+    pub(super) fn of(r: &'a Registration) -> JobView<'a> {
+        JobView {
+            job_id: r.job_id,
+            actor: &r.actor,
+            host: r.host,
+            port: r.port,
+            user: &r.user,
+            host_keys: &r.host_keys,
+            repository: r.repository.as_deref(),
+            run_id: r.run_id,
+            os: r.os,
+            runner_login: r.runner_login,
+            allowed_users: &r.allowed_users,
+            registered_at: r.registered_at,
+            refreshed_at: r.refreshed_at,
+            finished_at: r.finished_at,
+        }
+    }
+}

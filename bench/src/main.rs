@@ -240,6 +240,10 @@ listen = "{GATEWAY_IP}:{ssh_port}"
 public_host = "{GATEWAY_IP}:{ssh_port}"
 max_connections = 30000
 max_connections_per_source = 30000
+# One login holds every session here: the per-login caps (32 connections,
+# 256 channels by default) are a policy for people, not a capacity limit.
+max_connections_per_login = 30000
+max_channels_per_login = 60000
 max_failed_auths_per_source = 1000000
 max_failed_auths_per_user = 1000000
 auth_timeout = "120s"

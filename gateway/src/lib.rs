@@ -22,7 +22,8 @@
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, the job-mode channel task, the jump splice.
 //! - [`hold`] — hold window after a job finishes, registration expiry.
-//! - [`agent`] — `ci-gateway runner …`, the runner's side of the API.
+//! - [`agent`] — `ci-gateway runner …`, the runner's side of the API (one file
+//!   per command, `state` for its state file).
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and pass the listeners in; it binds nothing itself.

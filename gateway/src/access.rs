@@ -56,33 +56,50 @@ pub fn jump(
     who: &GithubLogin,
     policy: &Policy,
     lookup: impl FnOnce(JobId) -> Lookup,
-) -> Result<JumpTarget, String> {
-    let job_id = JobId::parse(host).map_err(|_| {
-        format!(
-            "{}:{port} is not a job: the gateway only connects to job ids (ssh -J {who}@gateway runneruser@<job-id>)",
-            crate::audit::shown(host)
-        )
+) -> Result<JumpTarget, JumpRefused> {
+    let job_id = JobId::parse(host).map_err(|_| JumpRefused::NotAJob {
+        destination: format!("{}:{port}", crate::audit::shown(host)),
+        who: who.clone(),
     })?;
     let port = u16::try_from(port)
         .ok()
         .filter(|p| policy.jump_ports.contains(p))
-        .ok_or_else(|| {
-            format!(
-                "port {port} is not open through the gateway (allowed: {:?})",
-                policy.jump_ports
-            )
+        .ok_or_else(|| JumpRefused::Port {
+            port,
+            allowed: policy.jump_ports.clone(),
         })?;
     let (job, live) = match lookup(job_id) {
         Lookup::Active(job, live) => (job, live),
-        Lookup::Ended(reason) => return Err(reason),
-        Lookup::Unknown => return Err(format!("job {job_id} is not registered with this gateway")),
+        Lookup::Ended(reason) => return Err(JumpRefused::Ended(reason)),
+        Lookup::Unknown => return Err(JumpRefused::Unknown(job_id)),
     };
     if !may_enter(&job, who, policy) {
-        return Err(format!("{who} is not allowed on job {job_id}"));
+        return Err(JumpRefused::NotAllowed {
+            who: who.clone(),
+            job: job_id,
+        });
     }
     // Port 22 means the runner's registered SSH port.
     let port = if port == 22 { job.port } else { port };
     Ok(JumpTarget { job, live, port })
+}
+
+/// Why [`jump`] refused a forward; each is the one line the user sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JumpRefused {
+    #[error("{destination} is not a job: the gateway only connects to job ids (ssh -J {who}@gateway runneruser@<job-id>)")]
+    NotAJob {
+        destination: String,
+        who: GithubLogin,
+    },
+    #[error("port {port} is not open through the gateway (allowed: {allowed:?})")]
+    Port { port: u32, allowed: Vec<u16> },
+    #[error("{0}")]
+    Ended(String),
+    #[error("job {0} is not registered with this gateway")]
+    Unknown(JobId),
+    #[error("{who} is not allowed on job {job}")]
+    NotAllowed { who: GithubLogin, job: JobId },
 }
 
 #[cfg(test)]
@@ -155,17 +172,22 @@ mod tests {
             ("1234567890", 25, "port 25 is not open"),
             ("1234567890", 65558, "is not open"),
         ] {
-            let err = to(host, port, &octocat).expect_err(host);
+            let err = to(host, port, &octocat).expect_err(host).to_string();
             assert!(err.contains(reason), "{host}:{port}: {err}");
         }
         let err = to("1234567890", 22, &login("mallory")).expect_err("stranger");
-        assert!(err.contains("mallory is not allowed"), "{err}");
+        assert!(matches!(err, JumpRefused::NotAllowed { .. }), "{err}");
+        assert!(err.to_string().contains("mallory is not allowed"), "{err}");
         let unknown = jump("1234567890", 22, &octocat, &policy, |_| Lookup::Unknown);
-        assert!(unknown.err().is_some_and(|e| e.contains("not registered")));
+        assert!(unknown
+            .err()
+            .is_some_and(|e| e.to_string().contains("not registered")));
         let ended = jump("1234567890", 22, &octocat, &policy, |_| {
             Lookup::Ended("job 1234567890 has ended".into())
         });
-        assert!(ended.err().is_some_and(|e| e.contains("has ended")));
+        assert!(ended
+            .err()
+            .is_some_and(|e| e.to_string().contains("has ended")));
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Connection {
         let target = access::jump(host, port, &login, &self.gw.policy, |id| {
             registry.lookup(id)
         })
-        .map_err(policy)?;
+        .map_err(|e| policy(e.to_string()))?;
         let job_id = target.job.job_id;
         // The address rules again at the dial (DESIGN §4): whatever is
         // stored, the gateway never connects to itself or to metadata.

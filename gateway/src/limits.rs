@@ -116,14 +116,15 @@ impl<K: std::hash::Hash + Eq + Clone> Gates<K> {
                 .clone()
         };
         // The gate is built before the wait so that a waiter that gives up
-        // cleans its key up as a holder does.
+        // cleans its key up as a holder does (the wait's own reference is
+        // gone by then).
         let mut gate = Gate {
             gates: self.clone(),
             key,
-            semaphore: semaphore.clone(),
+            semaphore,
             permit: None,
         };
-        let permit = tokio::time::timeout(patience, semaphore.acquire_owned())
+        let permit = tokio::time::timeout(patience, gate.semaphore.clone().acquire_owned())
             .await
             .ok()?
             .ok()?;

@@ -160,6 +160,20 @@ async fn first_bytes(port: u16) -> String {
     }
 }
 
+/// Waits until the local forward on `port` answers with an SSH banner (the
+/// client is up and its forward reaches a runner's sshd); returns it.
+async fn forward_up(port: u16) -> String {
+    let mut banner = String::new();
+    for _ in 0..100 {
+        banner = first_bytes(port).await;
+        if banner.starts_with("SSH-") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    banner
+}
+
 /// `ssh -N -L` with one forward to a port nothing listens on: one refused
 /// connect disconnected everything. Now the refusal ends that channel only
 /// and the other forward on the same connection works, in both modes.
@@ -207,14 +221,7 @@ async fn a_refused_forward_leaves_the_connection_up() {
             .spawn()
             .expect("ssh");
         // Up once the live forward answers with the runner's banner.
-        let mut banner = String::new();
-        for _ in 0..100 {
-            banner = first_bytes(p_live).await;
-            if banner.starts_with("SSH-") {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        let banner = forward_up(p_live).await;
         assert!(
             banner.starts_with("SSH-"),
             "{user}: the forward works: {banner:?}"
@@ -577,14 +584,7 @@ async fn a_hanging_dial_holds_up_no_other_channel() {
         .kill_on_drop(true)
         .spawn()
         .expect("ssh");
-    let mut banner = String::new();
-    for _ in 0..100 {
-        banner = first_bytes(p_live).await;
-        if banner.starts_with("SSH-") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let banner = forward_up(p_live).await;
     assert!(banner.starts_with("SSH-"), "the forward works: {banner:?}");
 
     // Start the dial that hangs, and wait until the gateway is in it.

@@ -79,6 +79,11 @@ pub struct SshConfig {
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Duration,
+    /// On SIGTERM: how long open connections may go on (job-mode sessions
+    /// are told) before the gateway disconnects them and exits; 0 ends them
+    /// at once.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     pub max_channels_per_connection: usize,
     /// Bytes of a user's data all channels of one connection may hold at
     /// once (their windows together: sent to the gateway and not yet

@@ -51,8 +51,8 @@ pub struct Gateway {
     >,
     /// Where a generated registration token was written, if one was.
     pub generated_token_file: Option<PathBuf>,
-    /// Set when `run` stops; background tasks (holds) end with it.
-    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
+    /// Every task the gateway runs, and the one signal that stops them.
+    pub tasks: crate::tasks::Tasks,
 }
 
 impl Gateway {
@@ -178,9 +178,9 @@ impl Gateway {
             github_lookups,
             oidc,
             upstream_config,
-            metrics,
+            metrics: metrics.clone(),
             generated_token_file,
-            stopping: tokio::sync::watch::Sender::new(false),
+            tasks: crate::tasks::Tasks::new(metrics.task_panics.clone()),
         })
     }
 
@@ -247,13 +247,5 @@ impl Gateway {
         let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         map.insert(key, Arc::downgrade(&counter));
         counter
-    }
-
-    /// Resolves once `run` has been told to stop.
-    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.stopping.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
     }
 }

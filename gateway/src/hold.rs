@@ -92,11 +92,11 @@ fn at(unix: u64) -> tokio::time::Instant {
 /// Starts the hold of a finished job (once per finish; the API and `run`
 /// call it).
 pub fn start(gw: Arc<Gateway>, job: JobId) {
-    let stopped = gw.stopped();
-    tokio::spawn(async move {
+    let stopping = gw.tasks.stopping();
+    gw.tasks.clone().spawn("hold", async move {
         tokio::select! {
             _ = hold(gw, job) => {}
-            _ = stopped => {}
+            _ = stopping => {}
         }
     });
 }

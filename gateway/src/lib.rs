@@ -22,6 +22,7 @@
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, the job-mode channel task, the jump splice.
 //! - [`hold`] — hold window after a job finishes, registration expiry.
+//! - [`tasks`] — the task tracker and the one stop signal (shutdown).
 //! - [`agent`] — `ci-gateway runner …`, the runner's side of the API (one file
 //!   per command, `state` for its state file).
 //!
@@ -49,6 +50,7 @@ pub mod oidc;
 pub mod registry;
 pub mod secret;
 pub mod ssh;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,7 +77,15 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Serves SSH, the API and metrics until `shutdown` resolves.
+/// Serves SSH, the API and metrics until `shutdown` resolves, then stops:
+/// nothing new is accepted, open SSH connections get `ssh.shutdown_grace`
+/// and a disconnect message, and `run` returns once every task has ended
+/// (a bounded time after the grace at most).
+///
+/// A listener or sweeper that ends on its own (a panic) stops the gateway
+/// the same way, and `run` returns that as its error: a supervisor sees the
+/// failure and restarts a whole gateway, instead of one that lost its SSH
+/// port without a word.
 pub async fn run(
     gw: Arc<Gateway>,
     listeners: Listeners,
@@ -99,67 +109,131 @@ pub async fn run(
     };
     gw.listening_on(ssh_listener.local_addr()?);
     gw.listening_on(api_listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    let tasks = gw.tasks.clone();
+    let api_limits = api::serve::Limits {
+        request_timeout: gw.config.api.request_timeout,
+        per_source: gw.config.api.max_connections_per_source,
     };
-    let ssh = tokio::spawn(ssh::server::run(gw.clone(), ssh_listener, stopped()));
-    let api = tokio::spawn(api::serve::run(
-        api::router(gw.clone()),
-        api_listener,
-        tls,
-        api::serve::Limits {
-            request_timeout: gw.config.api.request_timeout,
-            per_source: gw.config.api.max_connections_per_source,
-        },
-        stopped(),
-    ));
-    let metrics = metrics_listener.map(|listener| {
+    let mut core = vec![
+        (
+            "the SSH listener",
+            tasks.spawn_core(ssh::server::run(gw.clone(), ssh_listener)),
+        ),
+        (
+            "the API listener",
+            tasks.spawn_core(api::serve::run(
+                api::router(gw.clone()),
+                api_listener,
+                tls,
+                api_limits,
+                tasks.clone(),
+            )),
+        ),
+    ];
+    if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
             gw.listening_on(addr);
         }
-        tokio::spawn(api::serve::run(
-            metrics::router(gw.metrics.clone()),
-            listener,
-            None,
-            api::serve::Limits {
-                request_timeout: gw.config.api.request_timeout,
-                per_source: gw.config.api.max_connections_per_source,
-            },
-            stopped(),
-        ))
-    });
+        core.push((
+            "the metrics listener",
+            tasks.spawn_core(api::serve::run(
+                metrics::router(gw.metrics.clone()),
+                listener,
+                None,
+                api_limits,
+                tasks.clone(),
+            )),
+        ));
+    }
     // Holds that were running when the gateway stopped resume.
     for job in gw.registry.finished_jobs() {
         hold::start(gw.clone(), job);
     }
     let tick =
         (gw.config.registration.ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let sweeper = tokio::spawn(hold::sweep(gw.clone(), tick));
+    core.push((
+        "the registration sweeper",
+        tasks.spawn_core(until_stopped(
+            tasks.stopping(),
+            hold::sweep(gw.clone(), tick),
+        )),
+    ));
     let limits_gw = gw.clone();
-    let limit_sweeper = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            every.tick().await;
-            limits_gw.auth_limits.sweep();
-            limits_gw.api_limits.sweep();
-            limits_gw.github_lookups.sweep();
+    core.push((
+        "the limit sweeper",
+        tasks.spawn_core(until_stopped(tasks.stopping(), async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                every.tick().await;
+                limits_gw.auth_limits.sweep();
+                limits_gw.api_limits.sweep();
+                limits_gw.github_lookups.sweep();
+            }
+        })),
+    ));
+
+    // Until the signal, or until a core task ends early.
+    let early = {
+        let ends = futures::future::select_all(core.iter_mut().map(|(_, task)| task));
+        tokio::select! {
+            _ = shutdown => None,
+            (ended, index, _) = ends => Some((index, ended)),
         }
-    });
-    shutdown.await;
-    gw.stopping.send_replace(true);
-    let _ = stop_tx.send(true);
-    let _ = ssh.await;
-    let _ = api.await;
-    if let Some(metrics) = metrics {
-        let _ = metrics.await;
+    };
+    let (early, mut failure) = match early {
+        Some((index, ended)) => (Some(index), Some(core_end(core[index].0, ended))),
+        None => (None, None),
+    };
+    let grace = gw.config.ssh.shutdown_grace;
+    match &failure {
+        Some(e) => tracing::error!("{e}; stopping the gateway"),
+        None => tracing::info!(
+            ?grace,
+            "stopping: no new connections; open ones are closed after the grace"
+        ),
     }
-    sweeper.abort();
-    limit_sweeper.abort();
-    Ok(())
+    tasks.stop();
+    if !tasks.drain(grace + ssh::server::DISCONNECT_WAIT * 2).await {
+        tracing::warn!(
+            running = tasks.running(),
+            "tasks still running after the grace; exiting anyway"
+        );
+    }
+    for (index, (name, task)) in core.into_iter().enumerate() {
+        if Some(index) == early || !task.is_finished() {
+            task.abort();
+            continue;
+        }
+        if let Err(e) = task.await {
+            if failure.is_none() {
+                failure = Some(core_end(name, Err(e)));
+            }
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// Why a core task ended, as `run`'s error.
+fn core_end(name: &str, ended: Result<(), tokio::task::JoinError>) -> anyhow::Error {
+    match ended {
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            anyhow::anyhow!("{name} panicked: {}", tasks::panic_message(&*panic))
+        }
+        Err(e) => anyhow::anyhow!("{name} ended: {e}"),
+        Ok(()) => anyhow::anyhow!("{name} stopped on its own"),
+    }
+}
+
+/// Runs `task` until the gateway stops.
+async fn until_stopped(
+    stopping: impl std::future::Future<Output = ()>,
+    task: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        _ = task => {}
+        _ = stopping => {}
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,8 @@ pub struct Metrics {
     registry: Registry,
     github_calls: Family<OutcomeLabel, Counter>,
     refusals: Family<KindLabel, Counter>,
+    /// Given to [`crate::tasks::Tasks`], which counts panicked tasks in it.
+    pub task_panics: Counter,
 }
 
 impl Default for Metrics {
@@ -123,10 +125,17 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "The running build", build);
+        let task_panics = Counter::default();
+        registry.register(
+            "task_panics",
+            "Tasks (a connection, a channel, a request) that ended in a panic",
+            task_panics.clone(),
+        );
         Metrics {
             registry,
             github_calls,
             refusals,
+            task_panics,
         }
     }
 

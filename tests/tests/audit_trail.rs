@@ -1,7 +1,8 @@
-//! The audit trail with the gateway as a real process: what it records for a
+//! The gateway as a real process. The audit trail: what it records for a
 //! registration, logins and sessions; that a session's start is on disk
 //! before the session runs (SIGKILL mid-session loses nothing); and that no
-//! secret reaches the audit trail or the logs.
+//! secret reaches the audit trail or the logs. And SIGTERM: users are told,
+//! get the grace, then a disconnect message, and the process exits cleanly.
 
 mod common;
 
@@ -26,6 +27,132 @@ fn free_addr() -> SocketAddr {
         .expect("addr")
 }
 
+/// `ci-gateway serve` as a process on free loopback ports, its log files in
+/// `dir`, its state in `dir/data`.
+struct Process {
+    child: std::process::Child,
+    ssh: SocketAddr,
+    api: SocketAddr,
+    data: std::path::PathBuf,
+    /// Standard output (the log records) and standard error.
+    log: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl Process {
+    async fn start(dir: &std::path::Path, github: &FakeGithub, env: &[(&str, &str)]) -> Process {
+        let data = dir.join("data");
+        let (ssh, api) = (free_addr(), free_addr());
+        let (log, err) = (dir.join("gateway.log"), dir.join("gateway.err"));
+        let child = std::process::Command::new(GATEWAY)
+            .arg("serve")
+            .env("CI_GATEWAY__SSH__LISTEN", ssh.to_string())
+            .env("CI_GATEWAY__API__LISTEN", api.to_string())
+            .env("CI_GATEWAY__GITHUB__API_URL", &github.url)
+            .env("CI_GATEWAY__REGISTRATION__TOKENS", TOKEN)
+            .env("CI_GATEWAY__STORAGE__DATA_DIR", &data)
+            .env("CI_GATEWAY__SSH__AUTH_REJECTION_TIME", "10ms")
+            // As chatty as it gets: nothing secret may show even at debug.
+            .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(&err).expect("log"))
+            .spawn()
+            .expect("the gateway starts");
+        for addr in [api, ssh] {
+            let mut up = false;
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(up, "the gateway did not listen on {addr}");
+        }
+        Process {
+            child,
+            ssh,
+            api,
+            data,
+            log,
+            err,
+        }
+    }
+
+    /// Registers `job` on `runner` for `actor`, installs its
+    /// authorized_keys there; returns the job token.
+    async fn register(&self, job: &str, runner: &RunnerSshd, actor: &str) -> String {
+        let (status, body) = http_raw(
+            self.api,
+            "PUT",
+            &format!("/v1/jobs/{job}"),
+            Some(TOKEN),
+            Some(registration(runner, actor).to_string().into_bytes()),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        let lines: Vec<String> = body["authorized_keys"]
+            .as_array()
+            .expect("lines")
+            .iter()
+            .map(|l| l.as_str().expect("line").to_string())
+            .collect();
+        runner.install(&lines);
+        body["job_token"].as_str().expect("a job token").to_string()
+    }
+
+    /// Starts `echo started; <rest>` on `job` as the owner of `key`, and
+    /// returns once `started` arrived: the session runs.
+    async fn start_session(
+        &self,
+        key: &std::path::Path,
+        job: &str,
+        rest: &str,
+    ) -> tokio::process::Child {
+        let mut session = tokio::process::Command::new("ssh")
+            .args(self.ssh_args(key, job, &format!("echo started; {rest}")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ssh");
+        let mut first = [0u8; 8];
+        let out = session.stdout.as_mut().expect("stdout");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read_exact(out, &mut first),
+        )
+        .await
+        .expect("the session starts")
+        .expect("read");
+        assert_eq!(&first, b"started\n");
+        session
+    }
+
+    /// `ssh` arguments for `command` on `job` as the owner of `key`.
+    fn ssh_args(&self, key: &std::path::Path, job: &str, command: &str) -> Vec<String> {
+        let mut args = client_opts(key);
+        args.extend([
+            "-p".to_string(),
+            self.ssh.port().to_string(),
+            format!("{job}@127.0.0.1"),
+            command.to_string(),
+        ]);
+        args
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -44,68 +171,19 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     github.set("octocat", &[&octocat.public]);
     github.set("mallory", &[&mallory.public]);
     let runner = RunnerSshd::start(dir.path(), "127.0.0.61");
-    let data = dir.path().join("data");
-    let (ssh_addr, api_addr) = (free_addr(), free_addr());
-    let log_path = dir.path().join("gateway.log");
-    let mut gateway = std::process::Command::new(GATEWAY)
-        .arg("serve")
-        .env("CI_GATEWAY__SSH__LISTEN", ssh_addr.to_string())
-        .env("CI_GATEWAY__API__LISTEN", api_addr.to_string())
-        .env("CI_GATEWAY__GITHUB__API_URL", &github.url)
-        .env(
+    let mut gateway = Process::start(
+        dir.path(),
+        &github,
+        &[(
             "CI_GATEWAY__GITHUB__TOKEN",
             "ghp_the_operators_github_token",
-        )
-        .env("CI_GATEWAY__REGISTRATION__TOKENS", TOKEN)
-        .env("CI_GATEWAY__STORAGE__DATA_DIR", &data)
-        .env("CI_GATEWAY__SSH__AUTH_REJECTION_TIME", "10ms")
-        // As chatty as it gets: nothing secret may show even at debug.
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log_path).expect("log"))
-        .stderr(std::fs::File::create(dir.path().join("gateway.err")).expect("log"))
-        .spawn()
-        .expect("the gateway starts");
-    let mut up = false;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(api_addr).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "the gateway did not listen");
-
-    let job = "9876543261";
-    let (status, body) = http_raw(
-        api_addr,
-        "PUT",
-        &format!("/v1/jobs/{job}"),
-        Some(TOKEN),
-        Some(registration(&runner, "octocat").to_string().into_bytes()),
+        )],
     )
     .await;
-    assert_eq!(status, 201, "{body}");
-    let body: Value = serde_json::from_str(&body).expect("json");
-    let job_token = body["job_token"].as_str().expect("a job token").to_string();
-    let lines: Vec<String> = body["authorized_keys"]
-        .as_array()
-        .expect("lines")
-        .iter()
-        .map(|l| l.as_str().expect("line").to_string())
-        .collect();
-    runner.install(&lines);
-
-    let ssh_args = |key: &std::path::Path, command: &str| {
-        let mut args = client_opts(key);
-        args.extend([
-            "-p".to_string(),
-            ssh_addr.port().to_string(),
-            format!("{job}@127.0.0.1"),
-            command.to_string(),
-        ]);
-        args
-    };
+    let (data, log_path) = (gateway.data.clone(), gateway.log.clone());
+    let job = "9876543261";
+    let job_token = gateway.register(job, &runner, "octocat").await;
+    let ssh_args = |key: &std::path::Path, command: &str| gateway.ssh_args(key, job, command);
     // A stranger fails; octocat runs a command with an exit status.
     let denied = run("ssh", &ssh_args(&mallory.path, "true"), None).await;
     assert_ne!(denied.code, 0);
@@ -117,26 +195,9 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     .await;
     assert_eq!(done.code, 3, "{done:?}");
     // Then a long session, and the gateway dies mid-session.
-    let mut long = tokio::process::Command::new("ssh")
-        .args(ssh_args(&octocat.path, "echo started; sleep 60"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ssh");
-    let mut out = long.stdout.take().expect("stdout");
-    let mut first = [0u8; 8];
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::io::AsyncReadExt::read_exact(&mut out, &mut first),
-    )
-    .await
-    .expect("the session starts")
-    .expect("read");
-    assert_eq!(&first, b"started\n");
-    gateway.kill().expect("SIGKILL");
-    let _ = gateway.wait();
+    let _long = gateway.start_session(&octocat.path, job, "sleep 60").await;
+    gateway.child.kill().expect("SIGKILL");
+    let _ = gateway.child.wait();
 
     let events = audit_lines(&data.join("audit.jsonl"));
     let of = |name: &str| -> Vec<&Value> { events.iter().filter(|e| e["event"] == name).collect() };
@@ -190,7 +251,7 @@ async fn a_session_start_survives_sigkill_and_no_secret_is_ever_written() {
     // No secret anywhere: tokens, private keys, the certificates it issued.
     let mut written = std::fs::read_to_string(data.join("audit.jsonl")).expect("audit");
     written.push_str(&std::fs::read_to_string(&log_path).unwrap_or_default());
-    written.push_str(&std::fs::read_to_string(dir.path().join("gateway.err")).unwrap_or_default());
+    written.push_str(&std::fs::read_to_string(&gateway.err).unwrap_or_default());
     assert!(written.contains("session_start"), "the logs were captured");
     for secret in [TOKEN, "ghp_the_operators_github_token", job_token.as_str()] {
         assert!(!written.contains(secret), "{secret} was written");
@@ -223,29 +284,8 @@ async fn a_peer_cannot_forge_a_log_line() {
     let mallory = keygen(dir.path(), "mallory", "ed25519");
     let github = FakeGithub::start().await;
     github.set("mallory", &[&mallory.public]);
-    let data = dir.path().join("data");
-    let (ssh_addr, api_addr) = (free_addr(), free_addr());
-    let err_path = dir.path().join("gateway.err");
-    let mut gateway = std::process::Command::new(GATEWAY)
-        .arg("serve")
-        .env("CI_GATEWAY__SSH__LISTEN", ssh_addr.to_string())
-        .env("CI_GATEWAY__API__LISTEN", api_addr.to_string())
-        .env("CI_GATEWAY__GITHUB__API_URL", &github.url)
-        .env("CI_GATEWAY__REGISTRATION__TOKENS", TOKEN)
-        .env("CI_GATEWAY__STORAGE__DATA_DIR", &data)
-        .env("CI_GATEWAY__SSH__AUTH_REJECTION_TIME", "10ms")
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).expect("log"))
-        .spawn()
-        .expect("the gateway starts");
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(ssh_addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut gateway = Process::start(dir.path(), &github, &[]).await;
+    let (ssh_addr, err_path) = (gateway.ssh, gateway.err.clone());
     // A jump destination with a newline, from an authenticated login.
     let mut args = client_opts(&mallory.path);
     args.extend([
@@ -269,8 +309,8 @@ async fn a_peer_cannot_forge_a_log_line() {
     ]);
     let _ = run("ssh", &args, None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    let _ = gateway.child.kill();
+    let _ = gateway.child.wait();
     let log = std::fs::read_to_string(&err_path).expect("log");
     assert!(
         log.contains("FORGED-HOST"),
@@ -284,6 +324,109 @@ async fn a_peer_cannot_forge_a_log_line() {
     }
     assert!(log.contains("nope\\nFORGED-HOST"), "escaped in place");
     // The audit trail: still one JSON object per line.
-    let events = audit_lines(&data.join("audit.jsonl"));
+    let events = audit_lines(&gateway.data.join("audit.jsonl"));
     assert!(!events.is_empty());
+}
+
+/// SIGTERM used to end the process at once: open sessions were cut with no
+/// word, and their `session_end` never reached the audit trail. Now a
+/// job-mode user is told on stderr, gets `ssh.shutdown_grace`, and then the
+/// reason as the disconnect message; a connection that never logged in is
+/// closed at once; the process exits 0 once everything has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_users_gives_them_the_grace_and_exits_cleanly() {
+    require_tools();
+    let dir = tempdir();
+    let octocat = keygen(dir.path(), "octocat", "ed25519");
+    let github = FakeGithub::start().await;
+    github.set("octocat", &[&octocat.public]);
+    let runner = RunnerSshd::start(dir.path(), "127.0.0.160");
+    let mut gateway = Process::start(
+        dir.path(),
+        &github,
+        &[("CI_GATEWAY__SSH__SHUTDOWN_GRACE", "10s")],
+    )
+    .await;
+    let job = "9876543287";
+    gateway.register(job, &runner, "octocat").await;
+    // A session that would run for a minute.
+    let mut session = gateway
+        .start_session(&octocat.path, job, "sleep 60; echo never")
+        .await;
+    // And a connection that never logs in: it is not given the grace.
+    let mut idle = tokio::net::TcpStream::connect(gateway.ssh)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut idle, b"SSH-2.0-idle\r\n")
+        .await
+        .expect("version");
+
+    let pid = gateway.child.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    // No new connection is taken while the grace runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = run("ssh", &gateway.ssh_args(&octocat.path, job, "true"), None).await;
+    assert_ne!(late.code, 0, "a new login during the grace: {late:?}");
+    // The idle connection is closed without waiting for the grace; the
+    // session is not (it is still running).
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut idle, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the unauthenticated connection was closed");
+    assert!(
+        session.try_wait().expect("try_wait").is_none(),
+        "the session still runs in its grace"
+    );
+
+    let ended = tokio::time::timeout(Duration::from_secs(30), session.wait_with_output())
+        .await
+        .expect("the session ends after the grace")
+        .expect("ssh");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    let stdout = String::from_utf8_lossy(&ended.stdout);
+    assert!(
+        stderr.contains("ci-gateway: the gateway is shutting down: this connection closes in 10s"),
+        "the user was told: {stderr}"
+    );
+    assert!(
+        stderr.contains("the gateway is shutting down (restart or upgrade); reconnect in a minute"),
+        "the disconnect says why: {stderr}"
+    );
+    assert!(!stdout.contains("never"), "{stdout}");
+    assert_ne!(ended.status.code(), Some(0));
+
+    let mut exited = None;
+    for _ in 0..300 {
+        if let Some(status) = gateway.child.try_wait().expect("try_wait") {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exited = exited.expect("the gateway exits after the grace");
+    assert_eq!(exited.code(), Some(0), "a clean exit");
+    // The session's end was recorded before the process went.
+    let events = audit_lines(&gateway.data.join("audit.jsonl"));
+    let ends: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "session_end" && e["login"] == "octocat")
+        .collect();
+    assert_eq!(ends.len(), 1, "{events:#?}");
+    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default()
+        + &std::fs::read_to_string(&gateway.err).unwrap_or_default();
+    assert!(
+        !log.contains("tasks still running after the grace"),
+        "every task ended in time: {log}"
+    );
 }

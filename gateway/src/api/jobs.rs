@@ -386,7 +386,9 @@ pub(super) async fn get_job(
         let mut sessions = live.watch_sessions();
         let mut kick = live.watch_kick();
         let limit = std::time::Duration::from_secs(wait.min(MAX_WAIT_SECONDS));
-        // A change of the count, a kick (the job ended), or the time is up.
+        let stopping = gw.tasks.stopping();
+        // A change of the count, a kick (the job ended), the time is up, or
+        // the gateway is stopping (the answer goes out before it closes).
         let _ = tokio::time::timeout(limit, async {
             if kick.borrow_and_update().is_some() {
                 return;
@@ -394,6 +396,7 @@ pub(super) async fn get_job(
             tokio::select! {
                 _ = sessions.changed() => {}
                 _ = kick.changed() => {}
+                _ = stopping => {}
             }
         })
         .await;

@@ -52,8 +52,9 @@ pub async fn run(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
-    shutdown: impl std::future::Future<Output = ()>,
+    tasks: crate::tasks::Tasks,
 ) {
+    let shutdown = tasks.stopping();
     let request_timeout = limits.request_timeout;
     let limit = Arc::new(Semaphore::new(MAX_API_CONNECTIONS));
     let per_source = Arc::new(crate::limits::Counted::<std::net::IpAddr>::default());
@@ -88,7 +89,8 @@ pub async fn run(
         };
         let router = router.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let stopping = tasks.stopping();
+        tasks.spawn("api connection", async move {
             let _permit = permit;
             let _source_slot = source_slot;
             let service = router.map_request(move |mut r: axum::http::Request<_>| {
@@ -104,21 +106,16 @@ pub async fn run(
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            tokio::time::timeout(
-                                request_timeout * 20,
-                                http.serve_connection(TokioIo::new(stream), service),
-                            )
-                            .await
+                            let conn = http.serve_connection(TokioIo::new(stream), service);
+                            tokio::time::timeout(request_timeout * 20, until_done(conn, stopping))
+                                .await
                         }
                         _ => return,
                     }
                 }
                 None => {
-                    tokio::time::timeout(
-                        request_timeout * 20,
-                        http.serve_connection(TokioIo::new(tcp), service),
-                    )
-                    .await
+                    let conn = http.serve_connection(TokioIo::new(tcp), service);
+                    tokio::time::timeout(request_timeout * 20, until_done(conn, stopping)).await
                 }
             };
             if let Ok(Err(e)) = served {
@@ -126,4 +123,26 @@ pub async fn run(
             }
         });
     }
+}
+
+/// Serves `conn` to its end; once the gateway stops, it finishes the request
+/// in flight and closes (HTTP/1.1 graceful shutdown: no new request is read
+/// from a kept-alive connection).
+async fn until_done<I, S>(
+    conn: hyper::server::conn::http1::Connection<I, S>,
+    stopping: impl std::future::Future<Output = ()>,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => return served,
+        _ = stopping => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }

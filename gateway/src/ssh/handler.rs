@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use russh::keys::PublicKey;
 use russh::server::{self, Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
+use russh::{Channel, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use tracing::{debug, info, warn};
 
 use crate::access;
@@ -18,8 +18,8 @@ use crate::ids::{GithubLogin, JobId, Target};
 use crate::metrics::Refusal;
 use crate::registry::{unix_now, Live, Lookup, Registration, SessionGuard, SessionInfo};
 use crate::ssh::open::{
-    refuse, runner_for_channel, runner_refusal, say_goodbye, ChannelCount, Listed, NoticeChannels,
-    STDIO_FORWARD_PORT,
+    refuse, runner_for_channel, runner_refusal, say_goodbye, show_notice, ChannelCount, Listed,
+    NoticeChannels, STDIO_FORWARD_PORT,
 };
 use crate::ssh::upstream::{self, RunnerLink};
 use crate::Gateway;
@@ -125,7 +125,7 @@ impl Connection {
     /// Sends the disconnect with `reason` once the session loop is free.
     fn disconnect_later(&self, reason: String) {
         if let Some(handle) = self.handle.get().cloned() {
-            tokio::spawn(async move {
+            self.gw.tasks.spawn("ssh disconnect", async move {
                 say_goodbye(&handle, reason).await;
             });
         }
@@ -332,7 +332,7 @@ impl Connection {
         let gw = self.gw.clone();
         let mut alive = self.alive.subscribe();
         let conn = self.id;
-        tokio::spawn(async move {
+        self.gw.tasks.spawn("runner login", async move {
             let job_id = job.job_id;
             let connected = tokio::select! {
                 connected = upstream::connect(&gw, &job, &login) => connected,
@@ -375,7 +375,7 @@ impl Connection {
         let mut kick = live.watch_kick();
         let mut alive = self.alive.subscribe();
         let conn = self.id;
-        tokio::spawn(async move {
+        self.gw.tasks.spawn("kick watch", async move {
             loop {
                 let reason = kick.borrow_and_update().clone();
                 if let Some(reason) = reason {
@@ -401,7 +401,7 @@ impl Connection {
         let mut notices = live.watch_notices();
         let mut alive = self.alive.subscribe();
         let channels = self.session_channels.clone();
-        tokio::spawn(async move {
+        self.gw.tasks.spawn("notice watch", async move {
             loop {
                 tokio::select! {
                     changed = notices.changed() => if changed.is_err() { return },
@@ -410,16 +410,7 @@ impl Connection {
                 let Some(line) = notices.borrow_and_update().clone() else {
                     continue;
                 };
-                let open: Vec<ChannelId> = channels
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied()
-                    .collect();
-                for channel in open {
-                    let text = format!("\r\nci-gateway: {line}\r\n");
-                    let _ = handle.extended_data(channel, 1, text.into_bytes()).await;
-                }
+                show_notice(&handle, &channels, &line).await;
             }
         });
     }
@@ -668,7 +659,7 @@ impl Connection {
         let open_channels = self.open_channels.clone();
         let usage = self.usage.clone();
         let conn = self.id;
-        tokio::spawn(async move {
+        self.gw.tasks.spawn("job channel", async move {
             let up = match open.await {
                 Ok(up) => up,
                 Err((code, reason)) => {
@@ -718,6 +709,8 @@ impl Connection {
             .get()
             .cloned()
             .filter(|_| stdio && still_open == 0);
-        tokio::spawn(refuse(reply, code, reason, disconnect));
+        self.gw
+            .tasks
+            .spawn("channel refusal", refuse(reply, code, reason, disconnect));
     }
 }

@@ -103,7 +103,7 @@ impl Connection {
         let usage = self.usage.clone();
         let conn = self.id;
         let timeout = self.gw.config.upstream.connect_timeout;
-        tokio::spawn(async move {
+        self.gw.tasks.spawn("jump forward", async move {
             let Dial {
                 job_id,
                 addr,

@@ -116,6 +116,21 @@ pub async fn refuse(
 /// A connection's open job-mode session channels, where notices are shown.
 pub type NoticeChannels = Arc<std::sync::Mutex<HashSet<ChannelId>>>;
 
+/// Shows `line` on each of `channels` as stderr: visible on a terminal, and
+/// outside the data stream of scp, sftp and other protocols.
+pub async fn show_notice(handle: &server::Handle, channels: &NoticeChannels, line: &str) {
+    let open: Vec<ChannelId> = channels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    for channel in open {
+        let text = format!("\r\nci-gateway: {line}\r\n");
+        let _ = handle.extended_data(channel, 1, text.into_bytes()).await;
+    }
+}
+
 /// A channel's place in [`NoticeChannels`], for as long as its task runs.
 pub struct Listed(NoticeChannels, ChannelId);
 

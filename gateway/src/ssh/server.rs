@@ -50,16 +50,17 @@ pub fn russh_config(ssh: &SshConfig, host_keys: Vec<PrivateKey>) -> Config {
     }
 }
 
-/// Serves SSH on `listener` until `shutdown` resolves; then stops accepting
-/// and returns (open connections are closed by dropping the runtime or by the
-/// caller's grace period).
-pub async fn run(
-    gw: Arc<Gateway>,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+/// How long a connection being shut down gets for its disconnect message to
+/// go out and for the client to close, before it is cut off.
+pub const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves SSH on `listener` until the gateway stops; then stops accepting
+/// and returns. Each open connection ends in its own task, after the grace
+/// (`serve_connection`).
+pub async fn run(gw: Arc<Gateway>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(gw.max_user_connections));
     let peak = AtomicUsize::new(0);
+    let shutdown = gw.tasks.stopping();
     // The trimmer never returns: it runs exactly as long as the accept loop.
     tokio::select! {
         _ = accept_loop(&gw, listener, &limit, &peak, shutdown) => {}
@@ -126,7 +127,7 @@ async fn accept_loop(
         let id = next_id;
         let gw = gw.clone();
         let config = config.clone();
-        tokio::spawn(async move {
+        gw.tasks.clone().spawn("ssh connection", async move {
             serve_connection(gw, config, stream, peer, id).await;
             drop(slot);
             drop(permit);
@@ -179,6 +180,7 @@ async fn serve_connection(
     let shared = Arc::new(OnceLock::new());
     let handler = Connection::new(gw.clone(), peer, id, shared.clone());
     let authenticated = handler.authenticated.clone();
+    let notices = handler.session_channels.clone();
     let auth_timeout = gw.config.ssh.auth_timeout;
     // The version exchange is bounded too: a silent peer does not hold a slot.
     let session =
@@ -216,13 +218,50 @@ async fn serve_connection(
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
     let mut session = session;
+    let stopping = gw.tasks.stopping();
     tokio::select! {
         result = &mut session => {
             if let Err(e) = result {
                 debug!(conn = id, %peer, "connection ended: {e}");
             }
+            return;
         }
         // The session loop runs in its own task; cut it off for real.
-        _ = deadline => session.abort(),
+        _ = deadline => {
+            session.abort();
+            let _ = session.await;
+            return;
+        }
+        _ = stopping => {}
+    }
+    // The gateway is stopping. A user gets the grace to finish up, told on
+    // their session channels (where hold warnings go), then the reason.
+    let grace = gw.config.ssh.shutdown_grace;
+    if authenticated.load(std::sync::atomic::Ordering::Relaxed) && !grace.is_zero() {
+        let line = format!(
+            "the gateway is shutting down: this connection closes in {}",
+            humantime::format_duration(grace)
+        );
+        crate::ssh::open::show_notice(&handle, &notices, &line).await;
+        if tokio::time::timeout(grace, &mut session).await.is_ok() {
+            return;
+        }
+    }
+    info!(conn = id, %peer, "closing: the gateway is shutting down");
+    let _ = tokio::time::timeout(
+        DISCONNECT_WAIT,
+        crate::ssh::open::say_goodbye(
+            &handle,
+            "ci-gateway: the gateway is shutting down (restart or upgrade); reconnect in a minute"
+                .into(),
+        ),
+    )
+    .await;
+    if tokio::time::timeout(DISCONNECT_WAIT, &mut session)
+        .await
+        .is_err()
+    {
+        session.abort();
+        let _ = session.await;
     }
 }

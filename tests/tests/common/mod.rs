@@ -350,7 +350,7 @@ pub struct Gateway {
     /// The job tokens `register` got back, by job id.
     pub job_tokens: Mutex<HashMap<String, String>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Gateway {
@@ -386,6 +386,11 @@ impl Gateway {
                 "CI_GATEWAY__UPSTREAM__CONNECT_TIMEOUT".to_string(),
                 "5s".to_string(),
             ),
+            // A restart with sessions open waits this long for them.
+            (
+                "CI_GATEWAY__SSH__SHUTDOWN_GRACE".to_string(),
+                "1s".to_string(),
+            ),
         ];
         for (k, v) in extra {
             env.push((k.to_string(), v.to_string()));
@@ -413,29 +418,28 @@ impl Gateway {
             gw,
             job_tokens: Mutex::new(HashMap::new()),
             stop: Some(stop),
-            task: Some(tokio::spawn(async move {
-                let _ = task.await;
-            })),
+            task: Some(task),
         }
     }
 
-    /// Stops serving and waits until the state is released (no task holds it).
+    /// Stops serving: `run` returns only once every task it started has
+    /// ended, so nothing holds the gateway's state (and its store) after.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = task.await;
+            task.await
+                .expect("run did not panic")
+                .expect("run stopped without an error");
         }
         let gw = self.gw.clone();
         drop(self);
-        for _ in 0..200 {
-            if Arc::strong_count(&gw) == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("gateway state still held after stop");
+        assert_eq!(
+            Arc::strong_count(&gw),
+            1,
+            "a task outlived run and still holds the gateway's state"
+        );
     }
 
     /// A raw HTTP/1.1 request to the API; returns (status, body).

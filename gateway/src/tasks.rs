@@ -1,0 +1,143 @@
+//! One way to start and to stop the gateway's tasks: every task is spawned
+//! on one [`TaskTracker`], and one [`CancellationToken`] tells them all that
+//! the gateway is stopping (the shape of mini-redis' shutdown, with
+//! tokio-util's two types instead of hand-rolled channels).
+//!
+//! - Listeners stop accepting when the token fires.
+//! - Each SSH connection then gets its grace period and a disconnect
+//!   message (`ssh::server`); hold and sweep tasks stop at once, so a
+//!   restart neither ends a held job nor loses its deadline (it resumes).
+//! - [`Tasks::drain`] waits for the tracker to empty, so [`crate::run`]
+//!   returns only when no task holds the gateway's state (the store is
+//!   closed when the last `Arc<Gateway>` goes).
+//!
+//! A task that panics is logged at error level with its name and counted in
+//! `ci_gateway_task_panics_total`: one connection's bug ends that connection,
+//! not the gateway, and is not silent. The gateway's own core tasks (the
+//! listeners, the sweepers) are watched by `run`, which stops the process
+//! with an error when one of them ends early.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
+
+#[derive(Clone, Default)]
+pub struct Tasks {
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    panics: Counter,
+}
+
+impl Tasks {
+    /// Tasks whose panics count in `panics`.
+    pub fn new(panics: Counter) -> Tasks {
+        Tasks {
+            panics,
+            ..Default::default()
+        }
+    }
+
+    /// Runs `task` on the tracker; a panic in it is logged as `name`'s.
+    pub fn spawn<F>(&self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let panics = self.panics.clone();
+        self.tracker.spawn(async move {
+            if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
+                panics.inc();
+                tracing::error!(task = name, "task panicked: {}", panic_message(&panic));
+            }
+        });
+    }
+
+    /// Runs `task` on the tracker and hands back its handle, for the core
+    /// tasks whose end (or panic) [`crate::run`] must see.
+    pub fn spawn_core<F, T>(&self, task: F) -> tokio::task::JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Tells every task that the gateway is stopping.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Resolves once [`Tasks::stop`] was called (at once if it was).
+    pub fn stopping(&self) -> WaitForCancellationFutureOwned {
+        self.stop.clone().cancelled_owned()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Tasks still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Takes no new tasks and waits up to `within` for the running ones to
+    /// end. Returns whether they all did.
+    pub async fn drain(&self, within: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// The message a panic carried, when it was a string (nearly always).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_counted_and_drain_waits_for_every_task() {
+        let panics = Counter::default();
+        let tasks = Tasks::new(panics.clone());
+        tasks.spawn("boom", async { panic!("on purpose") });
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let stopping = tasks.stopping();
+        tasks.spawn("waits for stop", async move {
+            stopping.await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = done_tx.send(());
+        });
+        assert!(
+            !tasks.drain(Duration::from_millis(100)).await,
+            "a task that waits for stop is still running"
+        );
+        tasks.stop();
+        assert!(tasks.drain(Duration::from_secs(5)).await);
+        assert!(done_rx.await.is_ok(), "the task ran to its end");
+        assert_eq!(panics.get(), 1);
+        assert_eq!(tasks.running(), 0);
+    }
+
+    #[test]
+    fn panic_messages_of_both_kinds_are_read() {
+        let s: Box<dyn std::any::Any + Send> = Box::new("static");
+        let owned: Box<dyn std::any::Any + Send> = Box::new(String::from("owned"));
+        let other: Box<dyn std::any::Any + Send> = Box::new(7u8);
+        assert_eq!(panic_message(&*s), "static");
+        assert_eq!(panic_message(&*owned), "owned");
+        assert_eq!(panic_message(&*other), "(not a string)");
+    }
+}

@@ -26,8 +26,19 @@ pub struct Cidr {
     prefix: u8,
 }
 
+/// Why a network was refused; each names the text it was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an address or CIDR network")]
+    NotAnAddress(String),
+    #[error("{0:?}: the prefix length must be 0..={1}")]
+    Prefix(String, u8),
+    #[error("{text:?} has host bits set; did you mean {meant}?")]
+    HostBits { text: String, meant: String },
+}
+
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
+    pub fn parse(text: &str) -> Result<Cidr, CidrError> {
         let text = text.trim();
         let (addr, prefix) = match text.split_once('/') {
             Some((a, p)) => (a, Some(p)),
@@ -35,7 +46,7 @@ impl Cidr {
         };
         let net: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{text:?} is not an address or CIDR network"))?;
+            .map_err(|_| CidrError::NotAnAddress(text.into()))?;
         let net = net.to_canonical();
         let max = if net.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -44,13 +55,13 @@ impl Cidr {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
+                .ok_or_else(|| CidrError::Prefix(text.into(), max))?,
         };
         if mask(net, prefix) != net {
-            return Err(format!(
-                "{text:?} has host bits set; did you mean {}/{prefix}?",
-                mask(net, prefix)
-            ));
+            return Err(CidrError::HostBits {
+                text: text.into(),
+                meant: format!("{}/{prefix}", mask(net, prefix)),
+            });
         }
         Ok(Cidr { net, prefix })
     }

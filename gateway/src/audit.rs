@@ -23,7 +23,18 @@ use tokio::sync::oneshot;
 /// Events queued before senders wait for the writer.
 const QUEUE: usize = 16 * 1024;
 
-type Ack = oneshot::Sender<Result<(), String>>;
+/// Why an event is not on disk.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// Writing or syncing the file failed (shared by every event of the
+    /// batch, hence the `Arc`).
+    #[error("the audit trail could not be written: {0}")]
+    Write(#[source] std::sync::Arc<std::io::Error>),
+    #[error("the audit writer is gone")]
+    WriterGone,
+}
+
+type Ack = oneshot::Sender<Result<(), AuditError>>;
 
 struct Entry {
     line: Vec<u8>,
@@ -117,7 +128,7 @@ impl Audit {
     }
 
     /// Appends an event and returns once it is on disk.
-    pub async fn record_durable(&self, event: &str, fields: Value) -> Result<(), String> {
+    pub async fn record_durable(&self, event: &str, fields: Value) -> Result<(), AuditError> {
         let (ack, done) = oneshot::channel();
         let entry = Entry {
             line: Self::line(event, fields),
@@ -127,10 +138,9 @@ impl Audit {
         // A full queue blocks the sender; keep that off the async workers.
         tokio::task::spawn_blocking(move || tx.send(entry))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|_| "the audit writer is gone".to_string())?;
-        done.await
-            .map_err(|_| "the audit writer is gone".to_string())?
+            .map_err(|_| AuditError::WriterGone)?
+            .map_err(|_| AuditError::WriterGone)?;
+        done.await.map_err(|_| AuditError::WriterGone)?
     }
 }
 
@@ -148,10 +158,11 @@ fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>) {
             buf.extend_from_slice(&e.line);
         }
         let durable = batch.iter().any(|e| e.ack.is_some());
-        let mut result = file.write_all(&buf).map_err(|e| e.to_string());
+        let mut result = file.write_all(&buf);
         if result.is_ok() && durable {
-            result = file.sync_data().map_err(|e| e.to_string());
+            result = file.sync_data();
         }
+        let result = result.map_err(|e| AuditError::Write(std::sync::Arc::new(e)));
         if let Err(e) = &result {
             tracing::error!("audit log write failed: {e}");
         }

@@ -229,7 +229,7 @@ pub struct MetricsConfig {
 
 impl MetricsConfig {
     /// The address to serve metrics on, if they are on.
-    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, AddrError> {
         let listen = self.listen.trim();
         if listen.is_empty() {
             return Ok(None);
@@ -237,8 +237,31 @@ impl MetricsConfig {
         listen
             .parse()
             .map(Some)
-            .map_err(|e| format!("{listen:?} is not host:port: {e}"))
+            .map_err(|source| AddrError::NotSocketAddr {
+                text: listen.into(),
+                source,
+            })
     }
+}
+
+/// Why an address setting was refused; each names the text it was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("{text:?} is not host:port: {source}")]
+    NotSocketAddr {
+        text: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("an IPv6 address needs its closing ']'")]
+    Unclosed,
+    #[error("{0:?} is not an IPv6 address")]
+    NotIpv6(String),
+    #[error("expected ':' after ']'")]
+    AfterBracket,
+    #[error("{0:?}: expected host or host:port (letters, digits, '.', '-')")]
+    BadHost(String),
+    #[error("{0:?}: the port must be 1..=65535")]
+    BadPort(String),
 }
 
 impl Config {
@@ -292,7 +315,7 @@ impl Config {
         if !self.registration.oidc_audience.is_empty() {
             let issuer = &self.registration.oidc_issuer;
             if let Err(e) = crate::oidc::check_issuer_url(issuer) {
-                return Err(invalid("registration.oidc_issuer", e));
+                return Err(invalid("registration.oidc_issuer", e.to_string()));
             }
             if self.registration.allowed_repositories.is_empty() {
                 return Err(invalid(
@@ -302,7 +325,7 @@ impl Config {
             }
             for p in &self.registration.allowed_repositories {
                 if let Err(e) = crate::oidc::check_pattern(p) {
-                    return Err(invalid("registration.allowed_repositories", e));
+                    return Err(invalid("registration.allowed_repositories", e.to_string()));
                 }
             }
         }
@@ -425,13 +448,13 @@ impl Config {
             ));
         }
         if let Err(e) = self.metrics.listen_addr() {
-            return Err(invalid("metrics.listen", &e));
+            return Err(invalid("metrics.listen", e.to_string()));
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
         if let Err(e) = PublicAddress::parse(&self.ssh.public_host) {
-            return Err(invalid("ssh.public_host", &e));
+            return Err(invalid("ssh.public_host", e.to_string()));
         }
         if self.hold.warn_before.len() > 8 {
             return Err(invalid("hold.warn_before", "at most 8 warnings"));
@@ -485,19 +508,17 @@ pub struct PublicAddress {
 
 impl PublicAddress {
     /// `host`, `host:port` or `[v6]:port`; the port defaults to 22.
-    pub fn parse(raw: &str) -> Result<PublicAddress, String> {
+    pub fn parse(raw: &str) -> Result<PublicAddress, AddrError> {
         let (host, port) = match raw.strip_prefix('[') {
             Some(rest) => {
-                let (host, after) = rest
-                    .split_once(']')
-                    .ok_or("an IPv6 address needs its closing ']'")?;
+                let (host, after) = rest.split_once(']').ok_or(AddrError::Unclosed)?;
                 host.parse::<std::net::Ipv6Addr>()
-                    .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
+                    .map_err(|_| AddrError::NotIpv6(host.into()))?;
                 match after {
                     "" => (host, None),
                     p => (
                         host,
-                        Some(p.strip_prefix(':').ok_or("expected ':' after ']'")?),
+                        Some(p.strip_prefix(':').ok_or(AddrError::AfterBracket)?),
                     ),
                 }
             }
@@ -513,15 +534,13 @@ impl PublicAddress {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
         };
         if !raw.starts_with('[') && !ok_name(host) {
-            return Err(format!(
-                "{raw:?}: expected host or host:port (letters, digits, '.', '-')"
-            ));
+            return Err(AddrError::BadHost(raw.into()));
         }
         let port = match port {
             None => 22,
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p > 0 => p,
-                _ => return Err(format!("{raw:?}: the port must be 1..=65535")),
+                _ => return Err(AddrError::BadPort(raw.into())),
             },
         };
         Ok(PublicAddress {

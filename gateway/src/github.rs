@@ -26,7 +26,19 @@ const MAX_FETCHES_IN_FLIGHT: usize = 32;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyFetchError {
     #[error("GitHub is unreachable and no recent copy of {0}'s keys is cached: {1}")]
-    Unavailable(GithubLogin, String),
+    Unavailable(GithubLogin, #[source] CallError),
+}
+
+/// Why a call to GitHub's API got no usable answer (a 404 is an answer).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no GitHub client")]
+    NoClient,
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// GitHub's error (status and message) or the transport's, on one line.
+    #[error("{}", one_line(.0))]
+    Failed(#[source] Arc<octocrab::Error>),
 }
 
 type Keys = Arc<Vec<PublicKey>>;
@@ -66,7 +78,7 @@ impl KeySource {
             let login = GithubLogin::parse(login)?;
             let keys = lines
                 .iter()
-                .map(|l| crate::keys::parse_public_key(l).map_err(anyhow::Error::msg))
+                .map(|l| crate::keys::parse_public_key(l).map_err(anyhow::Error::from))
                 .collect::<Result<Vec<_>, _>>()?;
             static_keys.insert(login, Arc::new(keys));
         }
@@ -97,10 +109,10 @@ impl KeySource {
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         route: String,
-    ) -> Result<Option<T>, String> {
+    ) -> Result<Option<T>, CallError> {
         use crate::metrics::Outcome;
         let Some(client) = &self.client else {
-            return Err("no GitHub client".into());
+            return Err(CallError::NoClient);
         };
         let request = async {
             let _permit = self.in_flight.acquire().await;
@@ -109,7 +121,7 @@ impl KeySource {
         let (outcome, result) = match tokio::time::timeout(self.fetch_timeout, request).await {
             Err(_) => (
                 Outcome::Timeout,
-                Err(format!("no answer within {:?}", self.fetch_timeout)),
+                Err(CallError::Timeout(self.fetch_timeout)),
             ),
             Ok(Ok(value)) => (Outcome::Ok, Ok(Some(value))),
             Ok(Err(octocrab::Error::GitHub { source, .. }))
@@ -117,7 +129,7 @@ impl KeySource {
             {
                 (Outcome::NotFound, Ok(None))
             }
-            Ok(Err(e)) => (Outcome::Error, Err(one_line(&e))),
+            Ok(Err(e)) => (Outcome::Error, Err(CallError::Failed(Arc::new(e)))),
         };
         self.metrics.github_call(outcome);
         result
@@ -199,7 +211,7 @@ impl KeySource {
         &self,
         repository: &str,
         job: crate::ids::JobId,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, CallError> {
         #[derive(serde::Deserialize)]
         struct Job {
             run_id: u64,
@@ -208,7 +220,7 @@ impl KeySource {
         Ok(self.call::<Job>(route).await?.map(|j| j.run_id))
     }
 
-    async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, String> {
+    async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, CallError> {
         let route = format!("/users/{login}/keys");
         // An account that does not exist has no keys; that is an answer.
         let list: Vec<GithubKey> = self.call(route).await?.unwrap_or_default();

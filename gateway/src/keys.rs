@@ -36,14 +36,23 @@ pub enum KeyError {
     Ssh(#[from] ssh_key::Error),
 }
 
+/// Why a public key line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("key line longer than 16 KiB")]
+    TooLong,
+    #[error("not an OpenSSH public key ({0})")]
+    NotOpenSsh(#[source] ssh_key::Error),
+}
+
 /// Parses one `authorized_keys`-style public key line (`type base64 [comment]`).
 /// Options before the key type are refused: callers give bare keys.
-pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
+pub fn parse_public_key(line: &str) -> Result<PublicKey, PublicKeyError> {
     let line = line.trim();
     if line.len() > 16 * 1024 {
-        return Err("key line longer than 16 KiB".into());
+        return Err(PublicKeyError::TooLong);
     }
-    PublicKey::from_openssh(line).map_err(|e| format!("not an OpenSSH public key ({e})"))
+    PublicKey::from_openssh(line).map_err(PublicKeyError::NotOpenSsh)
 }
 
 /// SHA-256 fingerprint as OpenSSH prints it: `SHA256:...`.

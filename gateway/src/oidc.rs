@@ -35,9 +35,70 @@ pub struct Claims {
     pub check_run_id: Option<u64>,
 }
 
+/// Why a token was refused, or the issuer's keys could not be had. The text
+/// never holds the token.
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    #[error("token too long")]
+    TooLong,
+    #[error("not a JWT")]
+    NotJwt,
+    #[error("not base64url")]
+    NotBase64,
+    #[error("bad JWT header")]
+    Header(#[source] serde_json::Error),
+    #[error("algorithm {0:?} is not accepted (RS256 only)")]
+    Algorithm(String),
+    #[error("the token names no key (kid)")]
+    NoKeyId,
+    #[error("bad signature")]
+    Signature,
+    #[error("the token's key is not one of the issuer's")]
+    UnknownKey,
+    #[error("bad JWT claims")]
+    Claims(#[source] serde_json::Error),
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("the token has no expiry")]
+    NoExpiry,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token has no {0}")]
+    MissingClaim(&'static str),
+    #[error("repository {0} may not register jobs here")]
+    Repository(String),
+    #[error("OIDC discovery: {0}")]
+    Discovery(#[source] crate::agent::client::ApiError),
+    #[error("OIDC discovery: no jwks_uri")]
+    NoJwksUri,
+    #[error("OIDC discovery: jwks_uri is not on the issuer")]
+    JwksElsewhere,
+    #[error("OIDC keys: {0}")]
+    Keys(#[source] crate::agent::client::ApiError),
+    #[error("the issuer's client: {0}")]
+    Setup(#[from] crate::agent::client::SetupError),
+}
+
+/// Why an OIDC setting was refused; each names the text it was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error("{0:?} is not a URL")]
+    NotAUrl(String),
+    #[error("{0:?}: plain http:// is accepted only on loopback")]
+    PlainHttp(String),
+    #[error("{0:?}: expected an https:// URL")]
+    NotHttps(String),
+    #[error("{0:?}: expected an owner/repo pattern such as \"acme/*\"")]
+    Pattern(String),
+}
+
 /// `http://` only for loopback issuers (tests); otherwise `https://`.
-pub fn check_issuer_url(url: &str) -> Result<(), String> {
-    let uri: axum::http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+pub fn check_issuer_url(url: &str) -> Result<(), SettingError> {
+    let uri: axum::http::Uri = url.parse().map_err(|_| SettingError::NotAUrl(url.into()))?;
     let host = uri.host().unwrap_or_default();
     match uri.scheme_str() {
         Some("https") if !host.is_empty() => Ok(()),
@@ -46,17 +107,15 @@ pub fn check_issuer_url(url: &str) -> Result<(), String> {
             if ip.is_some_and(|ip| ip.is_loopback()) || host == "localhost" {
                 Ok(())
             } else {
-                Err(format!(
-                    "{url:?}: plain http:// is accepted only on loopback"
-                ))
+                Err(SettingError::PlainHttp(url.into()))
             }
         }
-        _ => Err(format!("{url:?}: expected an https:// URL")),
+        _ => Err(SettingError::NotHttps(url.into())),
     }
 }
 
 /// `owner/repo` with `*` wildcards inside a segment.
-pub fn check_pattern(p: &str) -> Result<(), String> {
+pub fn check_pattern(p: &str) -> Result<(), SettingError> {
     let ok = p.split('/').count() == 2
         && p.split('/').all(|s| !s.is_empty())
         && p.bytes()
@@ -64,9 +123,7 @@ pub fn check_pattern(p: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{p:?}: expected an owner/repo pattern such as \"acme/*\""
-        ))
+        Err(SettingError::Pattern(p.into()))
     }
 }
 
@@ -91,10 +148,10 @@ pub fn matches(pattern: &str, repo: &str) -> bool {
             .all(|(p, r)| seg(p.as_bytes(), r.as_bytes()))
 }
 
-fn b64(part: &str) -> Result<Vec<u8>, String> {
+fn b64(part: &str) -> Result<Vec<u8>, OidcError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(part)
-        .map_err(|_| "not base64url".to_string())
+        .map_err(|_| OidcError::NotBase64)
 }
 
 #[derive(Deserialize)]
@@ -141,7 +198,7 @@ impl Verifier {
         audience: &str,
         allowed: &[String],
         min_refetch: Duration,
-    ) -> Result<Verifier, String> {
+    ) -> Result<Verifier, OidcError> {
         Ok(Verifier {
             issuer: issuer.trim_end_matches('/').to_string(),
             audience: audience.to_string(),
@@ -159,34 +216,29 @@ impl Verifier {
     }
 
     /// Verifies `token`; the error says what was wrong (never the token).
-    pub async fn verify(&self, token: &str) -> Result<Claims, String> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, OidcError> {
         if token.len() > MAX_TOKEN {
-            return Err("token too long".into());
+            return Err(OidcError::TooLong);
         }
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err("not a JWT".into());
+            return Err(OidcError::NotJwt);
         };
-        let header: Header =
-            serde_json::from_slice(&b64(h)?).map_err(|_| "bad JWT header".to_string())?;
+        let header: Header = serde_json::from_slice(&b64(h)?).map_err(OidcError::Header)?;
         if header.alg != "RS256" {
-            return Err(format!(
-                "algorithm {:?} is not accepted (RS256 only)",
-                header.alg.chars().take(16).collect::<String>()
-            ));
+            return Err(OidcError::Algorithm(header.alg.chars().take(16).collect()));
         }
-        let kid = header.kid.ok_or("the token names no key (kid)")?;
+        let kid = header.kid.ok_or(OidcError::NoKeyId)?;
         let signature = b64(s)?;
         let signed = &token[..h.len() + 1 + p.len()];
         self.check_signature(&kid, signed.as_bytes(), &signature)
             .await?;
-        let claims: Value =
-            serde_json::from_slice(&b64(p)?).map_err(|_| "bad JWT claims".to_string())?;
+        let claims: Value = serde_json::from_slice(&b64(p)?).map_err(OidcError::Claims)?;
         let now = now();
         if claims["iss"].as_str() != Some(self.issuer.as_str()) {
-            return Err("wrong issuer".into());
+            return Err(OidcError::Issuer);
         }
         let aud_ok = match &claims["aud"] {
             Value::String(a) => *a == self.audience,
@@ -196,26 +248,24 @@ impl Verifier {
             _ => false,
         };
         if !aud_ok {
-            return Err("wrong audience".into());
+            return Err(OidcError::Audience);
         }
-        let exp = number(&claims["exp"]).ok_or("the token has no expiry")?;
+        let exp = number(&claims["exp"]).ok_or(OidcError::NoExpiry)?;
         if exp + LEEWAY < now {
-            return Err("the token has expired".into());
+            return Err(OidcError::Expired);
         }
         if number(&claims["nbf"]).is_some_and(|nbf| nbf > now + LEEWAY) {
-            return Err("the token is not valid yet".into());
+            return Err(OidcError::NotYetValid);
         }
-        let text = |k: &str| {
+        let text = |k: &'static str| {
             claims[k]
                 .as_str()
                 .map(str::to_string)
-                .ok_or(format!("the token has no {k}"))
+                .ok_or(OidcError::MissingClaim(k))
         };
         let repository = text("repository")?;
         if !self.allowed.iter().any(|p| matches(p, &repository)) {
-            return Err(format!(
-                "repository {repository} may not register jobs here"
-            ));
+            return Err(OidcError::Repository(repository));
         }
         // Who started this attempt (a re-run may be someone else), as the
         // agent's default does (DESIGN §9).
@@ -233,8 +283,8 @@ impl Verifier {
         kid: &str,
         signed: &[u8],
         signature: &[u8],
-    ) -> Result<(), String> {
-        let verify = |set: &KeySet| -> Option<Result<(), String>> {
+    ) -> Result<(), OidcError> {
+        let verify = |set: &KeySet| -> Option<Result<(), OidcError>> {
             let key = set.keys.get(kid)?;
             let public = ring::signature::RsaPublicKeyComponents {
                 n: &key.n,
@@ -247,7 +297,7 @@ impl Verifier {
                         signed,
                         signature,
                     )
-                    .map_err(|_| "bad signature".to_string()),
+                    .map_err(|_| OidcError::Signature),
             )
         };
         {
@@ -277,29 +327,23 @@ impl Verifier {
         let keys = self.keys.read().await;
         match keys.as_ref().and_then(verify) {
             Some(result) => result,
-            None => Err("the token's key is not one of the issuer's".into()),
+            None => Err(OidcError::UnknownKey),
         }
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
+    async fn fetch(&self) -> Result<KeySet, OidcError> {
         let config = self
             .api
             .get_json("/.well-known/openid-configuration")
             .await
-            .map_err(|e| format!("OIDC discovery: {e}"))?;
-        let jwks_uri = config["jwks_uri"]
-            .as_str()
-            .ok_or("OIDC discovery: no jwks_uri")?;
+            .map_err(OidcError::Discovery)?;
+        let jwks_uri = config["jwks_uri"].as_str().ok_or(OidcError::NoJwksUri)?;
         // The key set must come from the issuer itself.
         let path = jwks_uri
             .strip_prefix(&self.issuer)
             .filter(|p| p.starts_with('/'))
-            .ok_or("OIDC discovery: jwks_uri is not on the issuer")?;
-        let jwks = self
-            .api
-            .get_json(path)
-            .await
-            .map_err(|e| format!("OIDC keys: {e}"))?;
+            .ok_or(OidcError::JwksElsewhere)?;
+        let jwks = self.api.get_json(path).await.map_err(OidcError::Keys)?;
         let mut keys = HashMap::new();
         for k in jwks["keys"].as_array().into_iter().flatten().take(64) {
             if k["kty"] != "RSA" || k["alg"].as_str().is_some_and(|a| a != "RS256") {

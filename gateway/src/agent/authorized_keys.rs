@@ -54,14 +54,43 @@ pub fn remove(text: &str, job: &str) -> String {
     out
 }
 
+/// Why `authorized_keys` was not changed. Each names the file or line.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    /// The gateway's answer held a line that would not be one key line.
+    #[error("the gateway sent an unusable authorized_keys line: {0:?}")]
+    BadLine(String),
+    #[error("{0} is not UTF-8 text (written as UTF-16 by PowerShell's '>'?); sshd cannot read it either")]
+    NotUtf8(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file or its directory is not a safe place (symlink, not a
+    /// file, someone else's, writable by others), as sshd's StrictModes
+    /// would say.
+    #[error("{path} {why}")]
+    Place { path: String, why: &'static str },
+}
+
+fn place(path: &Path, why: &'static str) -> KeysFileError {
+    KeysFileError::Place {
+        path: path.display().to_string(),
+        why,
+    }
+}
+
 /// `text` with the job's block set to `keys` (replacing an earlier one).
-pub fn install(text: &str, job: &str, keys: &[String]) -> Result<String, String> {
+pub fn install(text: &str, job: &str, keys: &[String]) -> Result<String, KeysFileError> {
     for key in keys {
         if key.contains(['\n', '\r']) || key.trim().is_empty() || key.starts_with('#') {
-            return Err(format!(
-                "the gateway sent an unusable authorized_keys line: {:?}",
-                key.chars().take(60).collect::<String>()
-            ));
+            return Err(KeysFileError::BadLine(key.chars().take(60).collect()));
         }
     }
     let mut out = remove(text, job);
@@ -120,22 +149,28 @@ pub struct Owner {
 pub fn edit_file(
     path: &Path,
     owner: Option<Owner>,
-    edit: impl FnOnce(&str) -> Result<String, String>,
-) -> Result<bool, String> {
-    let shown = path.display();
+    edit: impl FnOnce(&str) -> Result<String, KeysFileError>,
+) -> Result<bool, KeysFileError> {
+    let shown = || path.display().to_string();
     check_place(path, owner)?;
     let old = match read_capped(path) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|_| {
-            format!("{shown} is not UTF-8 text (written as UTF-16 by PowerShell's '>'?); sshd cannot read it either")
-        })?,
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| KeysFileError::NotUtf8(shown()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("reading {shown}: {e}")),
+        Err(source) => {
+            return Err(KeysFileError::Read {
+                path: shown(),
+                source,
+            })
+        }
     };
     let new = edit(&old)?;
     if new == old {
         return Ok(false);
     }
-    write(path, new.as_bytes(), owner).map_err(|e| format!("writing {shown}: {e}"))?;
+    write(path, new.as_bytes(), owner).map_err(|source| KeysFileError::Write {
+        path: shown(),
+        source,
+    })?;
     Ok(true)
 }
 
@@ -162,48 +197,45 @@ fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
 /// regular file, and neither belongs to someone other than the runner user
 /// or root, nor is writable by others.
 #[cfg(unix)]
-pub fn check_place(path: &Path, owner: Option<Owner>) -> Result<(), String> {
+pub fn check_place(path: &Path, owner: Option<Owner>) -> Result<(), KeysFileError> {
     use std::os::unix::fs::MetadataExt;
     let allowed = |uid: u32| uid == 0 || owner.is_none_or(|o| o.uid == uid);
     let dir = path.parent().unwrap_or(Path::new("."));
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_symlink() => {
-            return Err(format!(
-                "{} is a symlink; refusing to install keys through it",
-                dir.display()
+            return Err(place(
+                dir,
+                "is a symlink; refusing to install keys through it",
             ))
         }
-        Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", dir.display())),
+        Ok(m) if !m.is_dir() => return Err(place(dir, "is not a directory")),
         Ok(m) if !allowed(m.uid()) || m.mode() & 0o022 != 0 => {
-            return Err(format!(
-                "{} belongs to another user or is writable by others; sshd's StrictModes would refuse it too",
-                dir.display()
+            return Err(place(
+                dir,
+                "belongs to another user or is writable by others; sshd's StrictModes would refuse it too",
             ))
         }
         _ => {}
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symlink; refusing to write through it",
-            path.display()
-        )),
-        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
-        Ok(m) if !allowed(m.uid()) => Err(format!(
-            "{} belongs to another user; refusing to edit it",
-            path.display()
-        )),
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(place(path, "is a symlink; refusing to write through it"))
+        }
+        Ok(m) if !m.is_file() => Err(place(path, "is not a regular file")),
+        Ok(m) if !allowed(m.uid()) => {
+            Err(place(path, "belongs to another user; refusing to edit it"))
+        }
         _ => Ok(()),
     }
 }
 
 #[cfg(not(unix))]
-pub fn check_place(path: &Path, _owner: Option<Owner>) -> Result<(), String> {
+pub fn check_place(path: &Path, _owner: Option<Owner>) -> Result<(), KeysFileError> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symlink; refusing to write through it",
-            path.display()
-        )),
-        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(place(path, "is a symlink; refusing to write through it"))
+        }
+        Ok(m) if !m.is_file() => Err(place(path, "is not a regular file")),
         _ => Ok(()),
     }
 }
@@ -414,7 +446,8 @@ mod tests {
         let utf16: Vec<u8> = [0xFF, 0xFE, b's', 0, b's', 0, 0xD8, 0x00].to_vec();
         std::fs::write(&path, &utf16).expect("write");
         let err = edit_file(&path, None, |t| install(t, "5", &keys())).expect_err("refused");
-        assert!(err.contains("UTF-16"), "{err}");
+        assert!(matches!(err, KeysFileError::NotUtf8(_)), "{err}");
+        assert!(err.to_string().contains("UTF-16"), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), utf16);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -430,7 +463,7 @@ mod tests {
         let link = dir.join("authorized_keys");
         std::os::unix::fs::symlink(&victim, &link).expect("symlink");
         let err = edit_file(&link, None, |t| install(t, "1", &lines)).expect_err("a link");
-        assert!(err.contains("symlink"), "{err}");
+        assert!(err.to_string().contains("symlink"), "{err}");
         assert_eq!(
             std::fs::read_to_string(&victim).expect("read"),
             "precious\n"
@@ -448,7 +481,7 @@ mod tests {
             install(t, "1", &lines)
         })
         .expect_err("a linked directory");
-        assert!(err.contains("symlink"), "{err}");
+        assert!(err.to_string().contains("symlink"), "{err}");
         assert!(!elsewhere.join("authorized_keys").exists());
         // A device that never ends, and a file over 1 MiB.
         let zero = dir.join("zero");
@@ -457,7 +490,7 @@ mod tests {
         let big = dir.join("big");
         std::fs::write(&big, vec![b'#'; (1 << 20) + 10]).expect("write");
         let err = edit_file(&big, None, |t| install(t, "1", &lines)).expect_err("too big");
-        assert!(err.contains("1 MiB"), "{err}");
+        assert!(err.to_string().contains("1 MiB"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -474,7 +507,7 @@ mod tests {
             install(t, "1", &lines)
         })
         .expect_err("world-writable dir");
-        assert!(err.contains("StrictModes"), "{err}");
+        assert!(err.to_string().contains("StrictModes"), "{err}");
         // Someone else's file, when the runner user is known (uid 4242 here).
         let mine = dir.join("mine");
         std::fs::create_dir_all(&mine).expect("mkdir");
@@ -489,7 +522,7 @@ mod tests {
         let _ = std::os::unix::fs::chown(&theirs, Some(5555), Some(5555));
         let err = edit_file(&theirs, Some(runner), |t| install(t, "1", &lines))
             .expect_err("another user's file");
-        assert!(err.contains("another user"), "{err}");
+        assert!(err.to_string().contains("another user"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -62,6 +62,22 @@ pub enum ApiError {
     Transport { base: String, reason: String },
 }
 
+/// Why a client could not be set up (before any request).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--gateway {0:?}: expected the API's URL, http(s)://host:port")]
+    NotAUrl(String),
+    #[error("--ca-cert {path}: {source}")]
+    CaFile {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("--ca-cert {path}: {source}")]
+    CaCert { path: String, source: rustls::Error },
+    #[error("TLS setup: {0}")]
+    Tls(#[source] rustls::Error),
+}
+
 impl ApiError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -90,7 +106,11 @@ impl ApiError {
 }
 
 impl Api {
-    pub fn new(base: &str, token: Secret<String>, ca_cert: Option<&Path>) -> Result<Api, String> {
+    pub fn new(
+        base: &str,
+        token: Secret<String>,
+        ca_cert: Option<&Path>,
+    ) -> Result<Api, SetupError> {
         Self::with_credential(base, Credential::Token(token), ca_cert)
     }
 
@@ -98,12 +118,10 @@ impl Api {
         base: &str,
         credential: Credential,
         ca_cert: Option<&Path>,
-    ) -> Result<Api, String> {
+    ) -> Result<Api, SetupError> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(format!(
-                "--gateway {base:?}: expected the API's URL, http(s)://host:port"
-            ));
+            return Err(SetupError::NotAUrl(base));
         }
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
@@ -112,20 +130,25 @@ impl Api {
         }
         if let Some(path) = ca_cert {
             use rustls::pki_types::pem::PemObject;
-            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+            let shown = || path.display().to_string();
+            let file = |source| SetupError::CaFile {
+                path: shown(),
+                source,
+            };
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(file)? {
                 roots
-                    .add(cert)
-                    .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+                    .add(cert.map_err(file)?)
+                    .map_err(|source| SetupError::CaCert {
+                        path: shown(),
+                        source,
+                    })?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(SetupError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let mut http = HttpConnector::new();

@@ -45,7 +45,7 @@ pub(super) async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure
                 keys_path.display()
             ),
             Ok(false) => {}
-            Err(e) => return Err(Failure(e)),
+            Err(e) => return Err(Failure::from(e)),
         }
     }
     let _ = std::fs::remove_file(path.with_extension("log"));

@@ -197,7 +197,7 @@ fn job_api(common: &Common, state: Option<&StateFile>) -> Result<Api, Failure> {
             client::Credential::Token(Secret::new(token)),
             common.ca_cert.as_deref(),
         )
-        .map_err(Failure),
+        .map_err(Failure::from),
         None => api(common),
     }
 }
@@ -226,7 +226,8 @@ fn api(common: &Common) -> Result<Api, Failure> {
             ))
         }
     };
-    Api::with_credential(&common.gateway, credential, common.ca_cert.as_deref()).map_err(Failure)
+    Api::with_credential(&common.gateway, credential, common.ca_cert.as_deref())
+        .map_err(Failure::from)
 }
 
 fn unix_now() -> u64 {

@@ -28,8 +28,7 @@ pub(super) async fn job_id(common: &Common) -> Result<String, Failure> {
     let attempt = env("GITHUB_RUN_ATTEMPT").unwrap_or_else(|| "1".into());
     let runner = need("RUNNER_NAME")?;
     let token = need("GITHUB_TOKEN")?;
-    let github =
-        Api::new(&api_url, Secret::new(token), common.ca_cert.as_deref()).map_err(Failure)?;
+    let github = Api::new(&api_url, Secret::new(token), common.ca_cert.as_deref())?;
     for page in 1..=10 {
         let path = format!(
             "/repos/{repo}/actions/runs/{run_id}/attempts/{attempt}/jobs?per_page=100&page={page}"
@@ -222,7 +221,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     }
     // Before the gateway hears of the job: a place sshd would refuse or a
     // link we must not write through fails here, with nothing registered.
-    authorized_keys::check_place(&keys_path, owner).map_err(Failure)?;
+    authorized_keys::check_place(&keys_path, owner)?;
     let state_path = state_path(&args.common, &job)?;
     // Registering again within the same job (a retried step) refreshes with
     // the job token it already holds.
@@ -256,7 +255,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     authorized_keys::edit_file(&keys_path, owner, |text| {
         authorized_keys::install(text, &job, &lines)
     })
-    .map_err(Failure)?;
+    .map_err(Failure::from)?;
     let refresh_seconds = answer["refresh_seconds"].as_u64().unwrap_or(60).max(1);
     write_state(
         &state_path,

@@ -20,25 +20,32 @@ pub fn apply_claims(
     job: JobId,
     body: &mut RegisterRequest,
     claims: &crate::oidc::Claims,
-) -> Result<(), String> {
+) -> Result<(), ClaimMismatch> {
+    let says = |field, token_says: &dyn ToString| ClaimMismatch::Field {
+        field,
+        token_says: token_says.to_string(),
+    };
     if let Some(check_run) = claims.check_run_id {
         if check_run != job.get() {
-            return Err(format!("the token is for job {check_run}, not job {job}"));
+            return Err(ClaimMismatch::OtherJob {
+                token: check_run,
+                job,
+            });
         }
     }
     if let Some(actor) = &body.actor {
         if !actor.eq_ignore_ascii_case(&claims.actor) {
-            return Err(format!("actor: the token says {}", claims.actor));
+            return Err(says("actor", &claims.actor));
         }
     }
     if let Some(repo) = &body.repository {
         if !repo.eq_ignore_ascii_case(&claims.repository) {
-            return Err(format!("repository: the token says {}", claims.repository));
+            return Err(says("repository", &claims.repository));
         }
     }
     if let (Some(run), Some(token_run)) = (body.run_id, claims.run_id) {
         if run != token_run {
-            return Err(format!("run_id: the token says {token_run}"));
+            return Err(says("run_id", &token_run));
         }
     }
     body.actor = Some(claims.actor.clone());

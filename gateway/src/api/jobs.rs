@@ -127,23 +127,19 @@ pub fn validate(
 
 /// A refresh cannot change what the job is (DESIGN §4): names the first
 /// field that differs. Pure.
-pub fn unchanged(previous: &Registration, next: &Registration) -> Result<(), String> {
-    let fixed = |field: &str, was: String, now: String| {
+pub fn unchanged(previous: &Registration, next: &Registration) -> Result<(), Changed> {
+    let fixed = |field: &'static str, was: String, now: String| {
         if was == now {
             Ok(())
         } else {
-            Err(format!(
-                "{field}: fixed when the job was registered ({was}); a refresh cannot change it to {now}"
-            ))
+            Err(Changed::Value { field, was, now })
         }
     };
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
     fixed("host", previous.host.to_string(), next.host.to_string())?;
     fixed("port", previous.port.to_string(), next.port.to_string())?;
     if previous.host_keys != next.host_keys {
-        return Err(
-            "host_keys: fixed when the job was registered; a refresh cannot change them".into(),
-        );
+        return Err(Changed::HostKeys);
     }
     fixed("user", previous.user.clone(), next.user.clone())?;
     fixed("os", format!("{:?}", previous.os), format!("{:?}", next.os))?;
@@ -178,7 +174,8 @@ pub(super) async fn put_job(
     let job = job_id(&raw)?;
     let Json(mut body) = body?;
     if let Caller::Oidc(claims) = &caller {
-        apply_claims(job, &mut body, claims).map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
+        apply_claims(job, &mut body, claims)
+            .map_err(|e| ApiError(StatusCode::FORBIDDEN, e.to_string()))?;
     }
     let networks = &gw.config.registration.runner_networks;
     let now = unix_now();
@@ -194,7 +191,8 @@ pub(super) async fn put_job(
                 .registry
                 .update(job, move |current| {
                     // Against the record as it is at the write, not as read.
-                    unchanged(current, &next).map_err(crate::registry::StoreError::Conflict)?;
+                    unchanged(current, &next)
+                        .map_err(|c| crate::registry::StoreError::Conflict(c.to_string()))?;
                     let mut updated = current.clone();
                     updated.refreshed_at = now;
                     updated.allowed_users = next.allowed_users;
@@ -281,7 +279,7 @@ pub(super) async fn put_job(
 pub(super) fn invalid(e: Invalid) -> ApiError {
     match e {
         Invalid::Bad(m) => ApiError::bad(m),
-        Invalid::Changed(m) => ApiError(StatusCode::CONFLICT, m),
+        Invalid::Changed(c) => ApiError(StatusCode::CONFLICT, c.to_string()),
     }
 }
 

@@ -260,12 +260,16 @@ mod tests {
         ] {
             let mut b = body(json);
             let err = apply_claims(job(), &mut b, &claims).expect_err("contradiction");
-            assert!(err.starts_with(field), "{err}");
+            assert!(
+                matches!(&err, ClaimMismatch::Field { field: f, .. } if *f == field),
+                "{err}"
+            );
+            assert!(err.to_string().starts_with(field), "{err}");
         }
         let mut b = body(json!({"user": "r", "host_keys": [KEY]}));
         let other_job = JobId::parse("43").expect("id");
         let err = apply_claims(other_job, &mut b, &claims).expect_err("other job");
-        assert!(err.contains("job 42"), "{err}");
+        assert!(err.to_string().contains("job 42"), "{err}");
     }
 
     #[test]
@@ -325,7 +329,10 @@ mod tests {
             let mut changed = base.clone();
             changed[field] = value;
             match validate(job(), body(changed), src, 2, &nets, Some(&first)) {
-                Err(Invalid::Changed(m)) => assert!(m.starts_with(field), "{field}: {m}"),
+                Err(Invalid::Changed(c)) => {
+                    assert_eq!(c.field(), field);
+                    assert!(c.to_string().starts_with(field), "{field}: {c}");
+                }
                 other => panic!("{field}: expected a 409, got {other:?}"),
             }
         }

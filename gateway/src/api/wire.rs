@@ -59,15 +59,54 @@ pub enum Invalid {
     /// `400`: a field is malformed or not allowed; names the field.
     Bad(String),
     /// `409`: a refresh tried to change a field fixed at creation.
-    Changed(String),
+    Changed(Changed),
 }
 
 impl std::fmt::Display for Invalid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Invalid::Bad(m) | Invalid::Changed(m) => f.write_str(m),
+            Invalid::Bad(m) => f.write_str(m),
+            Invalid::Changed(c) => c.fmt(f),
         }
     }
+}
+
+/// A refresh that would change what the job is (DESIGN §4): the first
+/// field that differs, and what it was and would become when that is short
+/// enough to show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Changed {
+    #[error(
+        "{field}: fixed when the job was registered ({was}); a refresh cannot change it to {now}"
+    )]
+    Value {
+        field: &'static str,
+        was: String,
+        now: String,
+    },
+    #[error("host_keys: fixed when the job was registered; a refresh cannot change them")]
+    HostKeys,
+}
+
+impl Changed {
+    pub fn field(&self) -> &'static str {
+        match self {
+            Changed::Value { field, .. } => field,
+            Changed::HostKeys => "host_keys",
+        }
+    }
+}
+
+/// An OIDC caller's body that contradicts its token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimMismatch {
+    #[error("the token is for job {token}, not job {job}")]
+    OtherJob { token: u64, job: JobId },
+    #[error("{field}: the token says {token_says}")]
+    Field {
+        field: &'static str,
+        token_says: String,
+    },
 }
 
 impl From<String> for Invalid {

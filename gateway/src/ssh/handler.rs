@@ -225,7 +225,7 @@ impl Connection {
         login: &str,
         job: JobId,
         mode: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::audit::AuditError> {
         self.gw
             .audit
             .record_durable(

@@ -14,14 +14,15 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::ids::JobId;
 use crate::registry::{unix_now, Lookup, Registration};
 use crate::Gateway;
 
 /// Where a finished job's hold stands at `now` (unix seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HoldState {
     /// The job's steps are still running.
     Running,
@@ -65,20 +66,27 @@ pub fn state(
 }
 
 /// The hold state of a job as the API shows it.
-pub fn describe(gw: &Gateway, job: &Registration, sessions: usize) -> Value {
+pub fn describe(gw: &Gateway, job: &Registration, sessions: usize) -> crate::api::HoldView {
     let now = unix_now();
     let hold = &gw.config.hold;
-    let st = state(job.finished_at, sessions, now, hold.max, hold.connect_grace);
+    let state = state(job.finished_at, sessions, now, hold.max, hold.connect_grace);
     let Some(finished) = job.finished_at else {
-        return json!({ "state": st.as_str(), "max_seconds": hold.max.as_secs() });
+        return crate::api::HoldView {
+            state,
+            max_seconds: Some(hold.max.as_secs()),
+            finished_at: None,
+            deadline: None,
+            remaining_seconds: None,
+        };
     };
     let deadline = finished + hold.max.as_secs();
-    json!({
-        "state": st.as_str(),
-        "finished_at": finished,
-        "deadline": deadline,
-        "remaining_seconds": deadline.saturating_sub(now),
-    })
+    crate::api::HoldView {
+        state,
+        max_seconds: None,
+        finished_at: Some(finished),
+        deadline: Some(deadline),
+        remaining_seconds: Some(deadline.saturating_sub(now)),
+    }
 }
 
 fn at(unix: u64) -> tokio::time::Instant {

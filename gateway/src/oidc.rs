@@ -332,18 +332,25 @@ impl Verifier {
     }
 
     async fn fetch(&self) -> Result<KeySet, OidcError> {
-        let config = self
+        #[derive(Deserialize)]
+        struct Discovery {
+            #[serde(default)]
+            jwks_uri: Option<String>,
+        }
+        let config: Discovery = self
             .api
             .get_json("/.well-known/openid-configuration")
             .await
             .map_err(OidcError::Discovery)?;
-        let jwks_uri = config["jwks_uri"].as_str().ok_or(OidcError::NoJwksUri)?;
+        let jwks_uri = config.jwks_uri.ok_or(OidcError::NoJwksUri)?;
         // The key set must come from the issuer itself.
         let path = jwks_uri
             .strip_prefix(&self.issuer)
             .filter(|p| p.starts_with('/'))
             .ok_or(OidcError::JwksElsewhere)?;
-        let jwks = self.api.get_json(path).await.map_err(OidcError::Keys)?;
+        // Read loosely: a member of a kind we do not use is skipped, not an
+        // error for the whole set.
+        let jwks: Value = self.api.get_json(path).await.map_err(OidcError::Keys)?;
         let mut keys = HashMap::new();
         for k in jwks["keys"].as_array().into_iter().flatten().take(64) {
             if k["kty"] != "RSA" || k["alg"].as_str().is_some_and(|a| a != "RS256") {

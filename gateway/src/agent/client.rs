@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+use crate::api::{Deregistered, JobStatus, RegisterRequest, RegisterResponse};
 use crate::secret::Secret;
 
 /// One request's bound: connect, send, and read the answer.
@@ -60,6 +61,10 @@ pub enum ApiError {
     /// No answer (network, TLS, timeout); worth retrying.
     #[error("cannot reach the gateway at {base}: {reason}")]
     Transport { base: String, reason: String },
+    /// An answer that is not what the call promises (another server, or a
+    /// gateway of another version).
+    #[error("the answer from {base} is not understood: {reason}")]
+    Answer { base: String, reason: String },
 }
 
 /// Why a client could not be set up (before any request).
@@ -82,7 +87,7 @@ impl ApiError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ApiError::Status { status, .. } => Some(*status),
-            ApiError::Transport { .. } => None,
+            ApiError::Transport { .. } | ApiError::Answer { .. } => None,
         }
     }
 
@@ -325,30 +330,39 @@ impl Api {
             .map_err(|_| transport(format!("no answer within {}s", timeout.as_secs())))?
     }
 
-    pub async fn register(&self, job: &str, body: &Value) -> Result<Value, ApiError> {
-        self.call(
-            Method::PUT,
-            &format!("/v1/jobs/{job}"),
-            Some(body),
-            REQUEST_TIMEOUT,
-        )
-        .await
+    pub async fn register(
+        &self,
+        job: &str,
+        body: &RegisterRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        let body = serde_json::to_value(body).map_err(|e| self.not_understood(e))?;
+        let answer = self
+            .call(
+                Method::PUT,
+                &format!("/v1/jobs/{job}"),
+                Some(&body),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        self.typed(answer)
     }
 
-    pub async fn finish(&self, job: &str) -> Result<Value, ApiError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/jobs/{job}/finished"),
-            None,
-            REQUEST_TIMEOUT,
-        )
-        .await
+    pub async fn finish(&self, job: &str) -> Result<JobStatus, ApiError> {
+        let answer = self
+            .call(
+                Method::POST,
+                &format!("/v1/jobs/{job}/finished"),
+                None,
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        self.typed(answer)
     }
 
     /// The job's state; with `wait`, after its sessions or hold change (or
     /// `wait` passes).
-    pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<Value, ApiError> {
-        match wait {
+    pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<JobStatus, ApiError> {
+        let answer = match wait {
             None => {
                 self.call(
                     Method::GET,
@@ -356,28 +370,47 @@ impl Api {
                     None,
                     REQUEST_TIMEOUT,
                 )
-                .await
+                .await?
             }
             Some(w) => {
                 let path = format!("/v1/jobs/{job}?wait={}", w.as_secs());
-                self.call(Method::GET, &path, None, w + POLL_SLACK).await
+                self.call(Method::GET, &path, None, w + POLL_SLACK).await?
             }
+        };
+        self.typed(answer)
+    }
+
+    /// Any GET, read as `T` (the GitHub job-id lookup, OIDC discovery).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, ApiError> {
+        let answer = self.call(Method::GET, path, None, REQUEST_TIMEOUT).await?;
+        self.typed(answer)
+    }
+
+    pub async fn deregister(&self, job: &str) -> Result<Deregistered, ApiError> {
+        let answer = self
+            .call(
+                Method::DELETE,
+                &format!("/v1/jobs/{job}"),
+                None,
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        self.typed(answer)
+    }
+
+    /// A successful answer as the type the call promises.
+    fn typed<T: serde::de::DeserializeOwned>(&self, answer: Value) -> Result<T, ApiError> {
+        serde_json::from_value(answer).map_err(|e| self.not_understood(e))
+    }
+
+    fn not_understood(&self, e: serde_json::Error) -> ApiError {
+        ApiError::Answer {
+            base: self.base.clone(),
+            reason: e.to_string(),
         }
-    }
-
-    /// Any GET (the GitHub job-id lookup uses it).
-    pub async fn get_json(&self, path: &str) -> Result<Value, ApiError> {
-        self.call(Method::GET, path, None, REQUEST_TIMEOUT).await
-    }
-
-    pub async fn deregister(&self, job: &str) -> Result<Value, ApiError> {
-        self.call(
-            Method::DELETE,
-            &format!("/v1/jobs/{job}"),
-            None,
-            REQUEST_TIMEOUT,
-        )
-        .await
     }
 }
 

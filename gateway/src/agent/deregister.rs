@@ -10,7 +10,7 @@ pub(super) async fn deregister(args: DeregisterArgs) -> Result<ExitCode, Failure
     let _ = std::fs::remove_file(&path);
     let api = job_api(&args.common, state.as_ref())?;
     let told = match api.deregister(&job).await {
-        Ok(v) if v["deregistered"].as_bool() == Some(true) => {
+        Ok(answer) if answer.deregistered => {
             println!("ci-gateway: job {job} deregistered; its sessions were closed");
             true
         }

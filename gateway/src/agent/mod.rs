@@ -31,14 +31,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-
+use crate::api::{JobStatus, RegisterRequest, RegisterResponse};
+use crate::registry::{Os, RunnerLogin};
 use crate::secret::Secret;
+use clap::{Args, Subcommand};
 use client::{Api, ApiError};
 use deregister::*;
 use register::*;
+use serde::{Deserialize, Serialize};
 use state::*;
 use wait::*;
 
@@ -296,7 +296,7 @@ mod tests {
             gateway: "http://g".into(),
             job_id: "1".into(),
             authorized_keys: base.join("ak"),
-            registration: json!({}),
+            registration: RegisterRequest::default(),
             refresh_seconds: 5,
             finished: false,
             job_token: Some("cgj_x".into()),

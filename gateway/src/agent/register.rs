@@ -33,26 +33,38 @@ pub(super) async fn job_id(common: &Common) -> Result<String, Failure> {
         let path = format!(
             "/repos/{repo}/actions/runs/{run_id}/attempts/{attempt}/jobs?per_page=100&page={page}"
         );
-        let listing = github
+        let listing: RunJobs = github
             .get_json(&path)
             .await
             .map_err(|e| Failure(format!("looking up the job id on GitHub: {e}")))?;
-        let jobs = listing["jobs"].as_array().cloned().unwrap_or_default();
-        if let Some(job) = jobs.iter().find(|j| {
-            j["runner_name"].as_str() == Some(runner.as_str())
-                && j["status"].as_str() == Some("in_progress")
+        if let Some(job) = listing.jobs.iter().find(|j| {
+            j.runner_name.as_deref() == Some(runner.as_str()) && j.status == "in_progress"
         }) {
-            if let Some(id) = job["id"].as_u64() {
-                return Ok(id.to_string());
-            }
+            return Ok(job.id.to_string());
         }
-        if jobs.len() < 100 {
+        if listing.jobs.len() < 100 {
             break;
         }
     }
     Err(Failure(format!(
         "no in-progress job of run {run_id} (attempt {attempt}) runs on runner {runner:?}; pass --job-id"
     )))
+}
+
+/// A page of GitHub's `…/attempts/{n}/jobs`, as far as the lookup reads it.
+#[derive(Deserialize)]
+struct RunJobs {
+    #[serde(default)]
+    jobs: Vec<RunJob>,
+}
+
+#[derive(Deserialize)]
+struct RunJob {
+    id: u64,
+    #[serde(default)]
+    runner_name: Option<String>,
+    #[serde(default)]
+    status: String,
 }
 
 pub(super) fn current_user() -> Option<String> {
@@ -146,17 +158,19 @@ pub(super) fn host_key_files(given: &[PathBuf], windows: bool) -> Result<Vec<Pat
 pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     let job = job_id(&args.common).await?;
     let os = match args.os.as_deref() {
-        Some(o @ ("linux" | "windows" | "macos")) => o.to_string(),
+        Some("linux") => Os::Linux,
+        Some("windows") => Os::Windows,
+        Some("macos") => Os::Macos,
         Some(other) => {
             return Err(Failure(format!(
                 "--os {other:?}: expected linux, windows or macos"
             )))
         }
-        None if cfg!(windows) => "windows".into(),
-        None if cfg!(target_os = "macos") => "macos".into(),
-        None => "linux".into(),
+        None if cfg!(windows) => Os::Windows,
+        None if cfg!(target_os = "macos") => Os::Macos,
+        None => Os::Linux,
     };
-    let windows = os == "windows";
+    let windows = os == Os::Windows;
     // With OIDC the gateway takes the actor from the token; send one only
     // when it was given explicitly (it must then agree).
     let oidc = args.common.token.is_none() && args.common.oidc_audience.is_some();
@@ -191,34 +205,34 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             host_keys.push(line.to_string());
         }
     }
-    let mut body = json!({
-        "user": user,
-        "port": args.port,
-        "host_keys": host_keys,
-        "os": os,
-        "allowed_users": args.allowed_users.iter().map(|u| u.trim()).filter(|u| !u.is_empty()).collect::<Vec<_>>(),
-    });
-    match args.runner_login.as_deref() {
-        None => {}
-        Some(login @ ("certificate" | "key")) => body["runner_login"] = json!(login),
+    let runner_login = match args.runner_login.as_deref() {
+        None => None,
+        Some("certificate") => Some(RunnerLogin::Certificate),
+        Some("key") => Some(RunnerLogin::Key),
         Some(other) => {
             return Err(Failure(format!(
                 "--runner-login {other:?}: expected certificate or key"
             )))
         }
-    }
-    if let Some(actor) = &actor {
-        body["actor"] = json!(actor);
-    }
-    if let Some(host) = &args.host {
-        body["host"] = json!(host);
-    }
-    if let Some(repo) = env("GITHUB_REPOSITORY") {
-        body["repository"] = json!(repo);
-    }
-    if let Some(run) = env("GITHUB_RUN_ID").and_then(|r| r.parse::<u64>().ok()) {
-        body["run_id"] = json!(run);
-    }
+    };
+    let body = RegisterRequest {
+        actor,
+        host: args.host.clone(),
+        port: Some(args.port),
+        user,
+        host_keys,
+        repository: env("GITHUB_REPOSITORY"),
+        run_id: env("GITHUB_RUN_ID").and_then(|r| r.parse::<u64>().ok()),
+        os: Some(os),
+        allowed_users: args
+            .allowed_users
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
+        runner_login,
+    };
     // Before the gateway hears of the job: a place sshd would refuse or a
     // link we must not write through fails here, with nothing registered.
     authorized_keys::check_place(&keys_path, owner)?;
@@ -231,8 +245,8 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         .register(&job, &body)
         .await
         .map_err(|e| Failure(format!("registering job {job}: {e}")))?;
-    let job_token = match (answer["job_token"].as_str(), earlier) {
-        (Some(t), _) => t.to_string(),
+    let job_token = match (answer.job_token.clone(), earlier) {
+        (Some(t), _) => t,
         (None, Some(earlier)) => earlier.job_token.unwrap_or_default(),
         (None, None) => {
             return Err(Failure(format!(
@@ -241,22 +255,15 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             )))
         }
     };
-    let lines: Vec<String> = answer["authorized_keys"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|l| l.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let lines = &answer.authorized_keys;
     if lines.is_empty() {
         return Err(Failure("the gateway sent no authorized_keys lines".into()));
     }
     authorized_keys::edit_file(&keys_path, owner, |text| {
-        authorized_keys::install(text, &job, &lines)
+        authorized_keys::install(text, &job, lines)
     })
     .map_err(Failure::from)?;
-    let refresh_seconds = answer["refresh_seconds"].as_u64().unwrap_or(60).max(1);
+    let refresh_seconds = answer.refresh_seconds.max(1);
     write_state(
         &state_path,
         &StateFile {
@@ -276,24 +283,23 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn print_commands(job: &str, answer: &Value, keys_path: &Path, lines: usize) {
-    let s = |k: &str| answer[k].as_str().unwrap_or_default().to_string();
-    let hold = answer["hold_max_seconds"].as_u64().unwrap_or(0);
+pub(super) fn print_commands(job: &str, answer: &RegisterResponse, keys_path: &Path, lines: usize) {
+    let hold = answer.hold_max_seconds;
     println!(
         "ci-gateway: job {job} is registered; {lines} key line(s) installed in {}",
         keys_path.display()
     );
     println!();
     println!("  A shell on this runner:");
-    println!("      {}", s("ssh_command"));
+    println!("      {}", answer.ssh_command);
     println!();
     println!("  End to end with your own SSH client (ProxyJump; use your GitHub login):");
-    println!("      {}", s("jump_command"));
+    println!("      {}", answer.jump_command);
     println!("  or, with this in ~/.ssh/config, `ssh job-{job}`:");
-    for line in s("ssh_config").lines() {
+    for line in answer.ssh_config.lines() {
         println!("      {line}");
     }
-    if let Some(rdp) = answer["rdp_command"].as_str() {
+    if let Some(rdp) = &answer.rdp_command {
         println!();
         println!(
             "  Remote desktop (Windows): run this, then point your RDP client at localhost:3389"

@@ -10,7 +10,7 @@ pub(super) struct StateFile {
     pub(super) gateway: String,
     pub(super) job_id: String,
     pub(super) authorized_keys: PathBuf,
-    pub(super) registration: Value,
+    pub(super) registration: RegisterRequest,
     pub(super) refresh_seconds: u64,
     pub(super) finished: bool,
     /// The job's own token from the creating `PUT`.

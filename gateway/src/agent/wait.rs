@@ -2,26 +2,16 @@
 //! the hold is over, showing who is connected.
 
 use super::*;
+use crate::hold::HoldState;
 
 /// One line about who is connected and how long the hold may last.
-pub(super) fn summary(job: &Value) -> String {
-    let who: Vec<String> = job["sessions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| {
-                    format!(
-                        "{} ({} mode, since {})",
-                        s["login"].as_str().unwrap_or("?"),
-                        s["mode"].as_str().unwrap_or("?"),
-                        clock(s["since"].as_u64().unwrap_or(0))
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let hold = &job["hold"];
-    let deadline = match hold["deadline"].as_u64() {
+pub(super) fn summary(job: &JobStatus) -> String {
+    let who: Vec<String> = job
+        .sessions
+        .iter()
+        .map(|s| format!("{} ({} mode, since {})", s.login, s.mode, clock(s.since)))
+        .collect();
+    let deadline = match job.hold.deadline {
         Some(d) => format!(
             "; the hold ends when the last one leaves, or at {} (in {})",
             clock(d),
@@ -99,22 +89,22 @@ pub(super) async fn wait(args: WaitArgs) -> Result<ExitCode, Failure> {
                 }
             },
         };
-        match job_state["hold"]["state"].as_str() {
-            Some("released") if had_sessions => {
+        match job_state.hold.state {
+            HoldState::Released if had_sessions => {
                 println!("ci-gateway: the last session closed; the runner is released");
                 return Ok(ExitCode::SUCCESS);
             }
-            Some("released") => {
+            HoldState::Released => {
                 println!("ci-gateway: nobody is connected; the runner is released");
                 return Ok(ExitCode::SUCCESS);
             }
-            Some("expired") => {
+            HoldState::Expired => {
                 println!("ci-gateway: the hold's time is up; the runner is released");
                 return Ok(ExitCode::SUCCESS);
             }
             _ => {}
         }
-        had_sessions |= job_state["active_sessions"].as_u64().unwrap_or(0) > 0;
+        had_sessions |= job_state.active_sessions > 0;
         let now = summary(&job_state);
         // Who is connected changes rarely; say it when it does.
         let who = now

@@ -376,7 +376,7 @@ pub(super) async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     query: Result<axum::extract::Query<GetQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobStatus>, ApiError> {
     let job = job_id(&raw)?;
     authorized(&gw, &caller, job)?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
@@ -402,7 +402,7 @@ pub(super) async fn get_job(
         tokio::task::yield_now().await;
     }
     match gw.registry.lookup(job) {
-        Lookup::Active(reg, live) => Ok(Json(job_json(&gw, &reg, &live)?)),
+        Lookup::Active(reg, live) => Ok(Json(job_status(&gw, &reg, &live))),
         Lookup::Ended(reason) => Err(ApiError(StatusCode::GONE, reason)),
         Lookup::Unknown => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -411,25 +411,25 @@ pub(super) async fn get_job(
     }
 }
 
-pub(super) fn job_json(
+pub(super) fn job_status(
     gw: &Gateway,
     reg: &Registration,
     live: &crate::registry::Live,
-) -> Result<serde_json::Value, ApiError> {
-    let mut value = serde_json::to_value(JobView::of(reg))
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+) -> JobStatus {
     let who = live.sessions();
-    value["active_sessions"] = json!(who.len());
-    value["sessions"] = json!(who);
-    value["hold"] = crate::hold::describe(gw, reg, who.len());
-    Ok(value)
+    JobStatus {
+        job: JobView::of(reg),
+        active_sessions: who.len(),
+        hold: crate::hold::describe(gw, reg, who.len()),
+        sessions: who.iter().map(SessionView::from).collect(),
+    }
 }
 
 pub(super) async fn finish_job(
     State(gw): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobStatus>, ApiError> {
     let job = job_id(&raw)?;
     authorized(&gw, &caller, job)?;
     let (reg, newly) = gw.registry.mark_finished(job).await.map_err(store_error)?;
@@ -438,23 +438,23 @@ pub(super) async fn finish_job(
     };
     // The answer is computed before the hold task runs, so a runner with
     // nobody connected reads "released" here and need not poll at all.
-    let value = job_json(&gw, &reg, &live)?;
+    let status = job_status(&gw, &reg, &live);
     if newly {
         tracing::info!(job = %job, sessions = live.active_sessions(), "job finished; hold starts");
         gw.audit.record(
             "job_finished",
-            json!({"job": job.to_string(), "sessions": live.active_sessions(), "hold": value["hold"]["state"]}),
+            json!({"job": job.to_string(), "sessions": live.active_sessions(), "hold": status.hold.state.as_str()}),
         );
         crate::hold::start(gw.clone(), job);
     }
-    Ok(Json(value))
+    Ok(Json(status))
 }
 
 pub(super) async fn delete_job(
     State(gw): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Deregistered>, ApiError> {
     let job = job_id(&raw)?;
     authorized(&gw, &caller, job)?;
     let reason = format!("job {job} ended: the runner deregistered it");
@@ -470,7 +470,8 @@ pub(super) async fn delete_job(
         });
     }
     tracing::info!(job = %job, "job deregistered");
-    Ok(Json(
-        json!({ "job_id": job.to_string(), "deregistered": existed }),
-    ))
+    Ok(Json(Deregistered {
+        job_id: job.to_string(),
+        deregistered: existed,
+    }))
 }

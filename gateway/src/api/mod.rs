@@ -431,4 +431,77 @@ mod tests {
         let (other, _) = crate::secret::new_job_token();
         assert!(!reg.token_matches(other.expose()));
     }
+
+    /// The agent reads the very types the gateway writes: a status goes
+    /// through JSON and back unchanged, with the keys runners' scripts see.
+    #[test]
+    fn the_status_the_gateway_writes_is_the_one_the_agent_reads() {
+        let src: IpAddr = "127.0.0.1".parse().expect("ip");
+        let reg = validate(
+            job(),
+            body(json!({"actor": "octocat", "user": "r", "host_keys": [KEY]})),
+            src,
+            1,
+            &[],
+            None,
+        )
+        .expect("ok");
+        let status = JobStatus {
+            job: JobView::of(&reg),
+            active_sessions: 1,
+            sessions: vec![SessionView {
+                login: "octocat".into(),
+                mode: "job".into(),
+                since: 5,
+            }],
+            hold: HoldView {
+                state: crate::hold::HoldState::Holding,
+                max_seconds: None,
+                finished_at: Some(10),
+                deadline: Some(7210),
+                remaining_seconds: Some(7000),
+            },
+        };
+        let text = serde_json::to_string(&status).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["job_id"], "42");
+        assert_eq!(v["actor"], "octocat");
+        assert_eq!(v["active_sessions"], 1);
+        assert_eq!(v["hold"]["state"], "holding");
+        assert_eq!(v["hold"]["deadline"], 7210);
+        assert!(v["hold"].get("max_seconds").is_none(), "{v}");
+        let back: JobStatus = serde_json::from_str(&text).expect("the agent reads it");
+        assert_eq!(back.hold, status.hold);
+        assert_eq!(back.sessions, status.sessions);
+        assert_eq!(back.job.actor, reg.actor);
+        assert_eq!(back.job.host_keys, reg.host_keys);
+    }
+
+    /// What the agent leaves out is not sent, and what it sends the
+    /// gateway's own parser (unknown fields refused) takes.
+    #[test]
+    fn a_request_sends_only_what_was_set() {
+        let request = RegisterRequest {
+            user: "runner".into(),
+            host_keys: vec![KEY.into()],
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&request).expect("json");
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["host_keys", "user"]);
+        let full = RegisterRequest {
+            actor: Some("octocat".into()),
+            port: Some(2222),
+            os: Some(Os::Windows),
+            runner_login: Some(RunnerLogin::Key),
+            allowed_users: vec!["hubot".into()],
+            ..request
+        };
+        let v = serde_json::to_value(&full).expect("json");
+        assert_eq!(v["os"], "windows");
+        assert_eq!(v["runner_login"], "key");
+        let parsed: RegisterRequest = serde_json::from_value(v).expect("the gateway takes it");
+        assert_eq!(parsed.allowed_users, ["hubot"]);
+        assert_eq!(parsed.port, Some(2222));
+    }
 }

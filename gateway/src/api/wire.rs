@@ -1,33 +1,35 @@
 //! What the API reads and writes: the registration body and answer, the
-//! `GET` query and the job's view; and why a body is refused.
+//! `GET` query and the job's status, the deregistration's answer; and why a
+//! body is refused. The agent (`crate::agent`) sends and reads these same
+//! types, so the two ends cannot drift apart.
 
 use super::*;
 
-/// The body of `PUT /v1/jobs/{job_id}`.
-#[derive(Debug, Deserialize)]
+/// The body of `PUT /v1/jobs/{job_id}`. Fields left out are not sent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// Required with a static token; with an OIDC token it comes from the
     /// token (and must agree if given).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub user: String,
     pub host_keys: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os: Option<Os>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_users: Vec<String>,
     /// How the gateway logs in to the runner in job mode; default `key` for
     /// Windows, `certificate` otherwise.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_login: Option<RunnerLogin>,
 }
 
@@ -135,41 +137,95 @@ pub const MAX_WAIT_SECONDS: u64 = 25;
 
 /// What `GET` shows of a job to its own runner: the registration without
 /// the token hash or the store's version.
-#[derive(Serialize)]
-pub(super) struct JobView<'a> {
-    job_id: JobId,
-    actor: &'a GithubLogin,
-    host: IpAddr,
-    port: u16,
-    user: &'a str,
-    host_keys: &'a [String],
-    repository: Option<&'a str>,
-    run_id: Option<u64>,
-    os: Os,
-    runner_login: RunnerLogin,
-    allowed_users: &'a [GithubLogin],
-    registered_at: u64,
-    refreshed_at: u64,
-    finished_at: Option<u64>,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: JobId,
+    pub actor: GithubLogin,
+    pub host: IpAddr,
+    pub port: u16,
+    pub user: String,
+    pub host_keys: Vec<String>,
+    pub repository: Option<String>,
+    pub run_id: Option<u64>,
+    pub os: Os,
+    pub runner_login: RunnerLogin,
+    pub allowed_users: Vec<GithubLogin>,
+    pub registered_at: u64,
+    pub refreshed_at: u64,
+    pub finished_at: Option<u64>,
 }
 
-impl<'a> JobView<'a> {
-    pub(super) fn of(r: &'a Registration) -> JobView<'a> {
+impl JobView {
+    pub fn of(r: &Registration) -> JobView {
         JobView {
             job_id: r.job_id,
-            actor: &r.actor,
+            actor: r.actor.clone(),
             host: r.host,
             port: r.port,
-            user: &r.user,
-            host_keys: &r.host_keys,
-            repository: r.repository.as_deref(),
+            user: r.user.clone(),
+            host_keys: r.host_keys.clone(),
+            repository: r.repository.clone(),
             run_id: r.run_id,
             os: r.os,
             runner_login: r.runner_login,
-            allowed_users: &r.allowed_users,
+            allowed_users: r.allowed_users.clone(),
             registered_at: r.registered_at,
             refreshed_at: r.refreshed_at,
             finished_at: r.finished_at,
         }
     }
+}
+
+/// `GET /v1/jobs/{id}` and `POST /v1/jobs/{id}/finished`: the job, who is
+/// connected, and where its hold stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    #[serde(flatten)]
+    pub job: JobView,
+    pub active_sessions: usize,
+    pub sessions: Vec<SessionView>,
+    pub hold: HoldView,
+}
+
+/// One open user connection. No source address: the runner side (and a
+/// public CI log) has no business knowing where users are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub login: String,
+    /// `job` (the gateway bridges it) or `jump` (end to end to the runner).
+    pub mode: String,
+    /// Unix seconds.
+    pub since: u64,
+}
+
+impl From<&crate::registry::SessionInfo> for SessionView {
+    fn from(s: &crate::registry::SessionInfo) -> SessionView {
+        SessionView {
+            login: s.login.clone(),
+            mode: s.mode.to_string(),
+            since: s.since,
+        }
+    }
+}
+
+/// Where a job's hold stands. A running job shows `max_seconds`; a finished
+/// one its finish, deadline and the time left (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldView {
+    pub state: crate::hold::HoldState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_seconds: Option<u64>,
+}
+
+/// `DELETE /v1/jobs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deregistered {
+    pub job_id: String,
+    pub deregistered: bool,
 }

@@ -1,14 +1,17 @@
 //! The SSH side: the accept loop and limits (`server`), the per-connection
-//! handler (`handler`), opening channels and refusing them (`open`), jump
-//! mode's forwards (`jump`, spliced by `splice`), the client to runners
+//! handler (`handler`, thin), authentication (`auth`), what lasts as long as
+//! a connection (`session`), opening channels and refusing them (`open`),
+//! jump mode's forwards (`jump`, spliced by `splice`), the client to runners
 //! (`upstream`) and job mode's relay, one task per channel (`channel`).
 
+mod auth;
 pub mod channel;
 pub mod handler;
 pub mod inbox;
 pub mod jump;
 pub mod open;
 pub mod server;
+mod session;
 pub mod splice;
 pub mod upstream;
 

@@ -1,0 +1,269 @@
+//! Authentication: what the username asks for (a job, or a GitHub login for
+//! jump mode), whose key was offered, the failure budgets, and admitting an
+//! authenticated connection (its login's connection cap; in job mode, the
+//! durable `session_start`, the session count and the runner login).
+
+use russh::keys::PublicKey;
+use russh::server::{Auth, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Disconnect, MethodKind, MethodSet};
+use tracing::{debug, info, warn};
+
+use crate::access;
+use crate::ids::{GithubLogin, Target};
+use crate::metrics::Refusal;
+use crate::registry::{unix_now, Lookup, SessionInfo};
+use crate::ssh::handler::{Connection, Identity, State};
+
+impl Connection {
+    /// Parses the username and looks the job up, once per connection.
+    pub(super) fn resolve(&mut self, user: &str) {
+        if !matches!(self.state, State::Fresh) {
+            return;
+        }
+        self.user = crate::audit::shown(user);
+        if let Err(blocked) = self.gw.auth_limits.check(self.peer.ip(), user) {
+            self.gw.metrics.refused(blocked.kind());
+            info!(conn = self.id, peer = %self.peer, "refused: {blocked}");
+            self.disconnect_later(format!("ci-gateway: {blocked}"));
+            self.state = State::Refused;
+            return;
+        }
+        let refuse = |this: &mut Self, reason: String| {
+            // Guessing job ids or sending garbage spends the failure budget.
+            let _ = this.gw.auth_limits.failed(this.peer.ip(), user);
+            info!(conn = this.id, peer = %this.peer, "refused: {reason}");
+            this.gw.audit.record(
+                "refused",
+                serde_json::json!({
+                    "conn": this.id,
+                    "source": this.peer.to_string(),
+                    "user": this.user,
+                    "reason": reason,
+                }),
+            );
+            this.disconnect_later(format!("ci-gateway: {reason}"));
+            this.state = State::Refused;
+        };
+        match Target::parse_user(user) {
+            Err(e) => refuse(
+                self,
+                format!("bad username: {e}; use <job-id>@gateway or <github-login>@gateway"),
+            ),
+            Ok(Target::Jump(login)) => {
+                self.state = State::Jump {
+                    login,
+                    identity: None,
+                }
+            }
+            Ok(Target::Job(job)) => match self.gw.registry.lookup(job) {
+                Lookup::Active(job, live) => {
+                    self.state = State::Job {
+                        job,
+                        live,
+                        identity: None,
+                    }
+                }
+                Lookup::Ended(reason) => refuse(self, reason),
+                Lookup::Unknown => refuse(
+                    self,
+                    format!("job {job} is not registered with this gateway (unknown job id, or the job has not started yet)"),
+                ),
+            },
+        }
+    }
+
+    /// Whose key is `key`, among the people this connection may be.
+    pub(super) async fn identify(&self, key: &PublicKey) -> Option<GithubLogin> {
+        let candidates = match &self.state {
+            State::Job { job, .. } => access::allowed_people(job, &self.gw.policy),
+            // The login is the peer's choice: a lookup GitHub must answer
+            // (not cached) spends the source's lookup budget, so made-up
+            // names cannot spend the gateway's GitHub rate limit.
+            State::Jump { login, .. } => {
+                if !self.gw.keys.is_fresh(login).await {
+                    if let Some(wait) = self.gw.github_lookups.spend(self.peer.ip()) {
+                        self.gw.metrics.refused(Refusal::GithubLookups);
+                        warn!(conn = self.id, peer = %self.peer, "GitHub key lookup refused: this source is over its budget for {}s", wait.as_secs());
+                        return None;
+                    }
+                }
+                vec![login.clone()]
+            }
+            State::Fresh | State::Refused => return None,
+        };
+        for login in candidates {
+            match self.gw.keys.keys(&login).await {
+                Ok(keys) if keys.iter().any(|k| crate::keys::same_key(k, key)) => {
+                    return Some(login)
+                }
+                Ok(_) => {}
+                Err(e) => warn!(conn = self.id, "{e}"),
+            }
+        }
+        None
+    }
+
+    /// Counts a failed login; once the source or username is out of budget
+    /// the connection is closed with the reason.
+    pub(super) fn spend_failure(&mut self, user: &str) {
+        if let Err(blocked) = self.gw.auth_limits.failed(self.peer.ip(), user) {
+            self.gw.metrics.refused(blocked.kind());
+            info!(conn = self.id, peer = %self.peer, "closing: {blocked}");
+            self.gw.audit.record(
+                "rate_limited",
+                serde_json::json!({
+                    "conn": self.id,
+                    "source": self.peer.to_string(),
+                    "user": self.user,
+                    "reason": blocked.to_string(),
+                }),
+            );
+            self.disconnect_later(format!("ci-gateway: {blocked}"));
+            self.state = State::Refused;
+        }
+    }
+
+    /// Records an authentication attempt (the key's fingerprint, never the key).
+    pub(super) fn audit_auth(&self, result: &str, key: &PublicKey, login: Option<&GithubLogin>) {
+        self.gw.audit.record(
+            "auth",
+            serde_json::json!({
+                "conn": self.id,
+                "result": result,
+                "source": self.peer.to_string(),
+                "user": self.user,
+                "login": login.map(|l| l.as_str()),
+                "key_type": key.algorithm().as_str(),
+                "key_fingerprint": crate::keys::fingerprint(key).to_string(),
+            }),
+        );
+    }
+
+    pub(super) fn reject() -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
+    }
+
+    /// A key offered before signing: accepted if it is one of the people
+    /// this connection may be; a key nobody here has spends the budgets.
+    pub(super) async fn offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Auth {
+        self.resolve(user);
+        if crate::ssh::is_sha1_rsa(offer.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
+            debug!(
+                conn = self.id,
+                "ssh-rsa (SHA-1) offer refused; rsa-sha2-256/512 are taken"
+            );
+            return Self::reject();
+        }
+        match self.identify(offer.public_key).await {
+            Some(_) => Auth::Accept,
+            None => {
+                if !matches!(self.state, State::Refused) {
+                    self.audit_auth("key_not_accepted", offer.public_key, None);
+                    self.spend_failure(user);
+                }
+                Self::reject()
+            }
+        }
+    }
+
+    /// A signed key: the login it belongs to becomes the connection's.
+    pub(super) async fn verified(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Auth {
+        self.resolve(user);
+        if crate::ssh::is_sha1_rsa(key.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
+            info!(conn = self.id, peer = %self.peer, "ssh-rsa (SHA-1) signature refused");
+            return Self::reject();
+        }
+        let Some(login) = self.identify(key.public_key).await else {
+            info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
+            self.audit_auth("failure", key.public_key, None);
+            self.spend_failure(user);
+            return Self::reject();
+        };
+        let who = Identity {
+            login: login.clone(),
+        };
+        match &mut self.state {
+            State::Job { identity, .. } | State::Jump { identity, .. } => *identity = Some(who),
+            State::Fresh | State::Refused => return Self::reject(),
+        }
+        info!(conn = self.id, peer = %self.peer, %login, user, key = %crate::keys::fingerprint(key.public_key), "authenticated");
+        self.audit_auth("success", key.public_key, Some(&login));
+        Auth::Accept
+    }
+
+    /// Runs once authenticated: the login's connection cap, then in job mode
+    /// the session starts (on disk first) and the runner login begins.
+    pub(super) async fn admit(&mut self, session: &mut Session) -> Result<(), russh::Error> {
+        self.authenticated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // One login's connections are bounded (each may hold channels and
+        // upstream sockets), so one person cannot take the gateway's share.
+        let who = match &self.state {
+            State::Job { identity, .. } | State::Jump { identity, .. } => {
+                identity.as_ref().map(|i| i.login.to_string())
+            }
+            State::Fresh | State::Refused => None,
+        };
+        if let Some(login) = who {
+            let max = self.gw.config.ssh.max_connections_per_login;
+            match self.gw.logins.take(login.to_lowercase(), max) {
+                Some(slot) => {
+                    self.login_slot = Some(slot);
+                    let _ = self.open_channels.login.set(self.gw.login_channels(&login));
+                }
+                None => {
+                    self.gw.metrics.refused(Refusal::LoginConnections);
+                    info!(conn = self.id, %login, "refused: {max} connections of this login are open");
+                    session.disconnect(
+                        Disconnect::ByApplication,
+                        &format!(
+                            "ci-gateway: {login} already has {max} connections open through the gateway; close some and try again"
+                        ),
+                        "en",
+                    )?;
+                    self.state = State::Refused;
+                    return Ok(());
+                }
+            }
+        }
+        let State::Job {
+            job,
+            live,
+            identity,
+        } = &self.state
+        else {
+            return Ok(());
+        };
+        let (job, live) = (job.clone(), live.clone());
+        let login = identity
+            .as_ref()
+            .map(|i| i.login.to_string())
+            .unwrap_or_default();
+        // On disk before anything reaches the runner.
+        if let Err(e) = self.audit_session_start(&login, job.job_id, "job").await {
+            session.disconnect(
+                Disconnect::ByApplication,
+                &format!("ci-gateway: cannot record the session ({e}); refusing it"),
+                "en",
+            )?;
+            return Ok(());
+        }
+        // Counted from now on: an open connection keeps the runner held even
+        // while it is still connecting or only forwarding ports.
+        self.guards.insert(
+            job.job_id,
+            live.enter(SessionInfo {
+                login: login.clone(),
+                mode: "job",
+                since: unix_now(),
+            }),
+        );
+        self.watch_kicks(&live);
+        self.watch_notices(&live);
+        self.connect_runner(job, login);
+        Ok(())
+    }
+}

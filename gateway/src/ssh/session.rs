@@ -1,0 +1,188 @@
+//! What lives as long as a user's connection: its audit records
+//! (`session_start` on disk before the session runs, `forward`, and
+//! `session_end` when the connection is dropped), the job-mode runner login
+//! in a task of its own, and the watchers that close it when the job is
+//! kicked or show the job's notices.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::ids::JobId;
+use crate::registry::{Live, Registration};
+use crate::ssh::handler::{Connection, State};
+use crate::ssh::open::{say_goodbye, show_notice};
+use crate::ssh::upstream::{self, RunnerLink};
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let Some((started, login)) = self.session.take() else {
+            return;
+        };
+        let usage = self.usage.total();
+        let (mode, jobs): (&str, Vec<String>) = match &self.state {
+            State::Job { job, .. } => ("job", vec![job.job_id.to_string()]),
+            _ => ("jump", self.guards.keys().map(|j| j.to_string()).collect()),
+        };
+        self.gw.audit.record(
+            "session_end",
+            serde_json::json!({
+                "conn": self.id,
+                "login": login,
+                "mode": mode,
+                "jobs": jobs,
+                "source": self.peer.to_string(),
+                "bytes_to_runner": usage.to_runner,
+                "bytes_to_user": usage.to_user,
+                "duration_seconds": started.elapsed().as_secs_f64(),
+                "exit_status": usage.exit_status,
+            }),
+        );
+    }
+}
+
+impl Connection {
+    /// Sends the disconnect with `reason` once the session loop is free.
+    pub(super) fn disconnect_later(&self, reason: String) {
+        if let Some(handle) = self.handle.get().cloned() {
+            self.gw.tasks.spawn("ssh disconnect", async move {
+                say_goodbye(&handle, reason).await;
+            });
+        }
+    }
+
+    /// Writes `session_start` durably; the session proceeds only after that.
+    pub(super) async fn audit_session_start(
+        &mut self,
+        login: &str,
+        job: JobId,
+        mode: &str,
+    ) -> Result<(), crate::audit::AuditError> {
+        self.gw
+            .audit
+            .record_durable(
+                "session_start",
+                serde_json::json!({
+                    "conn": self.id,
+                    "login": login,
+                    "job": job.to_string(),
+                    "mode": mode,
+                    "source": self.peer.to_string(),
+                }),
+            )
+            .await?;
+        if self.session.is_none() {
+            self.session = Some((std::time::Instant::now(), login.to_string()));
+        }
+        Ok(())
+    }
+
+    pub(super) fn audit_forward(&self, job: JobId, mode: &str, destination: &str) {
+        let login = self.session.as_ref().map(|(_, l)| l.as_str());
+        self.gw.audit.record(
+            "forward",
+            serde_json::json!({
+                "conn": self.id,
+                "login": login,
+                "job": job.to_string(),
+                "mode": mode,
+                "destination": destination,
+            }),
+        );
+    }
+
+    /// Logs in to `job`'s runner in a task of its own; channels wait for it
+    /// in theirs. A runner that cannot be reached, or that goes away later,
+    /// ends the user's connection with the reason.
+    pub(super) fn connect_runner(&mut self, job: Arc<Registration>, login: String) {
+        let (outcome, link) = tokio::sync::watch::channel(None);
+        self.runner = Some(RunnerLink(link));
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let gw = self.gw.clone();
+        let mut alive = self.alive.subscribe();
+        let conn = self.id;
+        self.gw.tasks.spawn("runner login", async move {
+            let job_id = job.job_id;
+            let connected = tokio::select! {
+                connected = upstream::connect(&gw, &job, &login) => connected,
+                // The user left first: nothing to connect for.
+                _ = alive.changed() => return,
+            };
+            let reason = match connected {
+                Ok(runner) => {
+                    info!(conn, job = %job_id, %login, "connected to runner");
+                    let mut closed = runner.closed.clone();
+                    outcome.send_replace(Some(Ok(Arc::new(runner))));
+                    tokio::select! {
+                        closed = closed.wait_for(|c| *c) => match closed {
+                            Ok(_) => format!("ci-gateway: the runner of job {job_id} closed the connection"),
+                            Err(_) => return,
+                        },
+                        _ = alive.changed() => return,
+                    }
+                }
+                Err(e) => {
+                    warn!(conn, job = %job_id, %login, "{e}");
+                    // The disconnect first: its reason is the line OpenSSH
+                    // prints, and a channel refusal sent before it could
+                    // end the client without it.
+                    let reason = format!("ci-gateway: job {job_id}: {e}");
+                    say_goodbye(&handle, reason).await;
+                    outcome.send_replace(Some(Err(Arc::new(e))));
+                    return;
+                }
+            };
+            say_goodbye(&handle, reason).await;
+        });
+    }
+
+    /// Closes this connection with `reason` when the job is kicked.
+    pub(super) fn watch_kicks(&self, live: &Live) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let mut kick = live.watch_kick();
+        let mut alive = self.alive.subscribe();
+        let conn = self.id;
+        self.gw.tasks.spawn("kick watch", async move {
+            loop {
+                let reason = kick.borrow_and_update().clone();
+                if let Some(reason) = reason {
+                    info!(conn, "closing: {reason}");
+                    say_goodbye(&handle, format!("ci-gateway: {reason}")).await;
+                    return;
+                }
+                tokio::select! {
+                    changed = kick.changed() => if changed.is_err() { return },
+                    _ = alive.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Shows the job's notices (hold warnings) on this connection's session
+    /// channels, as stderr lines: visible on a terminal, and outside the data
+    /// stream of scp, sftp and other protocols.
+    pub(super) fn watch_notices(&self, live: &Live) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let mut notices = live.watch_notices();
+        let mut alive = self.alive.subscribe();
+        let channels = self.session_channels.clone();
+        self.gw.tasks.spawn("notice watch", async move {
+            loop {
+                tokio::select! {
+                    changed = notices.changed() => if changed.is_err() { return },
+                    _ = alive.changed() => return,
+                }
+                let Some(line) = notices.borrow_and_update().clone() else {
+                    continue;
+                };
+                show_notice(&handle, &channels, &line).await;
+            }
+        });
+    }
+}

@@ -49,6 +49,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
+    pub agent: AgentConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +219,18 @@ pub struct StorageConfig {
 pub struct AuditConfig {
     /// Empty: `<data_dir>/audit.jsonl`.
     pub path: PathBuf,
+}
+
+/// The agent binaries `GET /v1/agent/{os}-{arch}` serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Binaries for other platforms than the gateway's own, each named
+    /// `ci-gateway-<os>-<arch>` (`.exe` for Windows) with its
+    /// `<name>.sha256` next to it. Empty: only the gateway's own.
+    pub dir: PathBuf,
+    /// Downloads one source address may start per minute.
+    pub downloads_per_source_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

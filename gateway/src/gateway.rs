@@ -32,6 +32,10 @@ pub struct Gateway {
     pub api_limits: limits::ApiLimits,
     /// GitHub key lookups per source for logins it names.
     pub github_lookups: limits::LookupBudget,
+    /// `GET /v1/agent/…` downloads per source.
+    pub agent_downloads: limits::LookupBudget,
+    /// The agent binaries served to runners.
+    pub agents: Arc<crate::api::downloads::Agents>,
     pub upstream_config: Arc<russh::client::Config>,
     pub metrics: Arc<metrics::Metrics>,
     /// Sockets to runners (job-mode SSH connections, jump forwards): one
@@ -139,6 +143,11 @@ impl Gateway {
             config.github.lookups_per_source_per_minute,
             Duration::from_secs(60),
         ));
+        let agent_downloads = limits::LookupBudget::new(limits::quota(
+            config.agent.downloads_per_source_per_minute,
+            Duration::from_secs(60),
+        ));
+        let agents = Arc::new(crate::api::downloads::Agents::new(&config.agent.dir));
         // Descriptors (issue 11): user connections and upstream sockets each
         // get at most half of what RLIMIT_NOFILE leaves after a headroom, so
         // neither can make `accept` fail for everyone.
@@ -176,6 +185,8 @@ impl Gateway {
             auth_limits,
             api_limits,
             github_lookups,
+            agent_downloads,
+            agents,
             oidc,
             upstream_config,
             metrics: metrics.clone(),

@@ -17,7 +17,8 @@
 //! - [`metrics`] — Prometheus metrics (`[metrics] listen`).
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
 //! - [`api`] — the runner HTTP API (`auth`: callers and limits; `jobs`: the
-//!   handlers and validation; `wire`: bodies and views); calls the registry,
+//!   handlers and validation; `wire`: bodies and views, shared with the
+//!   agent; `downloads`: the agent binary for runners); calls the registry,
 //!   never SSH.
 //! - [`audit`] — the append-only JSON-lines audit trail.
 //! - [`ssh`] — accept loop, per-connection handler, runner client, the job-mode channel task, the jump splice.
@@ -168,6 +169,7 @@ pub async fn run(
                 limits_gw.auth_limits.sweep();
                 limits_gw.api_limits.sweep();
                 limits_gw.github_lookups.sweep();
+                limits_gw.agent_downloads.sweep();
             }
         })),
     ));

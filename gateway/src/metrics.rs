@@ -76,6 +76,8 @@ pub enum Refusal {
     ApiSource,
     /// API: a source over its wrong-token budget.
     ApiBadToken,
+    /// API: a source over its agent download budget.
+    AgentDownloads,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -3,6 +3,7 @@
 //! before the session runs (SIGKILL mid-session loses nothing); and that no
 //! secret reaches the audit trail or the logs. And SIGTERM: users are told,
 //! get the grace, then a disconnect message, and the process exits cleanly.
+//! And the agent download: the running binary, byte for byte.
 
 mod common;
 
@@ -429,4 +430,89 @@ async fn sigterm_tells_users_gives_them_the_grace_and_exits_cleanly() {
         !log.contains("tasks still running after the grace"),
         "every task ended in time: {log}"
     );
+}
+
+/// A raw `GET` to `addr`, with no credential; returns the status, the
+/// header block and the body's bytes.
+async fn get_bytes(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut out))
+        .await
+        .expect("the answer ends")
+        .expect("read");
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head, out[split + 4..].to_vec())
+}
+
+/// A hosted runner has no ci-gateway binary: the gateway serves its own,
+/// byte for byte the file that runs, with its SHA-256, to anyone, within a
+/// per-source budget; an unknown platform gets the list there is, and a
+/// name that could point elsewhere is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_its_own_binary_as_the_agent() {
+    require_tools();
+    let dir = tempdir();
+    let github = FakeGithub::start().await;
+    let gateway = Process::start(
+        dir.path(),
+        &github,
+        &[("CI_GATEWAY__AGENT__DOWNLOADS_PER_SOURCE_PER_MINUTE", "4")],
+    )
+    .await;
+    let own = format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH);
+    let (status, head, body) = get_bytes(gateway.api, &format!("/v1/agent/{own}")).await;
+    assert_eq!(status, 200, "{head}");
+    let file = std::fs::read(GATEWAY).expect("the gateway's binary");
+    assert_eq!(body.len(), file.len(), "{head}");
+    assert!(body == file, "the download is the gateway's own binary");
+    let digest = String::from_utf8(
+        std::process::Command::new("sha256sum")
+            .arg(GATEWAY)
+            .output()
+            .expect("sha256sum")
+            .stdout,
+    )
+    .expect("utf8");
+    let digest = digest
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_string();
+    assert!(
+        head.to_lowercase()
+            .contains(&format!("x-checksum-sha256: {digest}")),
+        "{head}"
+    );
+    let (status, _, line) = get_bytes(gateway.api, &format!("/v1/agent/{own}.sha256")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&line),
+        format!("{digest}  ci-gateway-{own}\n")
+    );
+    let (status, _, text) = get_bytes(gateway.api, "/v1/agent/plan9-mips").await;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(status, 404, "{text}");
+    assert!(
+        text.contains(&own),
+        "the answer lists what there is: {text}"
+    );
+    let (status, _, text) = get_bytes(gateway.api, "/v1/agent/..%2F..%2Fetc%2Fpasswd").await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&text));
+    // The fifth download from this address within the minute is refused.
+    let (status, head, _) = get_bytes(gateway.api, &format!("/v1/agent/{own}.sha256")).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.to_lowercase().contains("retry-after"), "{head}");
 }

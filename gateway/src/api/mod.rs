@@ -24,6 +24,7 @@ use crate::secret::Secret;
 use crate::Gateway;
 
 mod auth;
+pub mod downloads;
 mod jobs;
 pub mod serve;
 mod wire;
@@ -102,6 +103,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/jobs/{job_id}/finished", post(finish_job))
         .layer(middleware::from_fn_with_state(gw.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
+        // No credential: the binary is no secret; a budget per source.
+        .route("/v1/agent/{target}", get(downloads::get_agent))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(gw.clone(), deadline))

@@ -100,13 +100,8 @@ fn at(unix: u64) -> tokio::time::Instant {
 /// Starts the hold of a finished job (once per finish; the API and `run`
 /// call it).
 pub fn start(gw: Arc<Gateway>, job: JobId) {
-    let stopping = gw.tasks.stopping();
-    gw.tasks.clone().spawn("hold", async move {
-        tokio::select! {
-            _ = hold(gw, job) => {}
-            _ = stopping => {}
-        }
-    });
+    let tasks = gw.tasks.clone();
+    tasks.spawn("hold", tasks.until_stopped(hold(gw, job)));
 }
 
 async fn hold(gw: Arc<Gateway>, job: JobId) {

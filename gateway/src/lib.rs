@@ -154,15 +154,12 @@ pub async fn run(
         (gw.config.registration.ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(5));
     core.push((
         "the registration sweeper",
-        tasks.spawn_core(until_stopped(
-            tasks.stopping(),
-            hold::sweep(gw.clone(), tick),
-        )),
+        tasks.spawn_core(tasks.until_stopped(hold::sweep(gw.clone(), tick))),
     ));
     let limits_gw = gw.clone();
     core.push((
         "the limit sweeper",
-        tasks.spawn_core(until_stopped(tasks.stopping(), async move {
+        tasks.spawn_core(tasks.until_stopped(async move {
             let mut every = tokio::time::interval(Duration::from_secs(10));
             loop {
                 every.tick().await;
@@ -227,19 +224,19 @@ fn core_end(name: &str, ended: Result<(), tokio::task::JoinError>) -> anyhow::Er
     }
 }
 
-/// Runs `task` until the gateway stops.
-async fn until_stopped(
-    stopping: impl std::future::Future<Output = ()>,
-    task: impl std::future::Future<Output = ()>,
-) {
-    tokio::select! {
-        _ = task => {}
-        _ = stopping => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    /// A core task's panic becomes `run`'s error with its name and message,
+    /// not a silent `let _ =`.
+    #[tokio::test]
+    async fn a_core_task_that_panics_is_named_in_the_error() {
+        let ended = tokio::spawn(async { panic!("the listener broke") }).await;
+        let e = super::core_end("the SSH listener", ended).to_string();
+        assert_eq!(e, "the SSH listener panicked: the listener broke");
+        let e = super::core_end("the API listener", Ok(())).to_string();
+        assert_eq!(e, "the API listener stopped on its own");
+    }
+
     #[test]
     fn plain_http_is_flagged_off_loopback_only() {
         for quiet in ["127.0.0.1:8022", "[::1]:8022", "127.9.9.9:1"] {

@@ -66,6 +66,21 @@ impl Tasks {
         self.tracker.spawn(task)
     }
 
+    /// `task`, cut short when the gateway stops (holds, sweepers: work the
+    /// next start takes up again).
+    pub fn until_stopped<F>(&self, task: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stopping = self.stopping();
+        async move {
+            tokio::select! {
+                _ = task => {}
+                _ = stopping => {}
+            }
+        }
+    }
+
     /// Tells every task that the gateway is stopping.
     pub fn stop(&self) {
         self.stop.cancel();

@@ -348,8 +348,24 @@ async fn sigterm_tells_users_gives_them_the_grace_and_exits_cleanly() {
         &[("CI_GATEWAY__SSH__SHUTDOWN_GRACE", "10s")],
     )
     .await;
+    // A job nobody is on, whose runner long-polls it: nothing but the stop
+    // can end that wait early. Registered first: the runner's
+    // authorized_keys then holds the other job's lines.
+    let idle_job = "9876543288";
+    let idle_token = gateway.register(idle_job, &runner, "octocat").await;
     let job = "9876543287";
     gateway.register(job, &runner, "octocat").await;
+    let api = gateway.api;
+    let poll = tokio::spawn(async move {
+        http_raw(
+            api,
+            "GET",
+            &format!("/v1/jobs/{idle_job}?wait=25"),
+            Some(&idle_token),
+            None,
+        )
+        .await
+    });
     // A session that would run for a minute.
     let mut session = gateway
         .start_session(&octocat.path, job, "sleep 60; echo never")
@@ -362,12 +378,21 @@ async fn sigterm_tells_users_gives_them_the_grace_and_exits_cleanly() {
         .await
         .expect("version");
 
+    // The poll is in (it waits for 25 s unless something changes).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!poll.is_finished(), "the long poll waits");
     let pid = gateway.child.id().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
     assert!(term.success());
+    // The long poll is answered at the stop, not 25 s later.
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(30), poll)
+        .await
+        .expect("the poll ends")
+        .expect("poll task");
+    assert_eq!(status, 200, "the long poll got its answer: {answer}");
     // No new connection is taken while the grace runs.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let late = run("ssh", &gateway.ssh_args(&octocat.path, job, "true"), None).await;

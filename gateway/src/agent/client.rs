@@ -336,48 +336,28 @@ impl Api {
         body: &RegisterRequest,
     ) -> Result<RegisterResponse, ApiError> {
         let body = serde_json::to_value(body).map_err(|e| self.not_understood(e))?;
-        let answer = self
-            .call(
-                Method::PUT,
-                &format!("/v1/jobs/{job}"),
-                Some(&body),
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        self.typed(answer)
+        let path = format!("/v1/jobs/{job}");
+        self.request(Method::PUT, &path, Some(&body), REQUEST_TIMEOUT)
+            .await
     }
 
     pub async fn finish(&self, job: &str) -> Result<JobStatus, ApiError> {
-        let answer = self
-            .call(
-                Method::POST,
-                &format!("/v1/jobs/{job}/finished"),
-                None,
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        self.typed(answer)
+        let path = format!("/v1/jobs/{job}/finished");
+        self.request(Method::POST, &path, None, REQUEST_TIMEOUT)
+            .await
     }
 
     /// The job's state; with `wait`, after its sessions or hold change (or
     /// `wait` passes).
     pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<JobStatus, ApiError> {
-        let answer = match wait {
-            None => {
-                self.call(
-                    Method::GET,
-                    &format!("/v1/jobs/{job}"),
-                    None,
-                    REQUEST_TIMEOUT,
-                )
-                .await?
-            }
-            Some(w) => {
-                let path = format!("/v1/jobs/{job}?wait={}", w.as_secs());
-                self.call(Method::GET, &path, None, w + POLL_SLACK).await?
-            }
+        let (path, timeout) = match wait {
+            None => (format!("/v1/jobs/{job}"), REQUEST_TIMEOUT),
+            Some(w) => (
+                format!("/v1/jobs/{job}?wait={}", w.as_secs()),
+                w + POLL_SLACK,
+            ),
         };
-        self.typed(answer)
+        self.request(Method::GET, &path, None, timeout).await
     }
 
     /// Any GET, read as `T` (the GitHub job-id lookup, OIDC discovery).
@@ -385,24 +365,24 @@ impl Api {
         &self,
         path: &str,
     ) -> Result<T, ApiError> {
-        let answer = self.call(Method::GET, path, None, REQUEST_TIMEOUT).await?;
-        self.typed(answer)
+        self.request(Method::GET, path, None, REQUEST_TIMEOUT).await
     }
 
     pub async fn deregister(&self, job: &str) -> Result<Deregistered, ApiError> {
-        let answer = self
-            .call(
-                Method::DELETE,
-                &format!("/v1/jobs/{job}"),
-                None,
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        self.typed(answer)
+        let path = format!("/v1/jobs/{job}");
+        self.request(Method::DELETE, &path, None, REQUEST_TIMEOUT)
+            .await
     }
 
-    /// A successful answer as the type the call promises.
-    fn typed<T: serde::de::DeserializeOwned>(&self, answer: Value) -> Result<T, ApiError> {
+    /// One call whose successful answer is read as the type it promises.
+    async fn request<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let answer = self.call(method, path, body, timeout).await?;
         serde_json::from_value(answer).map_err(|e| self.not_understood(e))
     }
 

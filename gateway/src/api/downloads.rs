@@ -201,12 +201,12 @@ impl Agents {
                 .cloned();
         }
         let this = self.clone();
-        let target = target.to_string();
-        tokio::task::spawn_blocking(move || this.theirs(&target))
+        let name = target.to_string();
+        tokio::task::spawn_blocking(move || this.theirs(&name))
             .await
             .unwrap_or_else(|e| {
                 Err(DownloadError::Read {
-                    target: String::new(),
+                    target: target.to_string(),
                     source: std::io::Error::other(e.to_string()),
                 })
             })

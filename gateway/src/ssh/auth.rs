@@ -32,15 +32,7 @@ impl Connection {
             // Guessing job ids or sending garbage spends the failure budget.
             let _ = this.gw.auth_limits.failed(this.peer.ip(), user);
             info!(conn = this.id, peer = %this.peer, "refused: {reason}");
-            this.gw.audit.record(
-                "refused",
-                serde_json::json!({
-                    "conn": this.id,
-                    "source": this.peer.to_string(),
-                    "user": this.user,
-                    "reason": reason,
-                }),
-            );
+            this.audit_refusal("refused", &reason);
             this.disconnect_later(format!("ci-gateway: {reason}"));
             this.state = State::Refused;
         };
@@ -109,18 +101,24 @@ impl Connection {
         if let Err(blocked) = self.gw.auth_limits.failed(self.peer.ip(), user) {
             self.gw.metrics.refused(blocked.kind());
             info!(conn = self.id, peer = %self.peer, "closing: {blocked}");
-            self.gw.audit.record(
-                "rate_limited",
-                serde_json::json!({
-                    "conn": self.id,
-                    "source": self.peer.to_string(),
-                    "user": self.user,
-                    "reason": blocked.to_string(),
-                }),
-            );
+            self.audit_refusal("rate_limited", &blocked.to_string());
             self.disconnect_later(format!("ci-gateway: {blocked}"));
             self.state = State::Refused;
         }
+    }
+
+    /// Records why this connection was refused (`event`: `refused`,
+    /// `rate_limited`).
+    fn audit_refusal(&self, event: &str, reason: &str) {
+        self.gw.audit.record(
+            event,
+            serde_json::json!({
+                "conn": self.id,
+                "source": self.peer.to_string(),
+                "user": self.user,
+                "reason": reason,
+            }),
+        );
     }
 
     /// Records an authentication attempt (the key's fingerprint, never the key).

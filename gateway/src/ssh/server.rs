@@ -242,8 +242,13 @@ async fn serve_connection(
             "the gateway is shutting down: this connection closes in {}",
             humantime::format_duration(grace)
         );
-        crate::ssh::open::show_notice(&handle, &notices, &line).await;
-        if tokio::time::timeout(grace, &mut session).await.is_ok() {
+        // The notice is inside the grace: a client that reads nothing (its
+        // session's queue full) cannot hold the shutdown up with it.
+        let notified = async {
+            crate::ssh::open::show_notice(&handle, &notices, &line).await;
+            (&mut session).await
+        };
+        if tokio::time::timeout(grace, notified).await.is_ok() {
             return;
         }
     }

@@ -43,7 +43,7 @@ pub struct Gateway {
     pub upstream_sockets: Arc<tokio::sync::Semaphore>,
     pub upstream_socket_limit: usize,
     /// Job-mode logins in progress per runner address.
-    pub runner_handshakes: Arc<limits::Gates<std::net::SocketAddr>>,
+    pub runner_handshakes: Arc<limits::Gates<ssh::upstream::RunnerKey>>,
     /// User connections at once: `ssh.max_connections`, or less when the
     /// descriptor limit demands it.
     pub max_user_connections: usize,

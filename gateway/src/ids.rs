@@ -90,6 +90,18 @@ pub enum Target {
     Job(JobId),
     /// Jump mode: this person, who will open `direct-tcpip` channels to jobs.
     Jump(GithubLogin),
+    /// A runner's agent holding the reverse tunnel of this job (DESIGN §10);
+    /// it logs in with the job token, never with a person's key.
+    Tunnel(JobId),
+}
+
+/// The username prefix of a tunnel connection: `tunnel+<job-id>`. A `+` is
+/// in no GitHub login and no job id, so the name collides with neither.
+pub const TUNNEL_USER_PREFIX: &str = "tunnel+";
+
+/// The username an agent logs in with to hold `job`'s tunnel.
+pub fn tunnel_user(job: JobId) -> String {
+    format!("{TUNNEL_USER_PREFIX}{job}")
 }
 
 impl Target {
@@ -101,6 +113,13 @@ impl Target {
         }
         if let Ok(job) = JobId::parse(user) {
             return Ok(Target::Job(job));
+        }
+        if let Some(id) = user.strip_prefix(TUNNEL_USER_PREFIX) {
+            // Digits only: `tunnel+job-1` is not a second spelling.
+            return match JobId::parse(id) {
+                Ok(job) if !id.starts_with("job-") => Ok(Target::Tunnel(job)),
+                _ => Err(IdError::BadJobId),
+            };
         }
         if user.bytes().all(|b| b.is_ascii_digit()) || user.starts_with("job-") {
             return Err(IdError::BadJobId);
@@ -136,6 +155,28 @@ mod tests {
             Target::parse_user("job-9876543210"),
             Ok(Target::Job(JobId(9876543210)))
         );
+    }
+
+    #[test]
+    fn tunnel_users_name_a_job_and_collide_with_nothing() {
+        assert_eq!(
+            Target::parse_user("tunnel+9876543210"),
+            Ok(Target::Tunnel(JobId(9876543210)))
+        );
+        assert_eq!(tunnel_user(JobId(7)), "tunnel+7");
+        for bad in [
+            "tunnel+",
+            "tunnel+job-7",
+            "tunnel+07",
+            "tunnel+x",
+            "tunnel+7 ",
+        ] {
+            assert!(Target::parse_user(bad).is_err(), "{bad}");
+        }
+        // No login or job id can be spelt like one, and `tunnel` alone is a login.
+        assert!(GithubLogin::parse("tunnel+7").is_err());
+        assert!(JobId::parse("tunnel+7").is_err());
+        assert!(matches!(Target::parse_user("tunnel"), Ok(Target::Jump(_))));
     }
 
     #[test]
@@ -216,6 +257,9 @@ mod tests {
                 Ok(Target::Jump(login)) => {
                     assert!(login.as_str().len() <= 39, "{user:?}");
                     assert!(GithubLogin::parse(login.as_str()).is_ok(), "{user:?}");
+                }
+                Ok(Target::Tunnel(job)) => {
+                    assert_eq!(user, tunnel_user(job), "one spelling");
                 }
                 Err(_) => {}
             }

@@ -61,6 +61,17 @@ pub fn fingerprint(key: &PublicKey) -> String {
 }
 
 /// `type base64` without the comment, as used in authorized_keys lines we write.
+/// Whether a host presented one of the `pinned` keys. A host certificate
+/// is no match: pins are plain keys, with no CA to vouch for others.
+pub fn is_pinned(pinned: &[PublicKey], presented: &russh::keys::PublicKeyOrCertificate) -> bool {
+    match presented {
+        russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+            pinned.iter().any(|p| same_key(p, key))
+        }
+        russh::keys::PublicKeyOrCertificate::Certificate(_) => false,
+    }
+}
+
 pub fn openssh_line(key: &PublicKey) -> String {
     let mut key = key.clone();
     key.set_comment("");

@@ -77,6 +77,11 @@ pub struct Registration {
     /// Bumped by every write of the record.
     #[serde(default)]
     pub version: u64,
+    /// Reached through its agent's reverse tunnel, never dialed (DESIGN
+    /// §10): `host` is then the unspecified address, which no dial accepts,
+    /// and `port` the sshd's port on the runner's side.
+    #[serde(default)]
+    pub tunnel: bool,
 }
 
 impl Registration {
@@ -142,6 +147,9 @@ pub struct Live {
     notice: watch::Sender<Option<String>>,
     who: std::sync::Mutex<HashMap<u64, SessionInfo>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// The agent's tunnel connection while one is up (tunnel registrations).
+    tunnel: watch::Sender<Option<Arc<crate::ssh::tunnel::TunnelLink>>>,
+    tunnel_connects: std::sync::atomic::AtomicU64,
 }
 
 impl Live {
@@ -152,6 +160,42 @@ impl Live {
             notice: watch::Sender::new(None),
             who: Default::default(),
             next_session: Default::default(),
+            tunnel: watch::Sender::new(None),
+            tunnel_connects: Default::default(),
+        })
+    }
+
+    /// The tunnel that is up, if any.
+    pub fn tunnel(&self) -> Option<Arc<crate::ssh::tunnel::TunnelLink>> {
+        self.tunnel.borrow().clone()
+    }
+
+    /// How many tunnel connections the agent made.
+    pub fn tunnel_connects(&self) -> u64 {
+        self.tunnel_connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes `link` the job's tunnel; returns the one it replaces (the
+    /// agent reconnected before the gateway saw the old one die).
+    pub fn attach_tunnel(
+        &self,
+        link: Arc<crate::ssh::tunnel::TunnelLink>,
+    ) -> Option<Arc<crate::ssh::tunnel::TunnelLink>> {
+        self.tunnel_connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tunnel.send_replace(Some(link))
+    }
+
+    /// Forgets the tunnel of connection `conn`, if it is still the job's.
+    pub fn detach_tunnel(&self, conn: u64) -> bool {
+        self.tunnel.send_if_modified(|slot| {
+            if slot.as_ref().is_some_and(|l| l.conn == conn) {
+                *slot = None;
+                true
+            } else {
+                false
+            }
         })
     }
 
@@ -742,6 +786,7 @@ pub(crate) mod tests {
             runner_login: RunnerLogin::Certificate,
             token_hash: crate::secret::new_job_token().1.to_hex(),
             version: 0,
+            tunnel: false,
         }
     }
 

@@ -25,6 +25,7 @@ pub mod client;
 mod deregister;
 mod register;
 mod state;
+mod tunnel;
 mod wait;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use deregister::*;
 use register::*;
 use serde::{Deserialize, Serialize};
 use state::*;
+use tunnel::*;
 use wait::*;
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +55,9 @@ pub enum Command {
     /// (internal) Keep a registration fresh; started by `register`.
     #[command(hide = true)]
     Refresh(Common),
+    /// (internal) Hold the job's reverse tunnel; started by `register --tunnel`.
+    #[command(hide = true)]
+    Tunnel(Common),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -117,6 +122,24 @@ pub struct RegisterArgs {
     /// Windows, `certificate` elsewhere.
     #[arg(long, env = "CI_GATEWAY_RUNNER_LOGIN")]
     pub runner_login: Option<String>,
+    /// The gateway cannot dial this runner (NAT, a Kubernetes pod, a hosted
+    /// runner): keep a reverse tunnel to the gateway instead, through which
+    /// it reaches the sshd on 127.0.0.1:<port>. Registers no address.
+    #[arg(long, env = "CI_GATEWAY_TUNNEL")]
+    pub tunnel: bool,
+    /// With --tunnel: the ports besides the sshd that the tunnel opens on
+    /// this machine's loopback, if the gateway allows them too.
+    #[arg(
+        long = "tunnel-port",
+        env = "CI_GATEWAY_TUNNEL_PORTS",
+        value_delimiter = ',',
+        default_value = "3389"
+    )]
+    pub tunnel_ports: Vec<u16>,
+    /// With --tunnel: the gateway's SSH address (host:port), when the one it
+    /// publishes is not the one this runner reaches.
+    #[arg(long, env = "CI_GATEWAY_TUNNEL_SSH")]
+    pub tunnel_ssh: Option<String>,
     /// Do not start the background refresher (the registration then expires
     /// after the gateway's registration.ttl unless refreshed otherwise).
     #[arg(long)]
@@ -172,6 +195,7 @@ pub fn run(command: Command) -> ExitCode {
             Command::Wait(a) => wait(a).await,
             Command::Deregister(a) => deregister(a).await,
             Command::Refresh(c) => refresh(c).await,
+            Command::Tunnel(c) => tunnel(c).await,
         }
     });
     match result {
@@ -300,6 +324,7 @@ mod tests {
             refresh_seconds: 5,
             finished: false,
             job_token: Some("cgj_x".into()),
+            tunnel: None,
         };
         write_state(&path, &state).expect("write");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();

@@ -215,6 +215,13 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             )))
         }
     };
+    if args.tunnel && args.host.is_some() {
+        return Err(Failure(
+            "--tunnel and --host exclude each other: a tunnel registration has no address (the \
+             gateway reaches this runner only through the tunnel)"
+                .into(),
+        ));
+    }
     let body = RegisterRequest {
         actor,
         host: args.host.clone(),
@@ -232,6 +239,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             .map(str::to_string)
             .collect(),
         runner_login,
+        tunnel: args.tunnel,
     };
     // Before the gateway hears of the job: a place sshd would refuse or a
     // link we must not write through fails here, with nothing registered.
@@ -264,6 +272,24 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
     })
     .map_err(Failure::from)?;
     let refresh_seconds = answer.refresh_seconds.max(1);
+    let tunnel = match (args.tunnel, &answer.tunnel) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(Failure(format!(
+                "registering job {job}: the gateway answered without tunnel details: it is older \
+                 than this agent and cannot reach runners through a tunnel"
+            )))
+        }
+        (true, Some(info)) => Some(TunnelState {
+            ssh_address: args
+                .tunnel_ssh
+                .clone()
+                .unwrap_or_else(|| info.ssh_address.clone()),
+            sshd_port: args.port,
+            ports: agreed_ports(&info.ports, &args.tunnel_ports),
+            info: info.clone(),
+        }),
+    };
     write_state(
         &state_path,
         &StateFile {
@@ -274,10 +300,17 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
             refresh_seconds,
             finished: false,
             job_token: Some(job_token),
+            tunnel: tunnel.clone(),
         },
     )?;
     if !args.no_refresh {
-        start_refresher(&args.common, &job, &state_path)?;
+        start_background(&args.common, &job, &state_path, "refresh")?;
+    }
+    if let Some(tunnel) = &tunnel {
+        start_background(&args.common, &job, &state_path, "tunnel")?;
+        // As the job now: the registration token may only create jobs.
+        let as_job = job_api(&args.common, read_state(&state_path).as_ref())?;
+        await_tunnel(&as_job, &job, tunnel, &state_path).await?;
     }
     print_commands(&job, &answer, &keys_path, lines.len());
     Ok(ExitCode::SUCCESS)
@@ -314,16 +347,68 @@ pub(super) fn print_commands(job: &str, answer: &RegisterResponse, keys_path: &P
     );
 }
 
-/// Starts `ci-gateway runner refresh` in the background, detached from this
-/// step. It presents the job token from the state file; no credential
-/// travels on its command line or in its environment.
-pub(super) fn start_refresher(
+/// Returns once the gateway sees the tunnel up, so the step fails with the
+/// reason (from the tunnel's log) rather than leaving a job nobody reaches.
+async fn await_tunnel(
+    api: &Api,
+    job: &str,
+    tunnel: &TunnelState,
+    state_path: &Path,
+) -> Result<(), Failure> {
+    const PATIENCE: Duration = Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut last_error = None;
+    loop {
+        match api.get(job, None).await {
+            Ok(status) if status.tunnel.as_ref().is_some_and(|t| t.up) => {
+                println!(
+                    "ci-gateway: the tunnel to the gateway ({}) is up",
+                    tunnel.ssh_address
+                );
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => last_error = Some(e.to_string()),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let log = background_log(state_path, "tunnel");
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let last: Vec<&str> = tail.lines().rev().take(3).collect();
+            let asking = last_error
+                .map(|e| format!("; asking the gateway: {e}"))
+                .unwrap_or_default();
+            return Err(Failure(format!(
+                "job {job} is registered, but its tunnel to {} did not come up within {PATIENCE:?} \
+                 (the agent keeps trying; log {}): {}{asking}",
+                tunnel.ssh_address,
+                log.display(),
+                last.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The log of the background process `kind`.
+fn background_log(state_path: &Path, kind: &str) -> PathBuf {
+    match kind {
+        "refresh" => state_path.with_extension("log"),
+        kind => state_path.with_extension(format!("{kind}.log")),
+    }
+}
+
+/// Starts `ci-gateway runner <kind>` (`refresh`, `tunnel`) in the
+/// background, detached from this step. It presents the job token from the
+/// state file; no credential travels on its command line or in its
+/// environment.
+pub(super) fn start_background(
     common: &Common,
     job: &str,
     state_path: &Path,
+    kind: &str,
 ) -> Result<(), Failure> {
     let exe = std::env::current_exe()?;
-    let log = state_path.with_extension("log");
+    let log = background_log(state_path, kind);
     let _ = std::fs::remove_file(&log);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -336,7 +421,7 @@ pub(super) fn start_refresher(
         .open(&log)
         .map_err(|e| Failure(format!("{}: {e}", log.display())))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["runner", "refresh", "--job-id", job])
+    cmd.args(["runner", kind, "--job-id", job])
         .env("CI_GATEWAY_URL", &common.gateway)
         .env_remove("CI_GATEWAY_JOB_ID")
         .env_remove("CI_GATEWAY_TOKEN")
@@ -363,9 +448,13 @@ pub(super) fn start_refresher(
     }
     let child = cmd
         .spawn()
-        .map_err(|e| Failure(format!("starting the refresher: {e}")))?;
+        .map_err(|e| Failure(format!("starting the {kind} process: {e}")))?;
+    let what = match kind {
+        "refresh" => "keeping the registration fresh",
+        _ => "holding the tunnel to the gateway",
+    };
     println!(
-        "ci-gateway: keeping the registration fresh in the background (pid {}, log {})",
+        "ci-gateway: {what} in the background (pid {}, log {})",
         child.id(),
         log.display()
     );

@@ -16,6 +16,9 @@ pub(super) struct StateFile {
     /// The job's own token from the creating `PUT`.
     #[serde(default)]
     pub(super) job_token: Option<String>,
+    /// A `--tunnel` registration's tunnel.
+    #[serde(default)]
+    pub(super) tunnel: Option<TunnelState>,
 }
 
 /// Where the private state directory goes: `--state-dir`, `RUNNER_TEMP`, or

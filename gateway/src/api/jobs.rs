@@ -55,12 +55,22 @@ pub fn validate(
                 .to_canonical(),
         ),
     };
-    let host = match (named, previous) {
+    let host = match (body.tunnel, named, previous) {
+        // The gateway never dials a tunnel registration: it has no address,
+        // and the address rules do not apply to it (DESIGN §10).
+        (true, Some(_), _) => {
+            return Err(
+                "host: a tunnel registration names no address (the gateway reaches the \
+                        runner through the agent's tunnel, never by dialing)"
+                    .into(),
+            )
+        }
+        (true, None, _) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         // A refresh that names no host, or the same one, keeps it (it was
         // checked when the job was created).
-        (None, Some(p)) => p.host,
-        (Some(h), Some(p)) if h == p.host => p.host,
-        _ => crate::address::registration_host(named, source, networks)
+        (false, None, Some(p)) => p.host,
+        (false, Some(h), Some(p)) if h == p.host => p.host,
+        (false, _, _) => crate::address::registration_host(named, source, networks)
             .map_err(|e| format!("host: {e}"))?,
     };
     let port = match (body.port, previous) {
@@ -118,6 +128,7 @@ pub fn validate(
         runner_login,
         token_hash: previous.map(|p| p.token_hash.clone()).unwrap_or_default(),
         version: previous.map(|p| p.version).unwrap_or(0),
+        tunnel: body.tunnel,
     };
     if let Some(p) = previous {
         unchanged(p, &next).map_err(Invalid::Changed)?;
@@ -136,6 +147,11 @@ pub fn unchanged(previous: &Registration, next: &Registration) -> Result<(), Cha
         }
     };
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+    fixed(
+        "tunnel",
+        previous.tunnel.to_string(),
+        next.tunnel.to_string(),
+    )?;
     fixed("host", previous.host.to_string(), next.host.to_string())?;
     fixed("port", previous.port.to_string(), next.port.to_string())?;
     if previous.host_keys != next.host_keys {
@@ -209,8 +225,10 @@ pub(super) async fn put_job(
                 Caller::JobToken(..) => return Err(unknown_job(&gw, &caller, job)),
             }
             let mut reg = validate(job, body, peer.ip(), now, networks, None).map_err(invalid)?;
-            gw.dialable(SocketAddr::new(reg.host, reg.port))
-                .map_err(|e| ApiError::bad(format!("host: {e}")))?;
+            if !reg.tunnel {
+                gw.dialable(SocketAddr::new(reg.host, reg.port))
+                    .map_err(|e| ApiError::bad(format!("host: {e}")))?;
+            }
             let (token, hash) = crate::secret::new_job_token();
             reg.token_hash = hash.to_hex();
             let key = match reg.runner_login {
@@ -241,6 +259,7 @@ pub(super) async fn put_job(
                 "user": registration.user,
                 "os": registration.os,
                 "runner_login": registration.runner_login,
+                "tunnel": registration.tunnel,
                 "repository": registration.repository,
                 "run_id": registration.run_id,
                 "source": peer.ip().to_string(),
@@ -272,8 +291,36 @@ pub(super) async fn put_job(
             rdp_command,
             refresh_seconds: (gw.config.registration.ttl.as_secs() / 3).max(1),
             hold_max_seconds: gw.config.hold.max.as_secs(),
+            tunnel: registration.tunnel.then(|| tunnel_info(&gw, job)),
         }),
     ))
+}
+
+/// Where the agent of a tunnel registration connects, and the gateway
+/// host keys it pins for that connection.
+pub fn tunnel_info(gw: &Gateway, job: JobId) -> TunnelInfo {
+    let public = gw.config.public_address();
+    let ssh_address = if public.host.contains(':') {
+        format!("[{}]:{}", public.host, public.port)
+    } else {
+        format!("{}:{}", public.host, public.port)
+    };
+    TunnelInfo {
+        user: crate::ids::tunnel_user(job),
+        ssh_address,
+        host_keys: gw
+            .host_keys
+            .iter()
+            .map(|k| crate::keys::openssh_line(k.public_key()))
+            .collect(),
+        ports: gw
+            .policy
+            .jump_ports
+            .iter()
+            .copied()
+            .filter(|p| *p != 22)
+            .collect(),
+    }
 }
 
 pub(super) fn invalid(e: Invalid) -> ApiError {
@@ -422,6 +469,14 @@ pub(super) fn job_status(
         active_sessions: who.len(),
         hold: crate::hold::describe(gw, reg, who.len()),
         sessions: who.iter().map(SessionView::from).collect(),
+        tunnel: reg.tunnel.then(|| {
+            let link = live.tunnel();
+            TunnelView {
+                up: link.is_some(),
+                since: link.map(|l| l.since),
+                connects: live.tunnel_connects(),
+            }
+        }),
     }
 }
 

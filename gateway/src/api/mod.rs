@@ -464,6 +464,11 @@ mod tests {
                 deadline: Some(7210),
                 remaining_seconds: Some(7000),
             },
+            tunnel: Some(TunnelView {
+                up: true,
+                since: Some(3),
+                connects: 2,
+            }),
         };
         let text = serde_json::to_string(&status).expect("json");
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -473,6 +478,8 @@ mod tests {
         assert_eq!(v["hold"]["state"], "holding");
         assert_eq!(v["hold"]["deadline"], 7210);
         assert!(v["hold"].get("max_seconds").is_none(), "{v}");
+        assert_eq!(v["tunnel"]["up"], true);
+        assert_eq!(v["tunnel"]["connects"], 2);
         let back: JobStatus = serde_json::from_str(&text).expect("the agent reads it");
         assert_eq!(back.hold, status.hold);
         assert_eq!(back.sessions, status.sessions);

@@ -31,6 +31,11 @@ pub struct RegisterRequest {
     /// Windows, `certificate` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_login: Option<RunnerLogin>,
+    /// The runner cannot be dialed: its agent holds a reverse tunnel to the
+    /// gateway (DESIGN §10). Such a registration names no `host`; `port` is
+    /// the runner's sshd as the agent reaches it locally.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +58,26 @@ pub struct RegisterResponse {
     /// Re-register at least this often, or the registration expires.
     pub refresh_seconds: u64,
     pub hold_max_seconds: u64,
+    /// For a tunnel registration: where and how the agent holds the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelInfo>,
+}
+
+/// What an agent needs to hold its job's tunnel. The host keys come over
+/// the API's HTTPS (or a pinned CA), so the SSH connection that follows is
+/// authenticated both ways: the agent pins these, the gateway checks the
+/// job token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelInfo {
+    /// The SSH username: `tunnel+<job-id>`.
+    pub user: String,
+    /// The gateway's SSH address as the operator published it (`host:port`).
+    pub ssh_address: String,
+    /// The gateway's SSH host public keys, OpenSSH format.
+    pub host_keys: Vec<String>,
+    /// The ports the gateway may ask the agent to open on the runner's side,
+    /// besides the sshd (which it asks for as port 22).
+    pub ports: Vec<u16>,
 }
 
 /// Why a registration body is refused.
@@ -185,6 +210,20 @@ pub struct JobStatus {
     pub active_sessions: usize,
     pub sessions: Vec<SessionView>,
     pub hold: HoldView,
+    /// A tunnel registration's tunnel, as this gateway sees it; absent for
+    /// a runner the gateway dials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelView {
+    pub up: bool,
+    /// When the tunnel that is up connected (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// How many times the agent connected the tunnel.
+    pub connects: u64,
 }
 
 /// One open user connection. No source address: the runner side (and a

@@ -47,6 +47,25 @@ impl Connection {
                     identity: None,
                 }
             }
+            Ok(Target::Tunnel(job)) => match self.gw.registry.lookup(job) {
+                Lookup::Active(job, live) if job.tunnel => {
+                    self.state = State::Tunnel {
+                        job,
+                        live,
+                        proven: false,
+                        down: tokio::sync::watch::Sender::new(false),
+                    }
+                }
+                Lookup::Active(job, _) => refuse(
+                    self,
+                    format!("job {} was not registered with --tunnel: the gateway dials its runner", job.job_id),
+                ),
+                Lookup::Ended(reason) => refuse(self, reason),
+                Lookup::Unknown => refuse(
+                    self,
+                    format!("job {job} is not registered with this gateway"),
+                ),
+            },
             Ok(Target::Job(job)) => match self.gw.registry.lookup(job) {
                 Lookup::Active(job, live) => {
                     self.state = State::Job {
@@ -81,7 +100,7 @@ impl Connection {
                 }
                 vec![login.clone()]
             }
-            State::Fresh | State::Refused => return None,
+            State::Fresh | State::Refused | State::Tunnel { .. } => return None,
         };
         for login in candidates {
             match self.gw.keys.keys(&login).await {
@@ -144,10 +163,68 @@ impl Connection {
         }
     }
 
+    /// The refusal that names what may follow: a password (the job token)
+    /// for a tunnel username only, so people are never asked for one.
+    pub(super) fn rejection(&self) -> Auth {
+        match self.state {
+            State::Tunnel { .. } => Auth::Reject {
+                proceed_with_methods: Some(MethodSet::from(&[MethodKind::Password][..])),
+                partial_success: false,
+            },
+            _ => Self::reject(),
+        }
+    }
+
+    /// A password: only a tunnel username takes one, and only its job's
+    /// token (compared as a hash, in constant time). Anything else spends
+    /// the failure budgets like a wrong key.
+    pub(super) fn password(&mut self, user: &str, password: &str) -> Auth {
+        self.resolve(user);
+        let proven = match &mut self.state {
+            State::Tunnel { job, proven, .. } if job.token_matches(password) => {
+                *proven = true;
+                Some(job.job_id)
+            }
+            _ => None,
+        };
+        let result = if proven.is_some() {
+            "success"
+        } else {
+            "failure"
+        };
+        if !matches!(self.state, State::Refused) {
+            self.gw.audit.record(
+                "tunnel_auth",
+                serde_json::json!({
+                    "conn": self.id,
+                    "result": result,
+                    "source": self.peer.to_string(),
+                    "user": self.user,
+                }),
+            );
+        }
+        match proven {
+            Some(job) => {
+                info!(conn = self.id, peer = %self.peer, %job, "tunnel authenticated");
+                Auth::Accept
+            }
+            None => {
+                info!(conn = self.id, peer = %self.peer, user = %self.user, "password refused");
+                if !matches!(self.state, State::Refused) {
+                    self.spend_failure(user);
+                }
+                self.rejection()
+            }
+        }
+    }
+
     /// A key offered before signing: accepted if it is one of the people
     /// this connection may be; a key nobody here has spends the budgets.
     pub(super) async fn offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Auth {
         self.resolve(user);
+        if matches!(self.state, State::Tunnel { .. }) {
+            return self.rejection();
+        }
         if crate::ssh::is_sha1_rsa(offer.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
             debug!(
                 conn = self.id,
@@ -170,6 +247,9 @@ impl Connection {
     /// A signed key: the login it belongs to becomes the connection's.
     pub(super) async fn verified(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Auth {
         self.resolve(user);
+        if matches!(self.state, State::Tunnel { .. }) {
+            return self.rejection();
+        }
         if crate::ssh::is_sha1_rsa(key.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
             info!(conn = self.id, peer = %self.peer, "ssh-rsa (SHA-1) signature refused");
             return Self::reject();
@@ -185,7 +265,7 @@ impl Connection {
         };
         match &mut self.state {
             State::Job { identity, .. } | State::Jump { identity, .. } => *identity = Some(who),
-            State::Fresh | State::Refused => return Self::reject(),
+            State::Fresh | State::Refused | State::Tunnel { .. } => return Self::reject(),
         }
         info!(conn = self.id, peer = %self.peer, %login, user, key = %crate::keys::fingerprint(key.public_key), "authenticated");
         self.audit_auth("success", key.public_key, Some(&login));
@@ -197,13 +277,17 @@ impl Connection {
     pub(super) async fn admit(&mut self, session: &mut Session) -> Result<(), russh::Error> {
         self.authenticated
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let State::Tunnel { proven: true, .. } = self.state {
+            self.attach_tunnel();
+            return Ok(());
+        }
         // One login's connections are bounded (each may hold channels and
         // upstream sockets), so one person cannot take the gateway's share.
         let who = match &self.state {
             State::Job { identity, .. } | State::Jump { identity, .. } => {
                 identity.as_ref().map(|i| i.login.to_string())
             }
-            State::Fresh | State::Refused => None,
+            State::Fresh | State::Refused | State::Tunnel { .. } => None,
         };
         if let Some(login) = who {
             let max = self.gw.config.ssh.max_connections_per_login;

@@ -47,6 +47,14 @@ pub(super) enum State {
         login: GithubLogin,
         identity: Option<Identity>,
     },
+    /// A runner's agent that will hold `job`'s tunnel once its job token
+    /// matched (`proven`); `down` tells the users of the tunnel it ended.
+    Tunnel {
+        job: Arc<Registration>,
+        live: Arc<Live>,
+        proven: bool,
+        down: tokio::sync::watch::Sender<bool>,
+    },
 }
 
 pub struct Connection {
@@ -120,7 +128,11 @@ impl server::Handler for Connection {
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
         self.resolve(user);
-        Ok(Self::reject())
+        Ok(self.rejection())
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.password(user, password))
     }
 
     async fn auth_publickey_offered(

@@ -43,8 +43,48 @@ impl Connection {
         })
         .map_err(|e| policy(e.to_string()))?;
         let job_id = target.job.job_id;
-        // The address rules again at the dial (DESIGN §4): whatever is
-        // stored, the gateway never connects to itself or to metadata.
+        let far = if target.job.tunnel {
+            // Never dialed: the agent opens the port on the runner's side
+            // (22 is its sshd there), if it allows it.
+            let link = target.live.tunnel().ok_or_else(|| {
+                (
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("job {job_id}: {}", crate::ssh::tunnel::TunnelError::Down),
+                )
+            })?;
+            let port = u16::try_from(port).unwrap_or(22);
+            Far::Tunnel { link, port }
+        } else {
+            self.far_by_dial(job_id, &target)?
+        };
+        if !self.guards.contains_key(&job_id) {
+            self.audit_session_start(login.as_str(), job_id, "jump")
+                .await
+                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
+        }
+        let shown = far.to_string();
+        self.audit_forward(job_id, "jump", &shown);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
+            slot.insert(target.live.enter(SessionInfo {
+                login: login.to_string(),
+                mode: "jump",
+                since: unix_now(),
+            }));
+            self.watch_kicks(&target.live);
+        }
+        info!(conn = self.id, %login, job = %job_id, to = %shown, "jump forward");
+        Ok(Dial { job_id, far })
+    }
+
+    /// A dialed runner's address (the address rules again at the dial,
+    /// DESIGN §4: whatever is stored, the gateway never connects to itself
+    /// or to metadata) and its place among the upstream sockets.
+    fn far_by_dial(
+        &self,
+        job_id: JobId,
+        target: &access::JumpTarget,
+    ) -> Result<Far, (ChannelOpenFailure, String)> {
+        let policy = |reason: String| (ChannelOpenFailure::AdministrativelyProhibited, reason);
         let addr = self
             .gw
             .dialable(SocketAddr::new(target.job.host, target.port))
@@ -65,26 +105,7 @@ impl Connection {
                     self.gw.upstream_socket_limit
                 ))
             })?;
-        if !self.guards.contains_key(&job_id) {
-            self.audit_session_start(login.as_str(), job_id, "jump")
-                .await
-                .map_err(|e| policy(format!("cannot record the session ({e}); refusing it")))?;
-        }
-        self.audit_forward(job_id, "jump", &addr.to_string());
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
-            slot.insert(target.live.enter(SessionInfo {
-                login: login.to_string(),
-                mode: "jump",
-                since: unix_now(),
-            }));
-            self.watch_kicks(&target.live);
-        }
-        info!(conn = self.id, %login, job = %job_id, %addr, "jump forward");
-        Ok(Dial {
-            job_id,
-            addr,
-            socket,
-        })
+        Ok(Far::Tcp { addr, socket })
     }
 
     /// Dials a jump forward's runner in the channel's own task, then
@@ -103,18 +124,51 @@ impl Connection {
         let usage = self.usage.clone();
         let conn = self.id;
         let timeout = self.gw.config.upstream.connect_timeout;
+        let gw = self.gw.clone();
         self.gw.tasks.spawn("jump forward", async move {
-            let Dial {
-                job_id,
-                addr,
-                socket,
-            } = dial;
+            let Dial { job_id, far } = dial;
+            let (addr, socket) = match far {
+                Far::Tcp { addr, socket } => (addr, socket),
+                Far::Tunnel { link, port } => {
+                    let refused = match link.open(port, timeout).await {
+                        Ok(up) => {
+                            reply.accept().await;
+                            let pipe = crate::ssh::tunnel::stream(&gw, up);
+                            let (r, w) = tokio::io::split(pipe);
+                            let far = (crate::ssh::splice::Reads(r), w);
+                            let moved =
+                                crate::ssh::splice::run(channel, far, Some(handle.clone()), &usage)
+                                    .await;
+                            let still_open = open.release();
+                            debug!(conn, ?moved, "jump forward through a tunnel closed");
+                            // An `ssh -J` whose tunnel dropped hears why.
+                            if stdio && still_open == 0 && *link.watch_down().borrow() {
+                                let reason = format!("ci-gateway: job {job_id}: the tunnel to its runner dropped; its agent reconnects by itself: connect again in a minute");
+                                crate::ssh::open::say_goodbye(&handle, reason).await;
+                            }
+                            return;
+                        }
+                        Err(e) => format!("job {job_id}: {e}"),
+                    };
+                    let still_open = open.release();
+                    info!(conn, "channel refused: {refused}");
+                    let disconnect = (stdio && still_open == 0).then_some(handle);
+                    refuse(reply, ChannelOpenFailure::ConnectFailed, refused, disconnect).await;
+                    return;
+                }
+            };
             let refused =
                 match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                     Ok(Ok(tcp)) => {
                         let _ = tcp.set_nodelay(true);
                         reply.accept().await;
-                        let moved = crate::ssh::splice::run(channel, tcp, handle, &usage).await;
+                        let moved = crate::ssh::splice::run(
+                            channel,
+                            crate::ssh::splice::tcp(tcp),
+                            Some(handle),
+                            &usage,
+                        )
+                        .await;
                         drop(socket);
                         open.release();
                         debug!(conn, ?moved, "jump forward closed");
@@ -143,7 +197,29 @@ impl Connection {
 /// A jump forward the policy allowed, about to be dialed.
 pub(super) struct Dial {
     job_id: JobId,
-    addr: SocketAddr,
-    /// Its place among the gateway's upstream sockets.
-    socket: tokio::sync::OwnedSemaphorePermit,
+    far: Far,
+}
+
+/// Where a jump forward goes.
+enum Far {
+    /// A runner the gateway dials, with the forward's place among the
+    /// gateway's upstream sockets.
+    Tcp {
+        addr: SocketAddr,
+        socket: tokio::sync::OwnedSemaphorePermit,
+    },
+    /// A port on the runner's side of its tunnel.
+    Tunnel {
+        link: std::sync::Arc<crate::ssh::tunnel::TunnelLink>,
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for Far {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Far::Tcp { addr, .. } => addr.fmt(f),
+            Far::Tunnel { port, .. } => write!(f, "tunnel:{port}"),
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub mod open;
 pub mod server;
 mod session;
 pub mod splice;
+pub mod tunnel;
 pub mod upstream;
 
 /// Ciphers offered on both sides: OpenSSH's default set (russh's default

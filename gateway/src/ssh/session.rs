@@ -16,6 +16,7 @@ use crate::ssh::upstream::{self, RunnerLink};
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.detach_tunnel();
         let Some((started, login)) = self.session.take() else {
             return;
         };
@@ -114,14 +115,16 @@ impl Connection {
                 Ok(runner) => {
                     info!(conn, job = %job_id, %login, "connected to runner");
                     let mut closed = runner.closed.clone();
+                    let tunnel_down = runner.tunnel_down.clone();
                     outcome.send_replace(Some(Ok(Arc::new(runner))));
-                    tokio::select! {
-                        closed = closed.wait_for(|c| *c) => match closed {
-                            Ok(_) => format!("ci-gateway: the runner of job {job_id} closed the connection"),
-                            Err(_) => return,
-                        },
+                    let ended = tokio::select! {
+                        closed = closed.wait_for(|c| *c) => closed.is_ok(),
                         _ = alive.changed() => return,
+                    };
+                    if !ended {
+                        return;
                     }
+                    closed_reason(job_id, tunnel_down).await
                 }
                 Err(e) => {
                     warn!(conn, job = %job_id, %login, "{e}");
@@ -185,4 +188,24 @@ impl Connection {
             }
         });
     }
+}
+
+/// Why the runner connection of `job` closed: its tunnel dropped (the
+/// tunnel's end is seen a moment after the connection through it ends), or
+/// the runner closed it.
+async fn closed_reason(
+    job: JobId,
+    tunnel_down: Option<tokio::sync::watch::Receiver<bool>>,
+) -> String {
+    if let Some(mut down) = tunnel_down {
+        let seen =
+            tokio::time::timeout(std::time::Duration::from_secs(1), down.wait_for(|d| *d)).await;
+        if matches!(seen, Ok(Ok(_))) {
+            return format!(
+                "ci-gateway: the tunnel to job {job}'s runner dropped; its agent reconnects by \
+                 itself: connect again in a minute"
+            );
+        }
+    }
+    format!("ci-gateway: the runner of job {job} closed the connection")
 }

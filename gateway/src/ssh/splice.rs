@@ -1,5 +1,7 @@
-//! Jump mode's byte path: a user's `direct-tcpip` channel spliced with a TCP
-//! connection to the runner.
+//! One SSH channel spliced with a byte stream: jump mode's `direct-tcpip`
+//! with a TCP connection to the runner, a tunnel channel with the in-memory
+//! pipe job mode's SSH client runs over, and on the agent's side a tunnel
+//! channel with the runner's local sshd.
 //!
 //! No buffer is held while a session is idle: channel data arrives as the
 //! packets russh already holds and is written to TCP as is; TCP data is read
@@ -9,9 +11,8 @@
 //! `release_window`), so at most one window is ever in flight per channel.
 
 use bytes::BytesMut;
-use russh::server::Msg;
-use russh::{Channel, ChannelMsg};
-use tokio::io::AsyncWriteExt;
+use russh::{Channel, ChannelId, ChannelMsg};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::ssh::channel::{Bytes, Usage};
 use crate::ssh::inbox::Inbox;
@@ -22,16 +23,71 @@ const READ_CHUNK: usize = 32 * 1024;
 /// Runs until the user's side is gone (the runner's EOF alone does not end
 /// it: the user may still be sending); adds what it moved to `usage` before
 /// it closes the channel.
-pub async fn run(
-    channel: Channel<Msg>,
+/// The far side's reads, one chunk at a time (`None` at its end).
+pub trait ReadChunk: Send {
+    fn read_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<Option<bytes::Bytes>>> + Send;
+}
+
+/// A TCP socket allocates its buffer only once data is there, so an idle
+/// splice holds none.
+impl ReadChunk for tokio::net::tcp::OwnedReadHalf {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        loop {
+            self.readable().await?;
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            match self.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(buf.freeze())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Any other reader (an in-memory pipe): one chunk buffer per read.
+pub struct Reads<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> ReadChunk for Reads<R> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        match self.0.read_buf(&mut buf).await? {
+            0 => Ok(None),
+            _ => Ok(Some(buf.freeze())),
+        }
+    }
+}
+
+/// A TCP connection as the far side of a splice.
+pub fn tcp(
     tcp: tokio::net::TcpStream,
-    handle: russh::server::Handle,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    tcp.into_split()
+}
+
+/// Splices `channel` with the far side (`far_r`, `far_w`). Channel requests
+/// that want a reply are answered no through `replies` (a server handle;
+/// `None` on the client side, where the peer sends none worth answering).
+pub async fn run<S, R, W>(
+    channel: Channel<S>,
+    (mut tcp_r, mut tcp_w): (R, W),
+    replies: Option<russh::server::Handle>,
     usage: &Usage,
-) -> Bytes {
+) -> Bytes
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    R: ReadChunk,
+    W: AsyncWrite + Unpin + Send,
+{
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     let (mut rx, tx) = channel.split();
-    let (tcp_r, mut tcp_w) = tcp.into_split();
-    let up = std::sync::atomic::AtomicU64::new(0);
-    let down = std::sync::atomic::AtomicU64::new(0);
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (got_eof, sent_eof) = (AtomicBool::new(false), AtomicBool::new(false));
     let to_runner = async {
         // A close is seen even while a write to a runner that stopped
         // reading waits; what was sent before it drains for a while.
@@ -45,20 +101,28 @@ pub async fn run(
                         Some(Err(_)) => break,
                         None => continue,
                     }
-                    up.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    up.fetch_add(len as u64, Relaxed);
                     if tx.release_window(len as u32).await.is_err() {
                         break;
                     }
                 }
                 ChannelMsg::Eof => {
                     let _ = tcp_w.shutdown().await;
+                    got_eof.store(true, Relaxed);
+                    // Both ways are done: nothing more to wait for (when
+                    // both ends are splices, neither would close first).
+                    if sent_eof.load(Relaxed) {
+                        break;
+                    }
                 }
                 ChannelMsg::Close => break,
                 msg => {
                     // A TCP forward takes no requests; each that wants a
                     // reply gets a no (russh leaves the answers to us).
-                    if crate::ssh::channel::wants_reply(&msg) {
-                        let _ = handle.channel_reply(tx.id(), false).await;
+                    if let Some(handle) = replies.as_ref() {
+                        if crate::ssh::channel::wants_reply(&msg) {
+                            let _ = handle.channel_reply(tx.id(), false).await;
+                        }
                     }
                 }
             }
@@ -67,22 +131,18 @@ pub async fn run(
     };
     let to_user = async {
         loop {
-            if tcp_r.readable().await.is_err() {
-                break;
-            }
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            match tcp_r.try_read_buf(&mut buf) {
-                Ok(0) => {
+            match tcp_r.read_chunk().await {
+                Ok(None) => {
                     let _ = tx.eof().await;
+                    sent_eof.store(true, Relaxed);
                     break;
                 }
-                Ok(k) => {
-                    down.fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
-                    if tx.data_bytes(buf.freeze()).await.is_err() {
+                Ok(Some(chunk)) => {
+                    down.fetch_add(chunk.len() as u64, Relaxed);
+                    if tx.data_bytes(chunk).await.is_err() {
                         break;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             }
         }
@@ -92,8 +152,9 @@ pub async fn run(
         tokio::select! {
             // The user's side is gone: stop reading the runner too.
             _ = &mut to_runner => {}
-            // The runner finished sending; the user may still send.
-            _ = to_user => to_runner.await,
+            // The runner finished sending; the user may still send,
+            // unless they already said they are done.
+            _ = to_user => if !got_eof.load(Relaxed) { to_runner.await },
         }
     }
     let moved = Bytes {

@@ -12,7 +12,8 @@ use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use tokio::sync::watch;
 
-use crate::registry::{Registration, RunnerLogin};
+use crate::registry::{Lookup, Registration, RunnerLogin};
+use crate::ssh::tunnel::{TunnelError, TunnelLink};
 use crate::Gateway;
 
 /// Why the runner could not be reached; each is one line for the user.
@@ -38,6 +39,22 @@ pub enum UpstreamError {
     Gone,
     #[error("could not sign a login certificate: {0}")]
     Certificate(String),
+    #[error("{0}")]
+    Tunnel(crate::ssh::tunnel::TunnelError),
+}
+
+/// What the gateway keeps one line of runner logins per: a dialed address,
+/// or a job's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RunnerKey {
+    Addr(std::net::SocketAddr),
+    Tunnel(crate::ids::JobId),
+}
+
+/// How the gateway reaches a runner's sshd.
+enum Via {
+    Dial(std::net::SocketAddr),
+    Tunnel(Arc<TunnelLink>),
 }
 
 /// The russh client handler: checks the host key, reports the end.
@@ -54,13 +71,8 @@ impl client::Handler for Runner {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let ok = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => {
-                self.pinned.iter().any(|p| crate::keys::same_key(p, key))
-            }
-            // Host certificates are not part of the registration contract.
-            PublicKeyOrCertificate::Certificate(_) => false,
-        };
+        // Host certificates are not part of the registration contract.
+        let ok = crate::keys::is_pinned(&self.pinned, key);
         if !ok {
             self.mismatch
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -88,6 +100,8 @@ pub struct RunnerConnection {
     pub handle: client::Handle<Runner>,
     /// Becomes `true` when the runner's side of the connection ends.
     pub closed: watch::Receiver<bool>,
+    /// Through a tunnel: becomes `true` when the tunnel drops.
+    pub tunnel_down: Option<watch::Receiver<bool>>,
     /// This connection's place among the gateway's upstream sockets.
     _socket: tokio::sync::OwnedSemaphorePermit,
 }
@@ -145,6 +159,7 @@ enum Handshake {
     Timeout,
     Mismatch,
     Failed(String),
+    Tunnel(TunnelError),
 }
 
 impl Handshake {
@@ -155,6 +170,7 @@ impl Handshake {
             }
             Handshake::Timeout => UpstreamError::Timeout(shown.to_string(), timeout),
             Handshake::Mismatch => UpstreamError::HostKeyMismatch(shown.to_string()),
+            Handshake::Tunnel(e) => UpstreamError::Tunnel(e),
         }
     }
 }
@@ -172,13 +188,45 @@ fn dropped(e: &russh::Error) -> bool {
     }
 }
 
-/// One TCP connect and SSH handshake (to the host key check) with `addr`.
-async fn handshake(
+type Connected = (client::Handle<Runner>, watch::Receiver<bool>);
+
+/// One way to the runner's sshd (a TCP connect, or a tunnel channel), then
+/// the SSH handshake over it (to the host key check).
+async fn attempt(
     gw: &Gateway,
-    addr: std::net::SocketAddr,
+    via: &Via,
     pinned: &[PublicKey],
     timeout: Duration,
-) -> Result<(client::Handle<Runner>, watch::Receiver<bool>), Handshake> {
+) -> Result<Connected, Handshake> {
+    match via {
+        Via::Dial(addr) => {
+            let tcp =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                    Err(_) => return Err(Handshake::Timeout),
+                    Ok(Err(e)) => return Err(Handshake::Failed(e.to_string())),
+                    Ok(Ok(tcp)) => tcp,
+                };
+            let _ = tcp.set_nodelay(true);
+            handshake(gw, tcp, pinned, timeout).await
+        }
+        Via::Tunnel(link) => {
+            let channel = link.open(22, timeout).await.map_err(Handshake::Tunnel)?;
+            let stream = crate::ssh::tunnel::stream(gw, channel);
+            handshake(gw, stream, pinned, timeout).await
+        }
+    }
+}
+
+/// The SSH handshake with the runner's sshd over `stream`.
+async fn handshake<S>(
+    gw: &Gateway,
+    stream: S,
+    pinned: &[PublicKey],
+    timeout: Duration,
+) -> Result<Connected, Handshake>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (closed_tx, closed) = watch::channel(false);
     let handler = Runner {
@@ -186,13 +234,7 @@ async fn handshake(
         mismatch: mismatch.clone(),
         closed: closed_tx,
     };
-    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Err(_) => return Err(Handshake::Timeout),
-        Ok(Err(e)) => return Err(Handshake::Failed(e.to_string())),
-        Ok(Ok(tcp)) => tcp,
-    };
-    let _ = tcp.set_nodelay(true);
-    let connecting = client::connect_stream(gw.upstream_config.clone(), tcp, handler);
+    let connecting = client::connect_stream(gw.upstream_config.clone(), stream, handler);
     match tokio::time::timeout(timeout, connecting).await {
         Err(_) => Err(Handshake::Timeout),
         Ok(Err(_)) if mismatch.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -210,17 +252,33 @@ pub async fn connect(
     job: &Registration,
     login: &str,
 ) -> Result<RunnerConnection, UpstreamError> {
-    let addr = gw
-        .dialable(std::net::SocketAddr::new(job.host, job.port))
-        .map_err(UpstreamError::Forbidden)?;
-    let shown = addr.to_string();
+    // A tunnel registration is never dialed: its runner is reached only
+    // through the tunnel its agent holds (DESIGN §10).
+    let (via, key, shown) = if job.tunnel {
+        let link = match gw.registry.lookup(job.job_id) {
+            Lookup::Active(_, live) => live.tunnel(),
+            _ => None,
+        }
+        .ok_or(UpstreamError::Tunnel(TunnelError::Down))?;
+        let shown = format!("127.0.0.1:{} (through its tunnel)", job.port);
+        (Via::Tunnel(link), RunnerKey::Tunnel(job.job_id), shown)
+    } else {
+        let addr = gw
+            .dialable(std::net::SocketAddr::new(job.host, job.port))
+            .map_err(UpstreamError::Forbidden)?;
+        (Via::Dial(addr), RunnerKey::Addr(addr), addr.to_string())
+    };
+    let tunnel_down = match &via {
+        Via::Tunnel(link) => Some(link.watch_down()),
+        Via::Dial(_) => None,
+    };
     let timeout = gw.config.upstream.connect_timeout;
     // A burst of logins to one runner waits in line here rather than being
     // dropped by the runner's sshd (MaxStartups): the line is part of
     // connecting, so it gets the connect timeout as its patience.
     let _in_line = gw
         .runner_handshakes
-        .enter(addr, timeout)
+        .enter(key, timeout)
         .await
         .ok_or_else(|| {
             gw.metrics
@@ -240,13 +298,13 @@ pub async fn connect(
         .iter()
         .filter_map(|k| crate::keys::parse_public_key(k).ok())
         .collect();
-    let (mut handle, closed) = match handshake(gw, addr, &pinned, timeout).await {
+    let (mut handle, closed) = match attempt(gw, &via, &pinned, timeout).await {
         Err(Handshake::Dropped(first)) => {
             // An sshd past its MaxStartups closes new connections at random;
             // one more try, after a short random pause, gets most through.
             let pause = Duration::from_millis(50 + rand::random::<u64>() % 200);
             tokio::time::sleep(pause).await;
-            match handshake(gw, addr, &pinned, timeout).await {
+            match attempt(gw, &via, &pinned, timeout).await {
                 Err(Handshake::Dropped(second)) => {
                     return Err(UpstreamError::DroppedTwice(
                         shown,
@@ -294,6 +352,7 @@ pub async fn connect(
         Ok(Ok(result)) if result.success() => Ok(RunnerConnection {
             handle,
             closed,
+            tunnel_down,
             _socket: socket,
         }),
         Ok(Ok(_)) => Err(UpstreamError::AuthRefused(

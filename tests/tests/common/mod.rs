@@ -224,8 +224,25 @@ impl RunnerSshd {
     /// A runner whose host key is of `key_kind` (as `ssh-keygen -t` takes
     /// it) and whose sshd_config has `extra` lines in place of defaults.
     pub fn start_with(dir: &Path, ip: &str, key_kind: &str, extra: &str) -> RunnerSshd {
+        Self::launch(dir, ip, key_kind, extra, None)
+    }
+
+    /// A runner inside network namespace `netns`, its sshd on that
+    /// namespace's own 127.0.0.1:22: nothing outside the namespace can
+    /// connect to it (the reverse tunnel's tests).
+    pub fn start_in_netns(dir: &Path, netns: &str) -> RunnerSshd {
+        Self::launch(dir, "127.0.0.1", "ed25519", "", Some(netns))
+    }
+
+    fn launch(
+        dir: &Path,
+        ip: &str,
+        key_kind: &str,
+        extra: &str,
+        netns: Option<&str>,
+    ) -> RunnerSshd {
         require_tools();
-        let dir = dir.join(format!("runner-{ip}"));
+        let dir = dir.join(format!("runner-{}", netns.unwrap_or(ip)));
         std::fs::create_dir_all(&dir).expect("mkdir");
         set_mode(&dir, 0o755);
         let host_key = keygen(&dir, &format!("ssh_host_{key_kind}_key"), key_kind);
@@ -239,9 +256,12 @@ impl RunnerSshd {
         // sshd needs a port number in its config; take a free one from the
         // kernel (a small race with other tests, retried below).
         for _attempt in 0..5 {
-            let port = {
-                let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind probe");
-                l.local_addr().expect("addr").port()
+            let port = match netns {
+                Some(_) => 22,
+                None => {
+                    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind probe");
+                    l.local_addr().expect("addr").port()
+                }
             };
             let config = dir.join("sshd_config");
             let defaults = format!(
@@ -265,7 +285,16 @@ impl RunnerSshd {
             text.push_str(extra);
             std::fs::write(&config, text).expect("write sshd_config");
             let log = dir.join("sshd.log");
-            let child = std::process::Command::new(sshd_path().expect("sshd"))
+            let mut command = match netns {
+                Some(ns) => {
+                    let mut c = std::process::Command::new("ip");
+                    c.args(["netns", "exec", ns])
+                        .arg(sshd_path().expect("sshd"));
+                    c
+                }
+                None => std::process::Command::new(sshd_path().expect("sshd")),
+            };
+            let child = command
                 .args(["-D", "-e", "-f"])
                 .arg(&config)
                 .stderr(std::fs::File::create(&log).expect("log"))
@@ -275,7 +304,15 @@ impl RunnerSshd {
             let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
             let mut child = child;
             for _ in 0..100 {
-                if std::net::TcpStream::connect(addr).is_ok() {
+                // A namespace's sshd cannot be reached from here: its log
+                // says when it listens.
+                let up = match netns {
+                    Some(_) => std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .contains("Server listening on"),
+                    None => std::net::TcpStream::connect(addr).is_ok(),
+                };
+                if up {
                     return RunnerSshd {
                         addr,
                         host_key_pub: host_key.public.clone(),
@@ -355,10 +392,21 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(data_dir: &Path, github_url: &str, extra: &[(&str, &str)]) -> Gateway {
-        let ssh_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1", data_dir, github_url, extra).await
+    }
+
+    /// The gateway listening on `ip` (a veth address a network namespace
+    /// reaches, in the tunnel's tests).
+    pub async fn start_on(
+        ip: &str,
+        data_dir: &Path,
+        github_url: &str,
+        extra: &[(&str, &str)],
+    ) -> Gateway {
+        let ssh_l = tokio::net::TcpListener::bind(format!("{ip}:0"))
             .await
             .expect("bind ssh");
-        let api_l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let api_l = tokio::net::TcpListener::bind(format!("{ip}:0"))
             .await
             .expect("bind api");
         let ssh = ssh_l.local_addr().expect("addr");
@@ -596,7 +644,20 @@ pub fn metric(text: &str, name: &str) -> u64 {
 /// process, with nothing inherited from a CI environment the tests might run
 /// in (GitHub's variables, ours, the Actions token endpoint, a CA bundle).
 pub fn agent_command() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ci-gateway-under-test"));
+    agent_command_in(None)
+}
+
+/// [`agent_command`], run inside network namespace `netns` if given.
+pub fn agent_command_in(netns: Option<&str>) -> tokio::process::Command {
+    let agent = env!("CARGO_BIN_EXE_ci-gateway-under-test");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = tokio::process::Command::new("ip");
+            c.args(["netns", "exec", ns, agent]);
+            c
+        }
+        None => tokio::process::Command::new(agent),
+    };
     for (name, _) in std::env::vars() {
         let inherited = ["GITHUB_", "CI_GATEWAY_", "ACTIONS_", "RUNNER_"]
             .iter()
@@ -713,7 +774,7 @@ pub async fn ssh(
         .position(|a| !a.starts_with('-'))
         .unwrap_or(extra.len());
     args.extend(extra[..split].iter().map(|s| s.to_string()));
-    args.push(format!("{user}@127.0.0.1"));
+    args.push(format!("{user}@{}", gw.ssh.ip()));
     args.extend(extra[split..].iter().map(|s| s.to_string()));
     run("ssh", &args, stdin).await
 }
@@ -748,8 +809,9 @@ pub fn jump_args(
     args.extend([
         "-o".into(),
         format!(
-            "ProxyCommand=ssh {inner} -p {} -W %h:%p {login}@127.0.0.1",
-            gw.ssh.port()
+            "ProxyCommand=ssh {inner} -p {} -W %h:%p {login}@{}",
+            gw.ssh.port(),
+            gw.ssh.ip()
         ),
         "-p".into(),
         port.to_string(),
@@ -757,6 +819,24 @@ pub fn jump_args(
     ]);
     args.extend(command.iter().map(|s| s.to_string()));
     args
+}
+
+/// A loopback port nothing listens on (a small race with other tests).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    l.local_addr().expect("addr").port()
+}
+
+/// `scp <from> <to>` through the gateway with `key`; a side written as
+/// `job:path` is that path on the job's runner.
+pub async fn scp(gw: &Gateway, key: &Path, from: &str, to: &str) -> Run {
+    let side = |s: &str| match s.split_once(':') {
+        Some((job, path)) => format!("{job}@{}:{path}", gw.ssh.ip()),
+        None => s.to_string(),
+    };
+    let mut args = client_opts(key);
+    args.extend(["-P".into(), gw.ssh.port().to_string(), side(from), side(to)]);
+    run("scp", &args, None).await
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after 20 s.
@@ -816,6 +896,20 @@ impl World {
 
     /// The world before its job registers (the runner agent's tests).
     pub async fn unregistered(runner_ip: &str, job: &str, extra: &[(&str, &str)]) -> World {
+        Self::assemble(job, extra, "127.0.0.1", |dir| {
+            RunnerSshd::start(dir, runner_ip)
+        })
+        .await
+    }
+
+    /// The world with its runner made by `runner` and the gateway on
+    /// `gateway_ip`, before its job registers.
+    pub async fn assemble(
+        job: &str,
+        extra: &[(&str, &str)],
+        gateway_ip: &str,
+        runner: impl FnOnce(&Path) -> RunnerSshd,
+    ) -> World {
         require_tools();
         let dir = tempdir();
         let octocat = keygen(dir.path(), "octocat", "ed25519");
@@ -827,11 +921,11 @@ impl World {
         github.set("mallory", &[&mallory.public]);
         github.set("hubot", &[&hubot.public]);
         github.set("the-admin", &[&admin.public]);
-        let runner = RunnerSshd::start(dir.path(), runner_ip);
+        let runner = runner(dir.path());
         let mut config = vec![("CI_GATEWAY__ACCESS__ADMINS", "the-admin")];
         config.extend_from_slice(extra);
         let data = dir.path().join("data");
-        let gateway = Gateway::start(&data, &github.url, &config).await;
+        let gateway = Gateway::start_on(gateway_ip, &data, &github.url, &config).await;
         World {
             dir,
             github,

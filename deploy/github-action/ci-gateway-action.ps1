@@ -25,15 +25,45 @@ New-Item -ItemType Directory -Force -Path $binDir | Out-Null
 if ($env:CI_GATEWAY_BINARY) {
     Copy-Item -Force $env:CI_GATEWAY_BINARY $exe
 } elseif (-not (Test-Path $exe)) {
-    if (-not $env:CI_GATEWAY_DOWNLOAD_URL) {
-        Say "no ci-gateway executable: set the 'binary' input (a path on the runner) or 'download-url'"
-        exit 1
+    $arm = $env:PROCESSOR_ARCHITECTURE -eq 'ARM64'
+    if ($env:CI_GATEWAY_DOWNLOAD_URL) {
+        $target = if ($arm) { 'aarch64-pc-windows-msvc' } else { 'x86_64-pc-windows-msvc' }
+        $url = $env:CI_GATEWAY_DOWNLOAD_URL.Replace('{target}', $target)
+        Say "downloading $url"
+        Invoke-WebRequest -UseBasicParsing -Uri $url -OutFile "$exe.tmp" -TimeoutSec 120
+        Move-Item -Force "$exe.tmp" $exe
+    } else {
+        # From the gateway this job registers with (agent and gateway match),
+        # checked against its SHA-256 and kept in the tool cache by it.
+        # A private CA (ca-cert) must be trusted by Windows itself here.
+        $platform = if ($arm) { 'windows-aarch64' } else { 'windows-x86_64' }
+        $base = "$($env:CI_GATEWAY_URL.TrimEnd('/'))/v1/agent/$platform"
+        $line = (Invoke-WebRequest -UseBasicParsing -Uri "$base.sha256" -TimeoutSec 60).Content
+        if ($line -is [byte[]]) { $line = [Text.Encoding]::ASCII.GetString($line) }
+        $sum = ($line -split '\s+')[0].ToLowerInvariant()
+        if ($sum -notmatch '^[0-9a-f]{64}$') {
+            Say "$base.sha256 is not a SHA-256 checksum line"
+            exit 1
+        }
+        $cacheRoot = if ($env:RUNNER_TOOL_CACHE) { $env:RUNNER_TOOL_CACHE } else { Join-Path $binDir 'cache' }
+        $cached = Join-Path $cacheRoot "ci-gateway\$sum\ci-gateway.exe"
+        if ((Test-Path $cached) -and ((Get-FileHash -Algorithm SHA256 $cached).Hash.ToLowerInvariant() -eq $sum)) {
+            Say "using the agent from the tool cache ($cached)"
+            Copy-Item -Force $cached $exe
+        } else {
+            Say "downloading the agent from $base"
+            Invoke-WebRequest -UseBasicParsing -Uri $base -OutFile "$exe.tmp" -TimeoutSec 300
+            $got = (Get-FileHash -Algorithm SHA256 "$exe.tmp").Hash.ToLowerInvariant()
+            if ($got -ne $sum) {
+                Remove-Item -Force "$exe.tmp"
+                Say "the agent from $base has SHA-256 $got, not the $sum the gateway published; refusing to run it"
+                exit 1
+            }
+            New-Item -ItemType Directory -Force -Path (Split-Path $cached) | Out-Null
+            Copy-Item -Force "$exe.tmp" $cached
+            Move-Item -Force "$exe.tmp" $exe
+        }
     }
-    $target = if ($env:PROCESSOR_ARCHITECTURE -eq 'ARM64') { 'aarch64-pc-windows-msvc' } else { 'x86_64-pc-windows-msvc' }
-    $url = $env:CI_GATEWAY_DOWNLOAD_URL.Replace('{target}', $target)
-    Say "downloading $url"
-    Invoke-WebRequest -UseBasicParsing -Uri $url -OutFile "$exe.tmp" -TimeoutSec 120
-    Move-Item -Force "$exe.tmp" $exe
 }
 
 $keys = if ($env:CI_GATEWAY_AUTHORIZED_KEYS) { $env:CI_GATEWAY_AUTHORIZED_KEYS } else {

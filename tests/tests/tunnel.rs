@@ -566,3 +566,66 @@ async fn a_tunnel_login_takes_only_its_own_jobs_token_and_people_are_never_asked
     let (status, answer) = w.gateway.register(&w.job, flipped).await;
     assert_eq!(status, 409, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_only_session_through_the_tunnel_holds_the_runner_until_it_leaves() {
+    let ns = Netns::create(3);
+    let w = world_in(&ns, "9876543308", &[]).await;
+    register(&w, &ns, &[]).await;
+    // `ssh -N -L`: no shell, only a forward, as an RDP user has.
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-p".into(),
+        w.gateway.ssh.port().to_string(),
+        "-N".into(),
+        "-L".into(),
+        format!("127.0.0.1:{}:127.0.0.1:22", free_port()),
+        format!("{}@{}", w.job, w.gateway.ssh.ip()),
+    ]);
+    let mut forward = tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh -N -L");
+    let live = w.live();
+    eventually("the forward-only session is counted", || {
+        live.active_sessions() == 1
+    })
+    .await;
+    // The job's steps are over: `runner wait` holds while someone is on.
+    let mut wait = agent(&w, &ns, "wait", &[]).spawn().expect("runner wait");
+    for _ in 0..200 {
+        let (_, job) = w.gateway.job(&w.job).await;
+        if job["hold"]["state"] == "holding" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, job) = w.gateway.job(&w.job).await;
+    assert_eq!(job["hold"]["state"], "holding", "{job}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        wait.try_wait().expect("try_wait").is_none(),
+        "wait returned while the forward was open"
+    );
+    let _ = forward.kill().await;
+    let done = tokio::time::timeout(Duration::from_secs(40), wait.wait_with_output())
+        .await
+        .expect("wait returns once the last session left")
+        .expect("wait");
+    assert_eq!(
+        done.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&done.stdout).contains("released"),
+        "{}",
+        String::from_utf8_lossy(&done.stdout)
+    );
+    deregister(&w, &ns).await;
+}

@@ -30,6 +30,8 @@ const GATEWAY_IP: &str = "127.0.0.203";
 const SINK_IP: &str = "127.0.0.204";
 const JOB: &str = "9000000001";
 const SINK_JOB: &str = "9000000002";
+/// The runner of `JOB` again, reached through its agent's reverse tunnel.
+const TUNNEL_JOB: &str = "9000000003";
 const TOKEN: &str = "bench-registration-token-0123456789";
 const GIB: u64 = 1 << 30;
 
@@ -40,7 +42,8 @@ struct Opts {
     /// Internal: run only the TCP sink (its own process, so that the load
     /// generator's descriptors and the sink's are counted apart).
     sink: bool,
-    /// Run only these cases (memory, jump, job, forward, setup, concurrency).
+    /// Run only these cases (memory, jump, job, forward, setup, concurrency,
+    /// tunnel).
     only: Option<Vec<String>>,
 }
 
@@ -64,7 +67,7 @@ impl Opts {
                 "--only" => {
                     only = Some(
                         args.next()
-                            .context("--only memory,jump,job,forward,setup,concurrency")?
+                            .context("--only memory,jump,job,forward,setup,concurrency,tunnel")?
                             .split(',')
                             .map(str::to_string)
                             .collect(),
@@ -211,6 +214,8 @@ struct Rig {
     gw_ssh: SocketAddr,
     sink: SocketAddr,
     _sink: Proc,
+    /// The agent process holding `TUNNEL_JOB`'s tunnel.
+    tunnel_agent: u32,
 }
 
 impl Rig {
@@ -308,6 +313,33 @@ data_dir = "{data}"
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        // The same runner once more, through a reverse tunnel its agent
+        // holds (the agent dials the sshd's own address on this machine).
+        let out = Command::new(&opts.gateway)
+            .args(["runner", "register", "--no-refresh", "--actor", "me"])
+            .args(["--gateway", &format!("http://{GATEWAY_IP}:{api_port}")])
+            .args(["--job-id", TUNNEL_JOB, "--user", &user, "--tunnel"])
+            .args(["--tunnel-host", RUNNER_IP])
+            .args(["--port", &runner.1.port().to_string()])
+            .arg("--host-key")
+            .arg(&host_pub)
+            .arg("--authorized-keys")
+            .arg(&runner_ak)
+            .arg("--state-dir")
+            .arg(&dir)
+            .env("CI_GATEWAY_TOKEN", TOKEN)
+            .output()?;
+        let printed = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "registering job {TUNNEL_JOB} with --tunnel: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tunnel_agent = printed
+            .lines()
+            .find(|l| l.contains("holding the tunnel"))
+            .and_then(|l| l.split("(pid ").nth(1)?.split(',').next()?.parse().ok())
+            .context("the tunnel agent's pid in register's output")?;
         Ok(Rig {
             dir,
             key,
@@ -318,6 +350,7 @@ data_dir = "{data}"
             gw_ssh,
             sink,
             _sink: sink_proc,
+            tunnel_agent,
         })
     }
 
@@ -342,6 +375,14 @@ data_dir = "{data}"
                 gw.port(),
                 gw.ip()
             ),
+            Route::TunnelJob => {
+                format!("ssh {o} {extra} -p {} {TUNNEL_JOB}@{}", gw.port(), gw.ip())
+            }
+            Route::TunnelJump => format!(
+                "ssh {o} {extra} -o ProxyCommand='ssh {o} {extra} -p {} -W %h:%p me@{}' -p 22 {user}@job-{TUNNEL_JOB}",
+                gw.port(),
+                gw.ip()
+            ),
             Route::OpensshJump => format!(
                 "ssh {o} {extra} -o ProxyCommand='ssh {o} {extra} -p {} -W %h:%p {user}@{}' -p {} {user}@{}",
                 jump.port(),
@@ -356,6 +397,11 @@ data_dir = "{data}"
     fn relay_cpu(&self, route: Route) -> f64 {
         match route {
             Route::GatewayJob | Route::GatewayJump => procs::cpu_seconds(self.gateway.pid(), false),
+            // Both ends of the tunnel relay: the gateway and the agent.
+            Route::TunnelJob | Route::TunnelJump => {
+                procs::cpu_seconds(self.gateway.pid(), false)
+                    + procs::cpu_seconds(self.tunnel_agent, false)
+            }
             // The listener reaps its per-connection processes: their CPU
             // lands in its cutime/cstime.
             Route::OpensshJump => procs::cpu_seconds(self.jump.0.pid(), true),
@@ -377,6 +423,8 @@ impl Drop for Rig {
 enum Route {
     GatewayJob,
     GatewayJump,
+    TunnelJob,
+    TunnelJump,
     OpensshJump,
 }
 
@@ -385,6 +433,8 @@ impl Route {
         match self {
             Route::GatewayJob => "gateway job mode",
             Route::GatewayJump => "gateway jump (-J)",
+            Route::TunnelJob => "gateway job mode, tunnel",
+            Route::TunnelJump => "gateway jump (-J), tunnel",
             Route::OpensshJump => "OpenSSH jump (-J)",
         }
     }
@@ -861,6 +911,53 @@ async fn concurrency(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Res
     Ok(())
 }
 
+/// The reverse tunnel against the same runner dialed directly: throughput
+/// both ways in both modes, and setup time (the "openssh" column is the
+/// direct route here).
+fn tunnel(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let n = plan.bytes;
+    let up = move |ssh: &str| format!("head -c {n} /dev/zero | {ssh} 'cat > /dev/null'");
+    let down = move |ssh: &str| format!("{ssh} 'head -c {n} /dev/zero' > /dev/null");
+    for (mode, a, b) in [
+        ("job mode", Route::TunnelJob, Route::GatewayJob),
+        ("jump", Route::TunnelJump, Route::GatewayJump),
+    ] {
+        for (dir, script) in [
+            ("upload", &up as &dyn Fn(&str) -> String),
+            ("download", &down),
+        ] {
+            let c = Comparison {
+                case: format!("tunnel {mode} {dir} vs direct (aes128-gcm)"),
+                a,
+                b,
+                extra: "-c aes128-gcm@openssh.com".into(),
+            };
+            throughput(rig, plan, report, &c, script)?;
+        }
+        let mut t: [Vec<f64>; 2] = [vec![], vec![]];
+        for i in 0..=plan.setup_samples {
+            for (k, r) in [a, b].iter().enumerate() {
+                let s = run_shell_fast(&format!("{} true", rig.route(*r, "")))?;
+                if i > 0 {
+                    t[k].push(s * 1000.0);
+                }
+            }
+        }
+        let case = format!("setup: tunnel {mode} vs direct");
+        for (metric, q) in [("p50", 0.5), ("p95", 0.95)] {
+            report.compare(
+                &case,
+                metric,
+                "ms",
+                &[percentile(&t[0], q)],
+                &[percentile(&t[1], q)],
+                false,
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The soft limit on open files this process (and its children) run with.
 fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
@@ -981,6 +1078,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if opts.runs("concurrency") {
         concurrency(&rig, &plan, &mut report).await?;
+    }
+    if opts.runs("tunnel") {
+        tunnel(&rig, &plan, &mut report)?;
     }
 
     let doc = json!({

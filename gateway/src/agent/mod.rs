@@ -136,6 +136,11 @@ pub struct RegisterArgs {
         default_value = "3389"
     )]
     pub tunnel_ports: Vec<u16>,
+    /// With --tunnel: the address on this machine the tunnel's far end
+    /// connects to, for the sshd and the ports (a loopback address, or the
+    /// one address the sshd listens on).
+    #[arg(long, env = "CI_GATEWAY_TUNNEL_HOST", default_value = "127.0.0.1")]
+    pub tunnel_host: std::net::IpAddr,
     /// With --tunnel: the gateway's SSH address (host:port), when the one it
     /// publishes is not the one this runner reaches.
     #[arg(long, env = "CI_GATEWAY_TUNNEL_SSH")]

@@ -285,6 +285,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
                 .tunnel_ssh
                 .clone()
                 .unwrap_or_else(|| info.ssh_address.clone()),
+            local_host: args.tunnel_host,
             sshd_port: args.port,
             ports: agreed_ports(&info.ports, &args.tunnel_ports),
             info: info.clone(),

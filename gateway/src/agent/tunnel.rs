@@ -50,16 +50,24 @@ pub(super) struct TunnelState {
     /// Where the agent connects (the gateway's published SSH address, or
     /// `--tunnel-ssh`).
     pub(super) ssh_address: String,
-    /// The runner's sshd, on this machine's loopback.
+    /// Where on this machine the far end connects (`--tunnel-host`).
+    #[serde(default = "loopback")]
+    pub(super) local_host: std::net::IpAddr,
+    /// The runner's sshd, on `local_host`.
     pub(super) sshd_port: u16,
     /// The other ports the agent opens (on loopback): those both the
     /// gateway and `--tunnel-port` allow.
     pub(super) ports: Vec<u16>,
 }
 
+fn loopback() -> std::net::IpAddr {
+    std::net::Ipv4Addr::LOCALHOST.into()
+}
+
 /// Where the gateway's channels may go on the runner's side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Routes {
+    host: std::net::IpAddr,
     sshd_port: u16,
     ports: Vec<u16>,
 }
@@ -67,6 +75,7 @@ pub(super) struct Routes {
 impl Routes {
     pub(super) fn of(state: &TunnelState) -> Routes {
         Routes {
+            host: state.local_host,
             sshd_port: state.sshd_port,
             ports: state.ports.clone(),
         }
@@ -82,7 +91,7 @@ impl Routes {
         } else {
             return None;
         };
-        Some(SocketAddr::from(([127, 0, 0, 1], local)))
+        Some(SocketAddr::new(self.host, local))
     }
 
     /// Connects to `addr` on this machine (the far end of a channel).
@@ -467,6 +476,7 @@ mod tests {
     #[test]
     fn only_the_sshd_and_agreed_ports_are_routed_to_loopback() {
         let routes = Routes {
+            host: loopback(),
             sshd_port: 2022,
             ports: agreed_ports(&[3389, 5900], &[3389, 8080, 22]),
         };

@@ -52,6 +52,7 @@ pub mod registry;
 pub mod secret;
 pub mod ssh;
 pub mod tasks;
+pub mod wsbridge;
 
 use std::sync::Arc;
 use std::time::Duration;

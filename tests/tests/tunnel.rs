@@ -155,6 +155,11 @@ fn agent(world: &World, ns: &Netns, sub: &str, extra: &[String]) -> tokio::proce
 
 /// `runner register --tunnel` for the world's runner, with `extra` options.
 async fn register(world: &World, ns: &Netns, extra: &[String]) -> Run {
+    register_with(world, ns, extra, &[]).await
+}
+
+/// [`register`] with `env` set for the agent too.
+async fn register_with(world: &World, ns: &Netns, extra: &[String], env: &[(&str, String)]) -> Run {
     let r = &world.runner;
     let mut args = vec![
         "--tunnel".to_string(),
@@ -170,10 +175,27 @@ async fn register(world: &World, ns: &Netns, extra: &[String]) -> Run {
         r.authorized_keys.display().to_string(),
     ];
     args.extend_from_slice(extra);
-    let run = finish(agent(world, ns, "register", &args)).await;
+    let mut cmd = agent(world, ns, "register", &args);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    let run = finish(cmd).await;
     assert_eq!(run.code, 0, "register --tunnel failed: {run:?}");
     world.adopt_agent_state();
     run
+}
+
+/// `ssh -J octocat@gateway runner@job-<id>` on `port`, running `command`.
+async fn jump(w: &World, port: u16, command: &[&str]) -> Run {
+    let dest = format!("job-{}", w.job);
+    ssh_jump(
+        &w.gateway,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &dest,
+        port,
+        command,
+    )
+    .await
 }
 
 async fn deregister(world: &World, ns: &Netns) {
@@ -297,31 +319,13 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
     let _ = forward.kill().await;
 
     // Jump mode: end to end with the runner's sshd through the tunnel.
-    let r = ssh_jump(
-        &w.gateway,
-        &w.octocat.path,
-        "octocat",
-        &w.runner.user,
-        &format!("job-{}", w.job),
-        22,
-        &["echo", "jumped"],
-    )
-    .await;
+    let r = jump(&w, 22, &["echo", "jumped"]).await;
     assert_eq!(r.stdout.trim(), "jumped", "{r:?}");
 
     // A port the gateway allows but the agent was not told to open: the
     // agent refuses it (a gateway cannot make the runner a pivot), and the
     // user reads why.
-    let r = ssh_jump(
-        &w.gateway,
-        &w.octocat.path,
-        "octocat",
-        &w.runner.user,
-        &format!("job-{}", w.job),
-        5900,
-        &["true"],
-    )
-    .await;
+    let r = jump(&w, 5900, &["true"]).await;
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
         r.stderr.contains("refuses port 5900"),
@@ -339,16 +343,7 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
         "the agent logs what it refused: {tunnel_log}"
     );
     // An allowed port where nothing listens on the runner's side.
-    let r = ssh_jump(
-        &w.gateway,
-        &w.octocat.path,
-        "octocat",
-        &w.runner.user,
-        &format!("job-{}", w.job),
-        3389,
-        &["true"],
-    )
-    .await;
+    let r = jump(&w, 3389, &["true"]).await;
     assert!(r.stderr.contains("nothing answers on port 3389"), "{r:?}");
 
     let audit = std::fs::read_to_string(w.dir.path().join("data/audit.jsonl")).expect("audit");
@@ -453,7 +448,13 @@ async fn a_tunnel_drop_ends_its_sessions_with_the_reason_and_the_agent_reconnect
         .await
         .expect("the session ends when its tunnel drops, not after its sleep")
         .expect("wait");
-    let stderr = String::from_utf8_lossy(&ended.stderr);
+    // (The runner's sshd logs at DEBUG1 with -e: its session child's lines
+    // reach the client's stderr; they are not ours.)
+    let stderr: String = String::from_utf8_lossy(&ended.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("debug"))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(
         stderr.contains(&format!("the tunnel to job {}'s runner dropped", w.job)),
         "the user reads why: {stderr}"
@@ -565,6 +566,21 @@ async fn a_tunnel_login_takes_only_its_own_jobs_token_and_people_are_never_asked
     flipped.as_object_mut().expect("object").remove("host");
     let (status, answer) = w.gateway.register(&w.job, flipped).await;
     assert_eq!(status, 409, "{answer}");
+
+    // The WebSocket endpoint: the job's token, a tunnel job, an upgrade.
+    let path = "/v1/jobs/9876543304/tunnel";
+    let (status, _) = w.gateway.http("GET", path, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = w.gateway.http("GET", path, Some(&b), None).await;
+    assert_eq!(status, 403, "another job's token");
+    let (status, body) = w.gateway.http("GET", path, Some(&a), None).await;
+    assert_eq!(status, 426, "not a WebSocket request: {body}");
+    let dialed_path = format!("/v1/jobs/{}/tunnel", w.job);
+    let (status, body) = w
+        .gateway
+        .http("GET", &dialed_path, Some(&dialed), None)
+        .await;
+    assert_eq!(status, 409, "a dialed job has no tunnel: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -628,4 +644,104 @@ async fn a_forward_only_session_through_the_tunnel_holds_the_runner_until_it_lea
         String::from_utf8_lossy(&done.stdout)
     );
     deregister(&w, &ns).await;
+}
+
+/// An HTTP proxy that takes `CONNECT host:port` only, as a corporate proxy
+/// in front of a network where only HTTPS leaves; records what it was asked.
+struct ConnectProxy {
+    addr: std::net::SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    async fn start(ip: &str) -> ConnectProxy {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        match client.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let target = match head.split_whitespace().collect::<Vec<_>>()[..] {
+                        ["CONNECT", target, ..] => target.to_string(),
+                        _ => {
+                            let _ = client.write_all(b"HTTP/1.1 405 CONNECT only\r\n\r\n").await;
+                            return;
+                        }
+                    };
+                    log.lock().expect("lock").push(target.clone());
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        ConnectProxy { addr, asked }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn where_only_https_leaves_the_tunnel_rides_a_websocket_through_the_proxy() {
+    let ns = Netns::create(4);
+    let w = world_in(&ns, "9876543309", &[]).await;
+    let proxy = ConnectProxy::start(&ns.host_ip).await;
+    // The gateway's SSH port is out of the runner's reach (a closed port
+    // stands in for a firewall); its API is reachable through the proxy.
+    let closed = format!("{}:1", ns.host_ip);
+    let via_proxy = [("HTTP_PROXY", format!("http://{}", proxy.addr))];
+    register_with(&w, &ns, &["--tunnel-ssh".into(), closed], &via_proxy).await;
+    tunnel_up(&w, 1).await;
+    let log = std::fs::read_to_string(
+        w.dir
+            .path()
+            .join("state/ci-gateway-state")
+            .join(format!("ci-gateway-job-{}.tunnel.log", w.job)),
+    )
+    .unwrap_or_default();
+    assert!(log.contains("in a WebSocket"), "{log}");
+    let asked = proxy.asked.lock().expect("lock").clone();
+    assert!(
+        asked.iter().all(|t| *t == w.gateway.api.to_string()),
+        "the proxy carried the API and nothing else: {asked:?}"
+    );
+    assert!(
+        asked.len() >= 2,
+        "the registration and the tunnel: {asked:?}"
+    );
+
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &["echo", "over-https"],
+        None,
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "over-https", "{r:?}");
+    let r = jump(&w, 22, &["echo", "jumped-over-https"]).await;
+    assert_eq!(r.stdout.trim(), "jumped-over-https", "{r:?}");
+    let mut cmd = agent(&w, &ns, "deregister", &[]);
+    cmd.envs(via_proxy.iter().map(|(k, v)| (k, v)));
+    assert_eq!(finish(cmd).await.code, 0);
 }

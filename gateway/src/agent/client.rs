@@ -44,7 +44,79 @@ pub enum Credential {
 pub struct Api {
     base: String,
     credential: Credential,
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Client<Https, Full<Bytes>>,
+    connector: Https,
+}
+
+type Https = hyper_rustls::HttpsConnector<Connect>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// TCP to the gateway, or through the proxy the environment names for its
+/// URL (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as curl
+/// reads them) with an HTTP CONNECT tunnel.
+#[derive(Clone)]
+pub enum Connect {
+    Direct(HttpConnector),
+    Proxied(hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>),
+}
+
+impl Connect {
+    /// The way to `base`, deciding once: the agent talks to one host.
+    fn to(base: &str, http: HttpConnector) -> Connect {
+        let matcher = hyper_util::client::proxy::matcher::Matcher::from_env();
+        let proxy = base
+            .parse::<hyper::Uri>()
+            .ok()
+            .and_then(|uri| matcher.intercept(&uri));
+        match proxy {
+            None => Connect::Direct(http),
+            Some(proxy) => {
+                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    proxy.uri().clone(),
+                    http,
+                );
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Connect::Proxied(tunnel)
+            }
+        }
+    }
+}
+
+impl tower::Service<hyper::Uri> for Connect {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        match self {
+            Connect::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Connect::Proxied(c) => c.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        match self {
+            Connect::Direct(c) => {
+                let connecting = c.call(uri);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+            Connect::Proxied(c) => {
+                let connecting = c.call(uri);
+                Box::pin(async move {
+                    connecting
+                        .await
+                        .map_err(|e| format!("through the proxy: {e:?}").into())
+                })
+            }
+        }
+    }
 }
 
 /// What went wrong, for the CI log.
@@ -164,19 +236,93 @@ impl Api {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(Connect::to(&base, http));
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(20))
-            .build(connector);
+            .build(connector.clone());
         Ok(Api {
             base,
             credential,
             http,
+            connector,
         })
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// A WebSocket to `path` on the gateway (the tunnel's HTTPS transport):
+    /// the same TLS roots, proxy and credential as every call.
+    pub async fn websocket(
+        &self,
+        path: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            hyper_util::rt::TokioIo<
+                hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+            >,
+        >,
+        ApiError,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tower::Service;
+        let transport = |reason: String| ApiError::Transport {
+            base: self.base.clone(),
+            reason,
+        };
+        let url = format!("{}{path}", self.base);
+        let uri: hyper::Uri = url.parse().map_err(|e| transport(format!("{e}")))?;
+        let ws_url = url.replacen("http", "ws", 1);
+        let mut request = ws_url
+            .into_client_request()
+            .map_err(|e| transport(e.to_string()))?;
+        let bearer = self.bearer().await?;
+        let value = format!("Bearer {}", bearer.expose())
+            .parse()
+            .map_err(|_| transport("the token is not a valid header value".into()))?;
+        request
+            .headers_mut()
+            .insert(hyper::header::AUTHORIZATION, value);
+        let connect = async {
+            let mut connector = self.connector.clone();
+            let stream = tower::ServiceExt::ready(&mut connector)
+                .await
+                .map_err(|e| transport(e.to_string()))?
+                .call(uri)
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(crate::wsbridge::MAX_MESSAGE))
+                .max_frame_size(Some(crate::wsbridge::MAX_MESSAGE));
+            tokio_tungstenite::client_async_with_config(
+                request,
+                hyper_util::rt::TokioIo::new(stream),
+                Some(config),
+            )
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => ApiError::Status {
+                    status: response.status(),
+                    message: response
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).chars().take(200).collect())
+                        .unwrap_or_default(),
+                    retry_after: None,
+                },
+                other => transport(other.to_string()),
+            })
+        };
+        let (ws, _) = tokio::time::timeout(REQUEST_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                transport(format!(
+                    "no WebSocket within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                ))
+            })??;
+        Ok(ws)
     }
 
     /// One call; a busy gateway (429, 5xx) is asked again, up to

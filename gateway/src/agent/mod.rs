@@ -141,6 +141,11 @@ pub struct RegisterArgs {
     /// one address the sshd listens on).
     #[arg(long, env = "CI_GATEWAY_TUNNEL_HOST", default_value = "127.0.0.1")]
     pub tunnel_host: std::net::IpAddr,
+    /// With --tunnel: how the tunnel reaches the gateway: `ssh` (its SSH
+    /// port), `websocket` (the API's port, through HTTPS_PROXY if set), or
+    /// `auto` (the SSH port, else the WebSocket).
+    #[arg(long, env = "CI_GATEWAY_TUNNEL_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
+    pub tunnel_transport: Transport,
     /// With --tunnel: the gateway's SSH address (host:port), when the one it
     /// publishes is not the one this runner reaches.
     #[arg(long, env = "CI_GATEWAY_TUNNEL_SSH")]

@@ -286,6 +286,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
                 .clone()
                 .unwrap_or_else(|| info.ssh_address.clone()),
             local_host: args.tunnel_host,
+            transport: args.tunnel_transport,
             sshd_port: args.port,
             ports: agreed_ports(&info.ports, &args.tunnel_ports),
             info: info.clone(),

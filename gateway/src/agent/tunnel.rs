@@ -38,6 +38,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each step of a connection attempt (TCP, handshake, login).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// In `auto`, how long the SSH port gets before the WebSocket is tried.
+const AUTO_SSH_PATIENCE: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lasted this long resets the backoff.
@@ -58,6 +60,83 @@ pub(super) struct TunnelState {
     /// The other ports the agent opens (on loopback): those both the
     /// gateway and `--tunnel-port` allow.
     pub(super) ports: Vec<u16>,
+    /// How the SSH stream reaches the gateway.
+    #[serde(default)]
+    pub(super) transport: Transport,
+}
+
+/// How the tunnel's SSH stream reaches the gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The SSH port first; the WebSocket when it cannot be reached (and
+    /// from then on, while the WebSocket works).
+    #[default]
+    Auto,
+    /// The gateway's SSH port only.
+    Ssh,
+    /// A WebSocket on the API's port (`/v1/jobs/{id}/tunnel`), through
+    /// `HTTPS_PROXY` if set: for networks where only HTTPS leaves.
+    Websocket,
+}
+
+/// A connected byte stream to the gateway's SSH server.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// A TCP connection to the gateway's SSH port.
+async fn over_ssh_port(state: &TunnelState, patience: Duration) -> Result<Stream, String> {
+    match tokio::time::timeout(patience, tokio::net::TcpStream::connect(&state.ssh_address)).await {
+        Err(_) => Err(format!("{}: connect timed out", state.ssh_address)),
+        Ok(Err(e)) => Err(format!("{}: {e}", state.ssh_address)),
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(Box::new(tcp))
+        }
+    }
+}
+
+/// The SSH stream in a WebSocket on the API's port.
+async fn over_websocket(api: &Api, job: &str) -> Result<Stream, String> {
+    use tokio_tungstenite::tungstenite::Message;
+    let ws = api
+        .websocket(&format!("/v1/jobs/{job}/tunnel"))
+        .await
+        .map_err(|e| format!("WebSocket to {}: {e}", api.base()))?;
+    let (stream, pump) = crate::wsbridge::pipe(ws, Message::Binary, |m| match m {
+        Message::Binary(bytes) => crate::wsbridge::Frame::Data(bytes),
+        Message::Close(_) => crate::wsbridge::Frame::Close,
+        _ => crate::wsbridge::Frame::Other,
+    });
+    tokio::spawn(pump);
+    Ok(Box::new(stream))
+}
+
+/// The stream for one attempt, by `transport`; `Auto` learns which works.
+async fn connect(
+    state: &TunnelState,
+    api: &Api,
+    job: &str,
+    learned: &mut Option<Transport>,
+) -> Result<Stream, String> {
+    match learned.unwrap_or(state.transport) {
+        Transport::Ssh => over_ssh_port(state, STEP_TIMEOUT).await,
+        Transport::Websocket => over_websocket(api, job).await,
+        Transport::Auto => {
+            match over_ssh_port(state, AUTO_SSH_PATIENCE).await {
+                Ok(stream) => Ok(stream),
+                Err(ssh) => {
+                    eprintln!("the SSH port is out of reach ({ssh}); trying the WebSocket on the API port");
+                    let stream = over_websocket(api, job)
+                        .await
+                        .map_err(|ws| format!("{ssh}; and {ws}"))?;
+                    *learned = Some(Transport::Websocket);
+                    Ok(stream)
+                }
+            }
+        }
+    }
 }
 
 fn loopback() -> std::net::IpAddr {
@@ -320,6 +399,7 @@ async fn hold_once(
     state: &TunnelState,
     token: &Secret<String>,
     path: &Path,
+    stream: Stream,
     up: &mut dyn FnMut(),
 ) -> Ended {
     let pinned: Vec<PublicKey> = state
@@ -343,19 +423,8 @@ async fn hold_once(
         closed: closed_tx,
     };
     let said = |g: &Arc<Mutex<Option<String>>>| g.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let tcp = match tokio::time::timeout(
-        STEP_TIMEOUT,
-        tokio::net::TcpStream::connect(&state.ssh_address),
-    )
-    .await
-    {
-        Err(_) => return Ended::Failed(format!("{}: connect timed out", state.ssh_address)),
-        Ok(Err(e)) => return Ended::Failed(format!("{}: {e}", state.ssh_address)),
-        Ok(Ok(tcp)) => tcp,
-    };
-    let _ = tcp.set_nodelay(true);
     let config = Arc::new(crate::ssh::upstream::client_config(KEEPALIVE));
-    let handshake = client::connect_stream(config, tcp, agent);
+    let handshake = client::connect_stream(config, stream, agent);
     let mut handle = match tokio::time::timeout(STEP_TIMEOUT, handshake).await {
         Err(_) => return Ended::Failed("the SSH handshake timed out".into()),
         Ok(Err(_)) if mismatch.load(Relaxed) => {
@@ -427,10 +496,20 @@ pub(super) async fn tunnel(common: Common) -> Result<ExitCode, Failure> {
     let token = Secret::new(state.job_token.clone().unwrap_or_default());
     let api = job_api(&common, Some(&state))?;
     let mut backoff = BACKOFF_MIN;
+    let mut learned = None;
     loop {
         let started = tokio::time::Instant::now();
-        let mut said_up = || eprintln!("tunnel up to {}", tunnel.ssh_address);
-        let ended = hold_once(&tunnel, &token, &path, &mut said_up).await;
+        let ended = match connect(&tunnel, &api, &job, &mut learned).await {
+            Ok(stream) => {
+                let shown = match learned.unwrap_or(tunnel.transport) {
+                    Transport::Websocket => format!("in a WebSocket to {}", api.base()),
+                    Transport::Ssh | Transport::Auto => format!("to {}", tunnel.ssh_address),
+                };
+                let mut said_up = || eprintln!("tunnel up, {shown}");
+                hold_once(&tunnel, &token, &path, stream, &mut said_up).await
+            }
+            Err(e) => Ended::Failed(e),
+        };
         match &ended {
             Ended::Deregistered => {
                 eprintln!("deregistered: stopping");
@@ -461,6 +540,10 @@ pub(super) async fn tunnel(common: Common) -> Result<ExitCode, Failure> {
         }
         if started.elapsed() >= STABLE {
             backoff = BACKOFF_MIN;
+        }
+        // What `auto` learned holds while it works; a failure asks again.
+        if matches!(ended, Ended::Failed(_)) {
+            learned = None;
         }
         let pause = jittered(backoff);
         eprintln!("reconnecting in {:.1}s", pause.as_secs_f64());

@@ -27,6 +27,7 @@ mod auth;
 pub mod downloads;
 mod jobs;
 pub mod serve;
+mod tunnel;
 mod wire;
 
 use auth::*;
@@ -101,6 +102,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             get(get_job).put(put_job).delete(delete_job),
         )
         .route("/v1/jobs/{job_id}/finished", post(finish_job))
+        .route("/v1/jobs/{job_id}/tunnel", get(tunnel::tunnel_websocket))
         .layer(middleware::from_fn_with_state(gw.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         // No credential: the binary is no secret; a budget per source.

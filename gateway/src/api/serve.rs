@@ -106,7 +106,9 @@ pub async fn run(
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let conn = http.serve_connection(TokioIo::new(stream), service);
+                            let conn = http
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades();
                             tokio::time::timeout(request_timeout * 20, until_done(conn, stopping))
                                 .await
                         }
@@ -114,7 +116,11 @@ pub async fn run(
                     }
                 }
                 None => {
-                    let conn = http.serve_connection(TokioIo::new(tcp), service);
+                    // Upgrades: the tunnel's WebSocket leaves the HTTP
+                    // connection (and its lifetime bound) once accepted.
+                    let conn = http
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades();
                     tokio::time::timeout(request_timeout * 20, until_done(conn, stopping)).await
                 }
             };
@@ -129,11 +135,11 @@ pub async fn run(
 /// in flight and closes (HTTP/1.1 graceful shutdown: no new request is read
 /// from a kept-alive connection).
 async fn until_done<I, S>(
-    conn: hyper::server::conn::http1::Connection<I, S>,
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
     stopping: impl std::future::Future<Output = ()>,
 ) -> hyper::Result<()>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming>,
     S::ResBody: 'static,
     <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -136,6 +136,10 @@ pub struct Ends {
     pub user_handle: server::Handle,
     pub runner_rx: ChannelReadHalf,
     pub runner_tx: ChannelWriteHalf<client::Msg>,
+    /// Through a tunnel: its end, and the line a user whose channel it cut
+    /// reads on stderr (before the close: a client may exit at the close,
+    /// before the connection's disconnect message arrives).
+    pub tunnel: Option<(tokio::sync::watch::Receiver<bool>, String)>,
 }
 
 /// Relays the channel until both sides are closed (or the runner's grace
@@ -148,6 +152,7 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
         user_handle,
         runner_rx,
         runner_tx,
+        tunnel,
     } = ends;
     let replies = Replies {
         due: Mutex::new(VecDeque::new()),
@@ -178,6 +183,12 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
             (n, status) = &mut down => {
                 bytes.to_user = n;
                 bytes.exit_status = status;
+                if let (None, Some((mut gone, line))) = (status, tunnel) {
+                    if crate::ssh::tunnel::dropped(&mut gone).await {
+                        let line = bytes::Bytes::from(format!("\r\n{line}\r\n"));
+                        let _ = user_tx.extended_data_bytes(1, line).await;
+                    }
+                }
             }
         }
     }

@@ -27,6 +27,27 @@ use crate::Gateway;
 
 pub type SharedHandle = Arc<OnceLock<server::Handle>>;
 
+/// A job-mode channel's runner side, and the tunnel it runs through if any.
+pub(super) struct Upstream {
+    channel: Channel<russh::client::Msg>,
+    tunnel: Option<(tokio::sync::watch::Receiver<bool>, String)>,
+}
+
+impl Upstream {
+    fn of(
+        runner: &crate::ssh::upstream::RunnerConnection,
+        channel: Channel<russh::client::Msg>,
+    ) -> Upstream {
+        Upstream {
+            channel,
+            tunnel: runner
+                .tunnel_down
+                .clone()
+                .map(|down| (down, crate::ssh::tunnel::dropped_line(runner.job))),
+        }
+    }
+}
+
 /// A user's identity once their key matched.
 #[derive(Debug, Clone)]
 pub(super) struct Identity {
@@ -179,7 +200,7 @@ impl server::Handler for Connection {
         self.relay(channel, reply, notices, async move {
             let runner = runner_for_channel(link).await?;
             match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
-                Ok(Ok(up)) => Ok(up),
+                Ok(Ok(up)) => Ok(Upstream::of(&runner, up)),
                 Ok(Err(e)) => Err(runner_refusal("a session", e)),
                 Err(_) => Err((
                     ChannelOpenFailure::ConnectFailed,
@@ -223,7 +244,7 @@ impl server::Handler for Connection {
                         originator_port,
                     );
                     match tokio::time::timeout(timeout, opened).await {
-                        Ok(Ok(up)) => Ok(up),
+                        Ok(Ok(up)) => Ok(Upstream::of(&runner, up)),
                         Ok(Err(e)) => Err(runner_refusal(&shown, e)),
                         Err(_) => Err((
                             ChannelOpenFailure::ConnectFailed,
@@ -255,9 +276,8 @@ impl Connection {
         notices: Option<NoticeChannels>,
         open: F,
     ) where
-        F: std::future::Future<
-                Output = Result<Channel<russh::client::Msg>, (ChannelOpenFailure, String)>,
-            > + Send
+        F: std::future::Future<Output = Result<Upstream, (ChannelOpenFailure, String)>>
+            + Send
             + 'static,
     {
         let Some(handle) = self.handle.get().cloned() else {
@@ -281,7 +301,7 @@ impl Connection {
             reply.accept().await;
             let _listed = notices.map(|set| Listed::new(set, channel.id()));
             let (user_rx, user_tx) = channel.split();
-            let (runner_rx, runner_tx) = up.split();
+            let (runner_rx, runner_tx) = up.channel.split();
             let bytes = crate::ssh::channel::run(
                 crate::ssh::channel::Ends {
                     user_rx,
@@ -289,6 +309,7 @@ impl Connection {
                     user_handle: handle,
                     runner_rx,
                     runner_tx,
+                    tunnel: up.tunnel,
                 },
                 &usage,
             )

@@ -127,59 +127,54 @@ impl Connection {
         let gw = self.gw.clone();
         self.gw.tasks.spawn("jump forward", async move {
             let Dial { job_id, far } = dial;
-            let (addr, socket) = match far {
-                Far::Tcp { addr, socket } => (addr, socket),
-                Far::Tunnel { link, port } => {
-                    let refused = match link.open(port, timeout).await {
-                        Ok(up) => {
-                            reply.accept().await;
-                            let pipe = crate::ssh::tunnel::stream(&gw, up);
-                            let (r, w) = tokio::io::split(pipe);
-                            let far = (crate::ssh::splice::Reads(r), w);
-                            let moved =
-                                crate::ssh::splice::run(channel, far, Some(handle.clone()), &usage)
-                                    .await;
-                            let still_open = open.release();
-                            debug!(conn, ?moved, "jump forward through a tunnel closed");
-                            // An `ssh -J` whose tunnel dropped hears why.
-                            if stdio && still_open == 0 && *link.watch_down().borrow() {
-                                let reason = format!("ci-gateway: job {job_id}: the tunnel to its runner dropped; its agent reconnects by itself: connect again in a minute");
-                                crate::ssh::open::say_goodbye(&handle, reason).await;
-                            }
-                            return;
-                        }
-                        Err(e) => format!("job {job_id}: {e}"),
-                    };
-                    let still_open = open.release();
-                    info!(conn, "channel refused: {refused}");
-                    let disconnect = (stdio && still_open == 0).then_some(handle);
-                    refuse(reply, ChannelOpenFailure::ConnectFailed, refused, disconnect).await;
-                    return;
-                }
-            };
-            let refused =
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                    Ok(Ok(tcp)) => {
-                        let _ = tcp.set_nodelay(true);
+            let refused = match far {
+                Far::Tunnel { link, port } => match link.open(port, timeout).await {
+                    Ok(up) => {
                         reply.accept().await;
-                        let moved = crate::ssh::splice::run(
-                            channel,
-                            crate::ssh::splice::tcp(tcp),
-                            Some(handle),
-                            &usage,
-                        )
-                        .await;
-                        drop(socket);
-                        open.release();
-                        debug!(conn, ?moved, "jump forward closed");
+                        let pipe = crate::ssh::tunnel::stream(&gw, up);
+                        let (r, w) = tokio::io::split(pipe);
+                        let far = (crate::ssh::splice::Reads(r), w);
+                        let moved =
+                            crate::ssh::splice::run(channel, far, Some(handle.clone()), &usage)
+                                .await;
+                        let still_open = open.release();
+                        debug!(conn, ?moved, "jump forward through a tunnel closed");
+                        // An `ssh -J` whose tunnel dropped hears why.
+                        if stdio
+                            && still_open == 0
+                            && crate::ssh::tunnel::dropped(&mut link.watch_down()).await
+                        {
+                            let reason = crate::ssh::tunnel::dropped_line(job_id);
+                            crate::ssh::open::say_goodbye(&handle, reason).await;
+                        }
                         return;
                     }
-                    Ok(Err(e)) => format!("job {job_id}: the runner at {addr} is unreachable: {e}"),
-                    Err(_) => format!(
-                        "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
-                    ),
-                };
-            drop(socket);
+                    Err(e) => format!("job {job_id}: {e}"),
+                },
+                Far::Tcp { addr, socket } => {
+                    let dialed =
+                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr));
+                    match dialed.await {
+                        Ok(Ok(tcp)) => {
+                            let _ = tcp.set_nodelay(true);
+                            reply.accept().await;
+                            let far = crate::ssh::splice::tcp(tcp);
+                            let moved =
+                                crate::ssh::splice::run(channel, far, Some(handle), &usage).await;
+                            drop(socket);
+                            open.release();
+                            debug!(conn, ?moved, "jump forward closed");
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            format!("job {job_id}: the runner at {addr} is unreachable: {e}")
+                        }
+                        Err(_) => format!(
+                            "job {job_id}: the runner at {addr} did not answer within {timeout:?}"
+                        ),
+                    }
+                }
+            };
             let still_open = open.release();
             info!(conn, "channel refused: {refused}");
             let disconnect = (stdio && still_open == 0).then_some(handle);

@@ -3,7 +3,7 @@
 //! connection deadline, and russh's server configuration.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use russh::keys::PrivateKey;
@@ -80,7 +80,6 @@ async fn accept_loop(
     // Per source address, an IPv6 /64 counting as one (as the failure limits do).
     let per_source = Arc::new(crate::limits::Counted::<IpAddr>::default());
     let mut backoff = std::time::Duration::from_millis(10);
-    let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -123,10 +122,10 @@ async fn accept_loop(
         };
         let open = gw.max_user_connections - limit.available_permits();
         peak.fetch_max(open, Ordering::Relaxed);
-        next_id += 1;
-        let id = next_id;
+        let id = next_id();
         let gw = gw.clone();
         let config = config.clone();
+        let _ = stream.set_nodelay(true);
         gw.tasks.clone().spawn("ssh connection", async move {
             serve_connection(gw, config, stream, peer, id).await;
             drop(slot);
@@ -169,14 +168,34 @@ async fn give_back_memory(limit: &Semaphore, max: usize, peak: &AtomicUsize) {
     }
 }
 
-async fn serve_connection(
+/// A connection id, unique over the SSH port and the API's WebSocket
+/// tunnels (a job's tunnel is told apart by it).
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Serves an SSH connection carried in a WebSocket on the API listener (a
+/// runner's tunnel where only HTTPS leaves its network): the same server,
+/// authentication and limits as the SSH port, with the API peer's address.
+pub async fn serve_websocket(gw: Arc<Gateway>, stream: tokio::io::DuplexStream, peer: SocketAddr) {
+    if let Some(wait) = gw.auth_limits.source_blocked(peer.ip()) {
+        debug!(%peer, "websocket tunnel refused: too many failed logins ({}s left)", wait.as_secs());
+        return;
+    }
+    let config = Arc::new(russh_config(&gw.config.ssh, gw.host_keys.clone()));
+    serve_connection(gw, config, stream, peer, next_id()).await;
+}
+
+async fn serve_connection<S>(
     gw: Arc<Gateway>,
     config: Arc<Config>,
-    stream: tokio::net::TcpStream,
+    stream: S,
     peer: SocketAddr,
     id: u64,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shared = Arc::new(OnceLock::new());
     let handler = Connection::new(gw.clone(), peer, id, shared.clone());
     let authenticated = handler.authenticated.clone();

@@ -190,21 +190,15 @@ impl Connection {
     }
 }
 
-/// Why the runner connection of `job` closed: its tunnel dropped (the
-/// tunnel's end is seen a moment after the connection through it ends), or
-/// the runner closed it.
+/// Why the runner connection of `job` closed: its tunnel dropped, or the
+/// runner closed it.
 async fn closed_reason(
     job: JobId,
     tunnel_down: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> String {
     if let Some(mut down) = tunnel_down {
-        let seen =
-            tokio::time::timeout(std::time::Duration::from_secs(1), down.wait_for(|d| *d)).await;
-        if matches!(seen, Ok(Ok(_))) {
-            return format!(
-                "ci-gateway: the tunnel to job {job}'s runner dropped; its agent reconnects by \
-                 itself: connect again in a minute"
-            );
+        if crate::ssh::tunnel::dropped(&mut down).await {
+            return crate::ssh::tunnel::dropped_line(job);
         }
     }
     format!("ci-gateway: the runner of job {job} closed the connection")

@@ -101,6 +101,21 @@ impl TunnelLink {
     }
 }
 
+/// What a user whose session went through a tunnel that dropped reads.
+pub fn dropped_line(job: crate::ids::JobId) -> String {
+    format!(
+        "ci-gateway: the tunnel to job {job}'s runner dropped; its agent reconnects by itself: \
+         connect again in a minute"
+    )
+}
+
+/// Whether the tunnel behind `down` dropped, within a moment: its end is
+/// seen just after the streams through it end.
+pub async fn dropped(down: &mut watch::Receiver<bool>) -> bool {
+    let seen = tokio::time::timeout(Duration::from_secs(1), down.wait_for(|d| *d)).await;
+    matches!(seen, Ok(Ok(_)))
+}
+
 /// A tunnel channel as a byte stream for an SSH client or a splice: a task
 /// splices the channel with one end of an in-memory pipe. Flow control stays
 /// end to end: the channel's window is given back only once the bytes were

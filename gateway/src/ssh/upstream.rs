@@ -102,6 +102,7 @@ pub struct RunnerConnection {
     pub closed: watch::Receiver<bool>,
     /// Through a tunnel: becomes `true` when the tunnel drops.
     pub tunnel_down: Option<watch::Receiver<bool>>,
+    pub job: crate::ids::JobId,
     /// This connection's place among the gateway's upstream sockets.
     _socket: tokio::sync::OwnedSemaphorePermit,
 }
@@ -353,6 +354,7 @@ pub async fn connect(
             handle,
             closed,
             tunnel_down,
+            job: job.job_id,
             _socket: socket,
         }),
         Ok(Ok(_)) => Err(UpstreamError::AuthRefused(

@@ -662,7 +662,9 @@ pub fn agent_command_in(netns: Option<&str>) -> tokio::process::Command {
         let inherited = ["GITHUB_", "CI_GATEWAY_", "ACTIONS_", "RUNNER_"]
             .iter()
             .any(|p| name.starts_with(p));
-        if inherited || name == "SSL_CERT_FILE" {
+        // A proxy of the machine's would carry the agent's loopback calls.
+        let proxy = name.to_ascii_lowercase().ends_with("_proxy");
+        if inherited || proxy || name == "SSL_CERT_FILE" {
             cmd.env_remove(name);
         }
     }

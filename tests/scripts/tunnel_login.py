@@ -1,10 +1,12 @@
 """Logs in to the gateway with a password, as a runner's agent does for its
 tunnel (or as an attacker trying one on a person's username).
 
-usage: tunnel_login.py HOST PORT USER PASSWORD
+usage: tunnel_login.py HOST PORT USER PASSWORD [PROBE_HOST PROBE_PORT]
 
 Prints one JSON line: the methods the gateway offers after "none", whether
-the password was accepted, and the error if not.
+the password was accepted, and the error if not. Logged in, with a probe
+address, it also tries what an agent must never get from the gateway: a
+session, a direct-tcpip channel to the probe address, a remote forward.
 """
 import json
 import socket
@@ -39,5 +41,19 @@ try:
     result["accepted"] = t.is_authenticated()
 except Exception as e:
     result["error"] = "%s: %s" % (type(e).__name__, e)
+if result["accepted"] and len(sys.argv) > 6:
+    probe = (sys.argv[5], int(sys.argv[6]))
+    got = {}
+    for name, attempt in [
+        ("session", lambda: t.open_session(timeout=10)),
+        ("direct_tcpip", lambda: t.open_channel("direct-tcpip", probe, ("127.0.0.1", 4242), timeout=10)),
+        ("remote_forward", lambda: t.request_port_forward("127.0.0.1", 0)),
+    ]:
+        try:
+            attempt()
+            got[name] = "opened"
+        except Exception as e:
+            got[name] = "refused: %s" % type(e).__name__
+    result["probes"] = got
 print(json.dumps(result))
 t.close()

@@ -479,13 +479,27 @@ async fn a_tunnel_drop_ends_its_sessions_with_the_reason_and_the_agent_reconnect
 /// Runs `tunnel_login.py` against the gateway: the methods it offers `user`
 /// and whether `password` logs in.
 async fn password_login(gw: &Gateway, user: &str, password: &str) -> Value {
-    let args = vec![
+    password_login_probing(gw, user, password, None).await
+}
+
+/// [`password_login`]; logged in, it also asks for a session, a
+/// direct-tcpip channel to `probe` and a remote forward.
+async fn password_login_probing(
+    gw: &Gateway,
+    user: &str,
+    password: &str,
+    probe: Option<std::net::SocketAddr>,
+) -> Value {
+    let mut args = vec![
         format!("{}/scripts/tunnel_login.py", env!("CARGO_MANIFEST_DIR")),
         gw.ssh.ip().to_string(),
         gw.ssh.port().to_string(),
         user.to_string(),
         password.to_string(),
     ];
+    if let Some(p) = probe {
+        args.extend([p.ip().to_string(), p.port().to_string()]);
+    }
     let r = run(PYTHON, &args, None).await;
     assert_eq!(r.code, 0, "tunnel_login.py ran (python3-paramiko?): {r:?}");
     serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r:?}"))
@@ -525,9 +539,16 @@ async fn a_tunnel_login_takes_only_its_own_jobs_token_and_people_are_never_asked
     // Nor does the registration token.
     let r = password_login(&w.gateway, "tunnel+9876543304", TOKEN).await;
     assert_eq!(r["accepted"], false, "{r}");
-    // Its own does.
-    let r = password_login(&w.gateway, "tunnel+9876543304", &a).await;
+    // Its own does, and gives nothing but the tunnel: a runner (or whoever
+    // holds its token) cannot use the gateway as a proxy, not even to a
+    // runner that is one hop away.
+    let probe = Some(w.runner.addr);
+    let r = password_login_probing(&w.gateway, "tunnel+9876543304", &a, probe).await;
     assert_eq!(r["accepted"], true, "{r}");
+    for probe in ["session", "direct_tcpip", "remote_forward"] {
+        let got = r["probes"][probe].as_str().unwrap_or_default();
+        assert!(got.starts_with("refused"), "{probe}: {r}");
+    }
 
     // A job the gateway dials has no tunnel login, even with its token.
     let dialed = w.gateway.token_for(&w.job);

@@ -23,8 +23,8 @@ def transport():
     return t
 
 
-# Two connections: after a failed "none", paramiko asks for the userauth
-# service again, which russh (like RFC 4252 allows) does not answer.
+# Two connections: the methods offered after "none" on a fresh one, and the
+# password on another, so each answer stands on its own.
 offered = []
 t = transport()
 try:

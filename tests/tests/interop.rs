@@ -678,3 +678,22 @@ async fn a_late_reply_answers_its_own_request() {
     assert!(r.stderr.contains("refused to allocate pty"), "{r:?}");
     assert!(!r.stderr.contains("refused to start"), "{r:?}");
 }
+
+/// paramiko (Fabric, Ansible's paramiko connection) asks for the userauth
+/// service again before each key it tries. russh ignored the repeat, so a
+/// second key never got an answer: the client hung until the gateway's
+/// authentication deadline (vendor/russh/PATCH.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paramiko_gets_in_with_its_second_key() {
+    let w = World::new("127.0.0.163", "9876543163").await;
+    let args = vec![
+        format!("{}/scripts/two_keys.py", env!("CARGO_MANIFEST_DIR")),
+        w.gateway.ssh.ip().to_string(),
+        w.gateway.ssh.port().to_string(),
+        w.job.clone(),
+        w.mallory.path.display().to_string(),
+        w.octocat.path.display().to_string(),
+    ];
+    let r = run("/usr/bin/python3", &args, None).await;
+    assert_eq!(r.stdout.trim(), "second-key-in", "{r:?}");
+}

@@ -105,6 +105,22 @@ impl Session {
                 }
                 Ok(())
             }
+            // ci-gateway patch: a repeated "ssh-userauth" service request
+            // during authentication is accepted again, the auth state kept.
+            // paramiko sends one before every auth_* call; ignored, its
+            // second attempt (a second key) waited for an answer forever.
+            (EncryptedState::WaitingAuthRequest(_), Some((&msg::SERVICE_REQUEST, mut r))) => {
+                let request = map_err!(String::decode(&mut r))?;
+                map_err!(ensure_end(&r))?;
+                if request == "ssh-userauth" {
+                    let write = &mut enc.write;
+                    push_packet!(write, {
+                        write.push(msg::SERVICE_ACCEPT);
+                        map_err!("ssh-userauth".encode(write))?;
+                    });
+                }
+                Ok(())
+            }
             (EncryptedState::WaitingAuthRequest(_), Some((&msg::USERAUTH_REQUEST, mut r))) => {
                 enc.server_read_auth_request(
                     rejection_wait_until,

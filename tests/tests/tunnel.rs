@@ -331,13 +331,7 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
         r.stderr.contains("refuses port 5900"),
         "the refusal names the port: {r:?}"
     );
-    let tunnel_log = std::fs::read_to_string(
-        w.dir
-            .path()
-            .join("state/ci-gateway-state")
-            .join(format!("ci-gateway-job-{}.tunnel.log", w.job)),
-    )
-    .unwrap_or_default();
+    let tunnel_log = tunnel_log(&w);
     assert!(
         tunnel_log.contains("refused the gateway's channel to port 5900"),
         "the agent logs what it refused: {tunnel_log}"
@@ -351,7 +345,19 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
 
     // Deregistering ends the tunnel process too (it watches the state file).
     deregister(&w, &ns).await;
-    for _ in 0..100 {
+    tunnel_process_ends(&w, "the deregistration").await;
+}
+
+/// What the agent's `runner tunnel` process logged.
+fn tunnel_log(w: &World) -> String {
+    let dir = w.dir.path().join("state/ci-gateway-state");
+    std::fs::read_to_string(dir.join(format!("ci-gateway-job-{}.tunnel.log", w.job)))
+        .unwrap_or_default()
+}
+
+/// Waits until `w`'s `runner tunnel` process is gone; panics naming `after`.
+async fn tunnel_process_ends(w: &World, after: &str) {
+    for _ in 0..150 {
         let tunnel_running = std::process::Command::new("pgrep")
             .args(["-f", &format!("runner tunnel --job-id {}", w.job)])
             .status()
@@ -361,7 +367,7 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the tunnel process outlived the deregistration");
+    panic!("the tunnel process outlived {after}");
 }
 
 fn rand_byte() -> u8 {
@@ -733,13 +739,7 @@ async fn where_only_https_leaves_the_tunnel_rides_a_websocket_through_the_proxy(
     let via_proxy = [("HTTP_PROXY", format!("http://{}", proxy.addr))];
     register_with(&w, &ns, &["--tunnel-ssh".into(), closed], &via_proxy).await;
     tunnel_up(&w, 1).await;
-    let log = std::fs::read_to_string(
-        w.dir
-            .path()
-            .join("state/ci-gateway-state")
-            .join(format!("ci-gateway-job-{}.tunnel.log", w.job)),
-    )
-    .unwrap_or_default();
+    let log = tunnel_log(&w);
     assert!(log.contains("in a WebSocket"), "{log}");
     let asked = proxy.asked.lock().expect("lock").clone();
     assert!(
@@ -765,4 +765,23 @@ async fn where_only_https_leaves_the_tunnel_rides_a_websocket_through_the_proxy(
     let mut cmd = agent(&w, &ns, "deregister", &[]);
     cmd.envs(via_proxy.iter().map(|(k, v)| (k, v)));
     assert_eq!(finish(cmd).await.code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_the_gateway_ends_closes_its_tunnel_and_the_agent_stops() {
+    let ns = Netns::create(5);
+    let w = world_in(&ns, "9876543310", &[]).await;
+    register(&w, &ns, &[]).await;
+    tunnel_up(&w, 1).await;
+    // Ended at the gateway (as a hold that ran out or an expiry does), with
+    // the agent's state file still in place.
+    let (status, body) = w.gateway.call("DELETE", &w.job, "").await;
+    assert_eq!(status, 200, "{body}");
+    tunnel_process_ends(&w, "its job").await;
+    let log = tunnel_log(&w);
+    assert!(
+        log.contains("tunnel dropped: ci-gateway: job"),
+        "the gateway said why it closed the tunnel: {log}"
+    );
+    assert!(log.contains("ended at the gateway: stopping"), "{log}");
 }

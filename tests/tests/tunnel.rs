@@ -281,23 +281,7 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
     // A -L forward, opened by the runner's sshd inside the namespace: to
     // that namespace's own sshd, whose banner comes back.
     let port = free_port();
-    let mut args = client_opts(&w.octocat.path);
-    args.extend([
-        "-p".into(),
-        w.gateway.ssh.port().to_string(),
-        "-N".into(),
-        "-L".into(),
-        format!("127.0.0.1:{port}:127.0.0.1:22"),
-        format!("{}@{}", w.job, w.gateway.ssh.ip()),
-    ]);
-    let mut forward = tokio::process::Command::new("ssh")
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ssh -L");
+    let mut forward = forward_only(&w, port);
     let mut banner = String::new();
     for _ in 0..100 {
         if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -348,6 +332,28 @@ async fn a_runner_the_gateway_cannot_dial_serves_both_modes_scp_and_forwards_thr
     tunnel_process_ends(&w, "the deregistration").await;
 }
 
+/// `ssh -N -L 127.0.0.1:<port>:127.0.0.1:22 <job>@gateway`: no shell, only
+/// a forward (to the runner's side's own sshd), running until killed.
+fn forward_only(w: &World, port: u16) -> tokio::process::Child {
+    let mut args = client_opts(&w.octocat.path);
+    args.extend([
+        "-p".into(),
+        w.gateway.ssh.port().to_string(),
+        "-N".into(),
+        "-L".into(),
+        format!("127.0.0.1:{port}:127.0.0.1:22"),
+        format!("{}@{}", w.job, w.gateway.ssh.ip()),
+    ]);
+    tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh -N -L")
+}
+
 /// What the agent's `runner tunnel` process logged.
 fn tunnel_log(w: &World) -> String {
     let dir = w.dir.path().join("state/ci-gateway-state");
@@ -382,10 +388,12 @@ fn rand_byte() -> u8 {
 }
 
 /// A TCP relay between the agent and the gateway's SSH port whose
-/// connections the test can cut, as a NAT or a flaky network does.
+/// connections the test can cut, as a NAT or a flaky network does, and
+/// whose target it can change (to an impostor).
 struct Relay {
     addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<u64>,
+    to: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
 }
 
 impl Relay {
@@ -395,10 +403,13 @@ impl Relay {
             .expect("bind relay");
         let addr = listener.local_addr().expect("addr");
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let to = std::sync::Arc::new(std::sync::Mutex::new(to));
+        let target = to.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let mut cuts = cuts.clone();
                 cuts.mark_unchanged();
+                let to = *target.lock().expect("lock");
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
                         return;
@@ -410,12 +421,17 @@ impl Relay {
                 });
             }
         });
-        Relay { addr, cut }
+        Relay { addr, cut, to }
     }
 
     /// Drops every connection through the relay (new ones still pass).
     fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// New connections go to `to` from now on.
+    fn redirect(&self, to: std::net::SocketAddr) {
+        *self.to.lock().expect("lock") = to;
     }
 }
 
@@ -616,23 +632,7 @@ async fn a_forward_only_session_through_the_tunnel_holds_the_runner_until_it_lea
     let w = world_in(&ns, "9876543308", &[]).await;
     register(&w, &ns, &[]).await;
     // `ssh -N -L`: no shell, only a forward, as an RDP user has.
-    let mut args = client_opts(&w.octocat.path);
-    args.extend([
-        "-p".into(),
-        w.gateway.ssh.port().to_string(),
-        "-N".into(),
-        "-L".into(),
-        format!("127.0.0.1:{}:127.0.0.1:22", free_port()),
-        format!("{}@{}", w.job, w.gateway.ssh.ip()),
-    ]);
-    let mut forward = tokio::process::Command::new("ssh")
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ssh -N -L");
+    let mut forward = forward_only(&w, free_port());
     let live = w.live();
     eventually("the forward-only session is counted", || {
         live.active_sessions() == 1
@@ -784,4 +784,125 @@ async fn a_job_the_gateway_ends_closes_its_tunnel_and_the_agent_stops() {
         "the gateway said why it closed the tunnel: {log}"
     );
     assert!(log.contains("ended at the gateway: stopping"), "{log}");
+}
+
+/// A compromised gateway: it holds the gateway's host key (so the agent's
+/// pin passes) and takes any password; each logged-in agent's connection
+/// handle goes to the test, which opens channels on it as it likes.
+struct Impostor(tokio::sync::mpsc::Sender<russh::server::Handle>);
+
+impl russh::server::Handler for Impostor {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<russh::server::Auth, Self::Error> {
+        Ok(russh::server::Auth::Reject {
+            proceed_with_methods: Some(russh::MethodSet::from(&[russh::MethodKind::Password][..])),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_password(
+        &mut self,
+        _user: &str,
+        _password: &str,
+    ) -> Result<russh::server::Auth, Self::Error> {
+        Ok(russh::server::Auth::Accept)
+    }
+
+    async fn auth_succeeded(
+        &mut self,
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        let _ = self.0.try_send(session.handle());
+        Ok(())
+    }
+}
+
+async fn impostor(
+    ip: &str,
+    keys: Vec<russh::keys::PrivateKey>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<russh::server::Handle>,
+) {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .expect("bind impostor");
+    let addr = listener.local_addr().expect("addr");
+    let config = std::sync::Arc::new(russh::server::Config {
+        keys,
+        methods: russh::MethodSet::from(&[russh::MethodKind::Password][..]),
+        ..Default::default()
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, tx) = (config.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(session) = russh::server::run_stream(config, tcp, Impostor(tx)).await {
+                    let _ = session.await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compromised_gateway_gets_nothing_from_the_agent_but_its_sshd() {
+    let ns = Netns::create(6);
+    let w = world_in(&ns, "9876543311", &[]).await;
+    let relay = Relay::start(&ns.host_ip, w.gateway.ssh).await;
+    register(&w, &ns, &["--tunnel-ssh".into(), relay.addr.to_string()]).await;
+    tunnel_up(&w, 1).await;
+    // The gateway is taken over: its host key serves the attacker's server,
+    // which the agent reaches at its next connect.
+    let (fake, mut agents) = impostor(&ns.host_ip, w.gateway.gw.host_keys.clone()).await;
+    relay.redirect(fake);
+    relay.cut();
+    let agent = tokio::time::timeout(Duration::from_secs(30), agents.recv())
+        .await
+        .expect("the agent reconnects to the impostor")
+        .expect("a handle");
+    let refused = |what: &str, opened: Result<russh::Channel<russh::server::Msg>, russh::Error>| {
+        assert!(
+            matches!(opened, Err(russh::Error::ChannelOpenFailure(_))),
+            "{what}: the agent must refuse it, got {:?}",
+            opened.map(|c| c.id())
+        );
+    };
+    refused("a session", agent.channel_open_session().await);
+    refused(
+        "direct-tcpip into the runner's network",
+        agent
+            .channel_open_direct_tcpip(ns.host_ip.as_str(), 22, "10.0.0.1", 1)
+            .await,
+    );
+    refused("x11", agent.channel_open_x11("10.0.0.1", 1).await);
+    refused("agent forwarding", agent.channel_open_agent().await);
+    refused(
+        "a port nobody allowed",
+        agent
+            .channel_open_forwarded_tcpip("localhost", 5900, "10.0.0.1", 1)
+            .await,
+    );
+    // What the tunnel is for still opens: port 22 is the runner's sshd,
+    // whatever address the gateway names.
+    let mut sshd = agent
+        .channel_open_forwarded_tcpip("169.254.169.254", 22, "10.0.0.1", 1)
+        .await
+        .expect("22 is the sshd");
+    let banner = loop {
+        match tokio::time::timeout(Duration::from_secs(10), sshd.wait()).await {
+            Ok(Some(russh::ChannelMsg::Data { data })) => {
+                break String::from_utf8_lossy(&data).to_string()
+            }
+            Ok(Some(_)) => continue,
+            other => panic!("no banner from the sshd: {other:?}"),
+        }
+    };
+    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner:?}");
+    let log = tunnel_log(&w);
+    assert!(log.contains("refused a session channel"), "{log}");
+    deregister(&w, &ns).await;
 }

@@ -278,8 +278,7 @@ impl client::Handler for Agent {
                 Ok(tcp) => {
                     reply.accept().await;
                     let usage = crate::ssh::channel::Usage::default();
-                    crate::ssh::splice::run(channel, crate::ssh::splice::tcp(tcp), None, &usage)
-                        .await;
+                    crate::ssh::splice::run(channel, tcp.into_split(), None, &usage).await;
                 }
                 Err(e) => {
                     eprintln!("the gateway's channel to {addr}: {e}");

@@ -173,17 +173,20 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
                 // A user whose connection is gone gets nothing more.
                 if user_closed {
                     let rest = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await;
-                    if let Ok((n, status)) = rest {
+                    if let Ok((n, status, _)) = rest {
                         bytes.to_user = n;
                         bytes.exit_status = status;
                     }
                 }
             }
             // The runner closed: nothing more will come from it.
-            (n, status) = &mut down => {
+            (n, status, cut) = &mut down => {
                 bytes.to_user = n;
                 bytes.exit_status = status;
-                if let (None, Some((mut gone, line))) = (status, tunnel) {
+                // Cut off (no close from the runner) through a tunnel: say
+                // why if the tunnel is what dropped. A channel the runner
+                // closed is not held up.
+                if let (true, Some((mut gone, line))) = (cut, tunnel) {
                     if crate::ssh::tunnel::dropped(&mut gone).await {
                         let line = bytes::Bytes::from(format!("\r\n{line}\r\n"));
                         let _ = user_tx.extended_data_bytes(1, line).await;
@@ -376,18 +379,21 @@ async fn forward(msg: ChannelMsg, tx: &ChannelWriteHalf<client::Msg>) -> Forward
     }
 }
 
-/// Reads the runner's side until it closes; returns bytes relayed and the
-/// exit status.
+/// Reads the runner's side until it closes; returns bytes relayed, the
+/// exit status, and whether the channel was cut off rather than closed.
 async fn runner_to_user(
     mut rx: ChannelReadHalf,
     tx: &ChannelWriteHalf<server::Msg>,
     runner: &ChannelWriteHalf<client::Msg>,
     handle: &server::Handle,
     replies: &Replies,
-) -> (u64, Option<u32>) {
+) -> (u64, Option<u32>, bool) {
     let id = tx.id();
     let mut n = 0u64;
     let mut status = None;
+    // Whether the channel ended without the runner closing it (its
+    // connection is gone).
+    let mut cut = true;
     while let Some(msg) = rx.wait().await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
@@ -423,12 +429,16 @@ async fn runner_to_user(
             }
             ChannelMsg::Success => replies.runner_answered(true).await,
             ChannelMsg::Failure => replies.runner_answered(false).await,
-            ChannelMsg::Close => break,
+            ChannelMsg::Close => {
+                cut = false;
+                break;
+            }
             _ => Ok(()),
         };
         if sent.is_err() {
+            cut = false;
             break;
         }
     }
-    (n, status)
+    (n, status, cut)
 }

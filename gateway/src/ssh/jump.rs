@@ -158,7 +158,7 @@ impl Connection {
                         Ok(Ok(tcp)) => {
                             let _ = tcp.set_nodelay(true);
                             reply.accept().await;
-                            let far = crate::ssh::splice::tcp(tcp);
+                            let far = tcp.into_split();
                             let moved =
                                 crate::ssh::splice::run(channel, far, Some(handle), &usage).await;
                             drop(socket);

@@ -60,16 +60,6 @@ impl<R: AsyncRead + Unpin + Send> ReadChunk for Reads<R> {
     }
 }
 
-/// A TCP connection as the far side of a splice.
-pub fn tcp(
-    tcp: tokio::net::TcpStream,
-) -> (
-    tokio::net::tcp::OwnedReadHalf,
-    tokio::net::tcp::OwnedWriteHalf,
-) {
-    tcp.into_split()
-}
-
 /// Splices `channel` with the far side (`far_r`, `far_w`). Channel requests
 /// that want a reply are answered no through `replies` (a server handle;
 /// `None` on the client side, where the peer sends none worth answering).

@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 
 /// `EX_USAGE` from sysexits.h: the configuration is wrong.
 const EX_USAGE: u8 = 64;
+/// `EX_UNAVAILABLE`: a service the gateway needs (PostgreSQL) is down.
+const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(
@@ -39,8 +41,15 @@ enum Command {
         #[command(subcommand)]
         command: crate::agent::Command,
     },
-    /// Validate a config and exit (0 if valid, 64 if not).
+    /// Validate a config and exit (0 if valid, 64 if not; with PostgreSQL,
+    /// 69 if the database cannot be reached).
     CheckConfig {
+        #[arg(long, env = "CI_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Apply the PostgreSQL schema's pending migrations and exit (`serve`
+    /// also applies them at start).
+    Migrate {
         #[arg(long, env = "CI_GATEWAY_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -61,8 +70,11 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Runner { command } => crate::agent::run(command),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(_) => {
+            Ok(config) => {
                 println!("config is valid");
+                if config.storage.backend == crate::config::Backend::Postgres {
+                    return with_database(&config, false);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -70,6 +82,21 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EX_USAGE)
             }
         },
+        Command::Migrate { config } => {
+            match Config::load(config.as_deref()) {
+                Ok(config) if config.storage.backend == crate::config::Backend::Postgres => {
+                    with_database(&config, true)
+                }
+                Ok(_) => {
+                    eprintln!("storage.backend is \"redb\": nothing to migrate (redb needs no migrations)");
+                    ExitCode::from(EX_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EX_USAGE)
+                }
+            }
+        }
         Command::Serve { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -89,18 +116,103 @@ pub fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ci-gateway: {e:#}");
-                    ExitCode::FAILURE
+                    let down = e
+                        .downcast_ref::<crate::registry::OpenError>()
+                        .is_some_and(|e| matches!(e, crate::registry::OpenError::Unreachable(_)));
+                    ExitCode::from(if down { EX_UNAVAILABLE } else { 1 })
                 }
             }
         }
     }
 }
 
+/// `check-config` (reachable, and the schema's version) or `migrate` on
+/// the PostgreSQL database.
+fn with_database(config: &Config, migrate: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let st = &config.storage;
+    runtime.block_on(async {
+        let connector = match crate::pg::Connector::new(st.postgres_url.expose(), &st.postgres_ca) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("storage.postgres_url: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        let mut client = match connector.connect(None).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let latest = crate::pg::MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if migrate {
+            match crate::pg::migrate(&mut client).await {
+                Ok((latest, applied)) if applied.is_empty() => {
+                    println!(
+                        "{}: the schema is at version {latest}; nothing to apply",
+                        connector.place()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok((latest, applied)) => {
+                    println!(
+                        "{}: applied migrations {applied:?}; the schema is at version {latest}",
+                        connector.place()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", connector.place());
+                    ExitCode::FAILURE
+                }
+            }
+        } else {
+            match crate::pg::schema_version(&client).await {
+                Ok(v) => {
+                    let state = match v.cmp(&latest) {
+                        std::cmp::Ordering::Equal => "current".to_string(),
+                        std::cmp::Ordering::Less => {
+                            format!(
+                                "{} to apply at start or by `ci-gateway migrate`",
+                                latest - v
+                            )
+                        }
+                        std::cmp::Ordering::Greater => {
+                            "NEWER than this binary: run the newer ci-gateway".to_string()
+                        }
+                    };
+                    println!(
+                        "PostgreSQL at {} is reachable; schema version {v} of {latest} ({state})",
+                        connector.place()
+                    );
+                    if v > latest {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", connector.place());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    })
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let ssh_addr = config.ssh.listen;
     let api_addr = config.api.listen;
     let data_dir = config.storage.data_dir.clone();
-    let gw = Arc::new(crate::Gateway::new(config)?);
+    let gw = Arc::new(crate::Gateway::new(config).await?);
     let ssh = tokio::net::TcpListener::bind(ssh_addr)
         .await
         .map_err(|e| anyhow::anyhow!("ssh.listen {ssh_addr}: {e}"))?;

@@ -211,7 +211,31 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Keys, the audit trail, the generated token, and the redb store.
     pub data_dir: PathBuf,
+    /// Where the registry lives: `redb` (embedded, one gateway) or
+    /// `postgres` (shared by replicas; docs/operations.md).
+    pub backend: Backend,
+    /// `postgres://user:password@host:port/db`; only with `backend =
+    /// "postgres"`. A secret: it may hold the password.
+    pub postgres_url: Secret<String>,
+    /// PEM certificates trusted for the database's TLS certificate, besides
+    /// the system's roots (`sslmode=require` in the URL).
+    pub postgres_ca: PathBuf,
+    /// How often a replica writes its heartbeat and its session counts.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A replica whose heartbeat is older than this is dead: its sessions
+    /// stop counting and another replica takes over its holds.
+    #[serde(with = "humantime_serde")]
+    pub replica_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Redb,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,6 +490,7 @@ impl Config {
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
+        self.check_storage()?;
         if let Err(e) = PublicAddress::parse(&self.ssh.public_host) {
             return Err(invalid("ssh.public_host", e.to_string()));
         }
@@ -473,6 +498,44 @@ impl Config {
             return Err(invalid("hold.warn_before", "at most 8 warnings"));
         }
         Ok(())
+    }
+
+    fn check_storage(&self) -> Result<(), ConfigError> {
+        let st = &self.storage;
+        let url = st.postgres_url.expose();
+        match st.backend {
+            Backend::Redb if !url.is_empty() => Err(invalid(
+                "storage.postgres_url",
+                "is set but storage.backend is \"redb\"; set backend = \"postgres\" to use it",
+            )),
+            Backend::Redb => Ok(()),
+            Backend::Postgres => {
+                if url.is_empty() {
+                    return Err(invalid(
+                        "storage.postgres_url",
+                        "must be set with backend = \"postgres\" (postgres://user:password@host:port/db)",
+                    ));
+                }
+                if let Err(e) = crate::pg::parse_url(url) {
+                    return Err(invalid("storage.postgres_url", e));
+                }
+                if self.registration.tokens.is_empty() && self.registration.oidc_audience.is_empty()
+                {
+                    return Err(invalid(
+                        "registration.tokens",
+                        "must be set with backend = \"postgres\": every replica must accept the same \
+                         registration tokens (a generated one would differ per replica)",
+                    ));
+                }
+                if st.heartbeat.is_zero() || st.replica_timeout < st.heartbeat * 2 {
+                    return Err(invalid(
+                        "storage.replica_timeout",
+                        "must be at least twice storage.heartbeat (and the heartbeat above zero)",
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Where users reach the SSH port (validated, so parsing cannot fail).

@@ -57,11 +57,14 @@ pub struct Gateway {
     pub generated_token_file: Option<PathBuf>,
     /// Every task the gateway runs, and the one signal that stops them.
     pub tasks: crate::tasks::Tasks,
+    /// Jobs whose hold this replica runs (at most one task each).
+    pub holds: std::sync::Mutex<std::collections::HashSet<ids::JobId>>,
 }
 
 impl Gateway {
-    /// Loads or creates the keys and the store under `storage.data_dir`.
-    pub fn new(config: Config) -> anyhow::Result<Gateway> {
+    /// Loads or creates the keys under `storage.data_dir`, and opens the
+    /// store (redb there, or the PostgreSQL registry).
+    pub async fn new(config: Config) -> anyhow::Result<Gateway> {
         let dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&dir)
             .map_err(|e| anyhow::anyhow!("storage.data_dir {}: {e}", dir.display()))?;
@@ -76,8 +79,35 @@ impl Gateway {
                 dir.join("client_ed25519_key").display()
             );
         }
-        let registry =
-            registry::Registry::open(&dir.join("registry.redb"), config.registration.max_jobs)?;
+        let max_jobs = config.registration.max_jobs;
+        let registry = match config.storage.backend {
+            crate::config::Backend::Redb => {
+                registry::Registry::open(&dir.join("registry.redb"), max_jobs)?
+            }
+            crate::config::Backend::Postgres => {
+                let secret = ca
+                    .seal_secret()
+                    .ok_or_else(|| anyhow::anyhow!("the CA key is not ed25519"))?;
+                let name = format!("pid {} on {}", std::process::id(), config.ssh.listen);
+                let registry =
+                    registry::Registry::open_postgres(&config.storage, name, &secret, max_jobs)
+                        .await?;
+                let mut ours: Vec<(String, String)> = host_keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            format!("host {}", k.algorithm().as_str()),
+                            keys::openssh_line(k.public_key()),
+                        )
+                    })
+                    .collect();
+                ours.push(("ca".into(), keys::openssh_line(ca.public_key())));
+                if let Some(shared) = registry.shared() {
+                    shared.agree_keys(&ours).await?;
+                }
+                registry
+            }
+        };
         let metrics = Arc::new(metrics::Metrics::new());
         let keys = github::KeySource::new(&config.github, metrics.clone())?;
         let policy = access::Policy {
@@ -192,6 +222,7 @@ impl Gateway {
             metrics: metrics.clone(),
             generated_token_file,
             tasks: crate::tasks::Tasks::new(metrics.task_panics.clone()),
+            holds: Default::default(),
         })
     }
 

@@ -97,11 +97,58 @@ fn at(unix: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + target.saturating_sub(now_unix)
 }
 
-/// Starts the hold of a finished job (once per finish; the API and `run`
-/// call it).
+/// Starts the hold of a finished job: the API calls it at the finish, `run`
+/// at start, and the sweeper for a hold no live replica runs. With
+/// PostgreSQL the replica first takes the job's hold lease; one that a live
+/// replica holds is left to it. One task per job per replica at most.
 pub fn start(gw: Arc<Gateway>, job: JobId) {
+    let fresh = gw
+        .holds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(job);
+    if !fresh {
+        return;
+    }
     let tasks = gw.tasks.clone();
-    tasks.spawn("hold", tasks.until_stopped(hold(gw, job)));
+    tasks.spawn(
+        "hold",
+        tasks.until_stopped(async move {
+            let _running = Running(gw.clone(), job);
+            match gw.registry.acquire_hold(job).await {
+                Ok(true) => hold(gw.clone(), job).await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(job = %job, "taking the hold lease: {e}"),
+            }
+        }),
+    );
+}
+
+/// Forgets a hold task when it ends, however it ends.
+struct Running(Arc<Gateway>, JobId);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// Whether this replica still runs `job`'s hold; waits out a database
+/// outage (deciding nothing meanwhile) rather than give the hold up.
+async fn still_ours(gw: &Gateway, job: JobId) -> bool {
+    loop {
+        match gw.registry.owns_hold(job).await {
+            Ok(ours) => return ours,
+            Err(e) => {
+                tracing::warn!(job = %job, "checking the hold lease: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 async fn hold(gw: Arc<Gateway>, job: JobId) {
@@ -152,6 +199,15 @@ async fn hold(gw: Arc<Gateway>, job: JobId) {
                 format!("job {job} finished with nobody connected; the runner was released"),
             )),
         };
+        if (ending.is_some()
+            || warnings
+                .first()
+                .is_some_and(|w| deadline.saturating_sub(w.as_secs()) <= now))
+            && !still_ours(&gw, job).await
+        {
+            tracing::info!(job = %job, "another replica took over this hold");
+            return;
+        }
         if let Some((kind, reason)) = ending {
             tracing::info!(job = %job, "{reason}");
             if let Err(e) = gw.end_job(job, kind, reason).await {
@@ -200,6 +256,15 @@ pub async fn sweep(gw: Arc<Gateway>, tick: Duration) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        // Holds whose replica died (PostgreSQL): take them over.
+        match gw.registry.orphaned_holds().await {
+            Ok(jobs) => {
+                for job in jobs {
+                    start(gw.clone(), job);
+                }
+            }
+            Err(e) => tracing::warn!("looking for holds to take over: {e}"),
+        }
         let ttl = gw.config.registration.ttl.as_secs();
         for job in gw.registry.stale_jobs(unix_now().saturating_sub(ttl)) {
             let Lookup::Active(reg, _) = gw.registry.lookup(job) else {

@@ -218,6 +218,12 @@ impl Ca {
         self.key.public_key()
     }
 
+    /// The CA's private ed25519 seed: the secret runner keys are sealed
+    /// under in a shared database (`pg::Sealer`). Every replica has it.
+    pub fn seal_secret(&self) -> Option<[u8; 32]> {
+        self.key.key_data().ed25519().map(|k| k.private.to_bytes())
+    }
+
     /// A user certificate for `principal` on the runner, valid from a minute
     /// ago (clock skew) for `validity`. The key id names the person and job so
     /// the runner's sshd log says who came in.

@@ -7,7 +7,8 @@
 //! - [`config`] — serde types, layering (defaults, file, env) and validation.
 //! - [`gateway`] — the shared state every connection and request uses.
 //! - [`ids`] — `JobId`, `GithubLogin`, and the SSH username grammar.
-//! - [`registry`] — registered jobs, persisted in redb; each job's live state.
+//! - [`registry`] — registered jobs, persisted in redb or PostgreSQL; each
+//!   job's live state (`registry::sync`: the replicas' side).
 //! - [`github`] — people's SSH keys from GitHub (octocrab), cached.
 //! - [`access`] — who may reach which job: one pure function.
 //! - [`address`] — where a runner may be, and what the gateway may dial.
@@ -16,6 +17,7 @@
 //! - [`logline`] — the log writer: one record, one line, controls escaped.
 //! - [`metrics`] — Prometheus metrics (`[metrics] listen`).
 //! - [`oidc`] — GitHub Actions OIDC tokens as registration credentials.
+//! - [`pg`] — PostgreSQL for replicas: connections, TLS, schema, rows.
 //! - [`api`] — the runner HTTP API (`auth`: callers and limits; `jobs`: the
 //!   handlers and validation; `wire`: bodies and views, shared with the
 //!   agent; `downloads`: the agent binary for runners); calls the registry,
@@ -48,6 +50,7 @@ pub mod limits;
 pub mod logline;
 pub mod metrics;
 pub mod oidc;
+pub mod pg;
 pub mod registry;
 pub mod secret;
 pub mod ssh;
@@ -147,7 +150,14 @@ pub async fn run(
             )),
         ));
     }
-    // Holds that were running when the gateway stopped resume.
+    if let Some(replication) = gw.registry.replication() {
+        core.push((
+            "the PostgreSQL follower",
+            tasks.spawn_core(tasks.until_stopped(replication)),
+        ));
+    }
+    // Holds that were running when the gateway stopped resume (with
+    // PostgreSQL, those no live replica runs).
     for job in gw.registry.finished_jobs() {
         hold::start(gw.clone(), job);
     }
@@ -199,6 +209,7 @@ pub async fn run(
             "tasks still running after the grace; exiting anyway"
         );
     }
+    gw.registry.leave().await;
     for (index, (name, task)) in core.into_iter().enumerate() {
         if Some(index) == early || !task.is_finished() {
             task.abort();

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
+
+mod sync;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableTable, TableDefinition};
@@ -140,9 +142,14 @@ pub struct SessionInfo {
 }
 
 /// A job's live state, shared by its sessions, the API and the hold.
-#[derive(Debug)]
 pub struct Live {
+    /// Every session the gateway knows of: this replica's and, with
+    /// PostgreSQL, the other live replicas'.
     sessions: watch::Sender<usize>,
+    /// The other live replicas' sessions (PostgreSQL; see `registry::sync`).
+    remote: std::sync::Mutex<Vec<SessionInfo>>,
+    /// Where this replica's session changes are published (PostgreSQL).
+    publish: Option<(u64, Arc<crate::pg::Dirty>)>,
     kick: watch::Sender<Option<String>>,
     notice: watch::Sender<Option<String>>,
     who: std::sync::Mutex<HashMap<u64, SessionInfo>>,
@@ -152,10 +159,24 @@ pub struct Live {
     tunnel_connects: std::sync::atomic::AtomicU64,
 }
 
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("sessions", &self.active_sessions())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Live {
     pub(crate) fn new() -> Arc<Live> {
+        Self::published(None)
+    }
+
+    fn published(publish: Option<(u64, Arc<crate::pg::Dirty>)>) -> Arc<Live> {
         Arc::new(Live {
             sessions: watch::Sender::new(0),
+            remote: Default::default(),
+            publish,
             kick: watch::Sender::new(None),
             notice: watch::Sender::new(None),
             who: Default::default(),
@@ -209,16 +230,47 @@ impl Live {
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.who().insert(key, info);
-        self.sessions.send_modify(|n| *n += 1);
+        self.changed();
         SessionGuard(self.clone(), key)
     }
 
+    /// Recounts after a change of either side, and queues this replica's
+    /// side for publishing.
+    fn changed(&self) {
+        let total = self.who().len() + self.remote().len();
+        self.sessions
+            .send_if_modified(|n| std::mem::replace(n, total) != total);
+        if let Some((job, dirty)) = &self.publish {
+            dirty.mark(*job);
+        }
+    }
+
+    fn remote(&self) -> std::sync::MutexGuard<'_, Vec<SessionInfo>> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sessions other live replicas hold (PostgreSQL).
+    pub(crate) fn set_remote(&self, sessions: Vec<SessionInfo>) {
+        let total = self.who().len() + sessions.len();
+        *self.remote() = sessions;
+        self.sessions
+            .send_if_modified(|n| std::mem::replace(n, total) != total);
+    }
+
+    /// Sessions on every live replica.
     pub fn active_sessions(&self) -> usize {
         *self.sessions.borrow()
     }
 
-    /// Who is connected, oldest first.
+    /// Who is connected, oldest first: this replica's, then the others'.
     pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut all = self.local_sessions();
+        all.extend(self.remote().iter().cloned());
+        all
+    }
+
+    /// Who is connected through this replica, oldest first.
+    pub fn local_sessions(&self) -> Vec<SessionInfo> {
         let mut all: Vec<(u64, SessionInfo)> =
             self.who().iter().map(|(k, v)| (*k, v.clone())).collect();
         all.sort_by_key(|(k, _)| *k);
@@ -260,7 +312,7 @@ pub struct SessionGuard(Arc<Live>, u64);
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.0.who().remove(&self.1);
-        self.0.sessions.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.changed();
     }
 }
 
@@ -281,6 +333,15 @@ pub enum StoreError {
     /// A refresh tried to change what the job is.
     #[error("{0}")]
     Conflict(String),
+}
+
+/// Why the registry could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Unreachable(#[from] crate::pg::Unreachable),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -331,13 +392,41 @@ enum Change {
     },
 }
 
+/// Where the registry is kept.
+enum Backend {
+    Redb(redb::Database),
+    Postgres(Arc<Shared>),
+}
+
+/// A replica's side of the PostgreSQL registry.
+pub struct Shared {
+    connector: crate::pg::Connector,
+    /// This replica's id in `replicas`, `sessions` and `hold_owners`:
+    /// random per start, so a restarted replica never inherits a dead
+    /// one's rows.
+    pub replica: String,
+    name: String,
+    started: u64,
+    /// The connection transactions run on (one at a time: `Inner::writer`).
+    writer: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The connection reads and heartbeats share (queries pipeline on it).
+    reader: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+    sealer: crate::pg::Sealer,
+    dirty: Arc<crate::pg::Dirty>,
+    heartbeat: std::time::Duration,
+    timeout: std::time::Duration,
+    /// When a connection last failed (requests then fail fast for a moment).
+    down: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
 struct Inner {
-    db: redb::Database,
+    backend: Backend,
     state: RwLock<State>,
     /// Held by every transition from its decision to its application, so a
     /// decision never acts on a state another transition is changing: each
-    /// move is compare-and-set in effect. Readers only take `state`.
-    writer: Mutex<()>,
+    /// move is compare-and-set in effect. Readers only take `state`. With
+    /// PostgreSQL the job's advisory lock extends this across replicas.
+    writer: tokio::sync::Mutex<()>,
     max_jobs: usize,
 }
 
@@ -461,12 +550,121 @@ impl Registry {
         txn.commit().map_err(db_err)?;
         Ok(Registry {
             inner: Arc::new(Inner {
-                db,
+                backend: Backend::Redb(db),
                 state: RwLock::new(state),
-                writer: Mutex::new(()),
+                writer: tokio::sync::Mutex::new(()),
                 max_jobs,
             }),
         })
+    }
+
+    /// Joins the PostgreSQL registry: migrates the schema, writes this
+    /// replica's first heartbeat and loads every job. `seal_secret` keys the
+    /// sealing of runner keys (the CA's private key).
+    pub async fn open_postgres(
+        storage: &crate::config::StorageConfig,
+        name: String,
+        seal_secret: &[u8],
+        max_jobs: usize,
+    ) -> Result<Registry, OpenError> {
+        let connector =
+            crate::pg::Connector::new(storage.postgres_url.expose(), &storage.postgres_ca)
+                .map_err(|e| {
+                    OpenError::Store(StoreError::Db(format!("storage.postgres_url: {e}")))
+                })?;
+        let mut client = connector.connect(None).await?;
+        crate::pg::migrate(&mut client).await?;
+        let shared = Arc::new(Shared {
+            replica: format!("{:016x}", rand::random::<u64>()),
+            name,
+            started: unix_now(),
+            writer: tokio::sync::Mutex::new(Some(client)),
+            reader: tokio::sync::Mutex::new(None),
+            sealer: crate::pg::Sealer::new(seal_secret),
+            dirty: Default::default(),
+            heartbeat: storage.heartbeat,
+            timeout: storage.replica_timeout,
+            down: Default::default(),
+            connector,
+        });
+        shared.beat().await?;
+        let inner = Arc::new(Inner {
+            backend: Backend::Postgres(shared.clone()),
+            state: RwLock::new(State::default()),
+            writer: tokio::sync::Mutex::new(()),
+            max_jobs,
+        });
+        inner.reload_all(&shared).await?;
+        Ok(Registry { inner })
+    }
+
+    /// The PostgreSQL side, when the registry is shared.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        match &self.inner.backend {
+            Backend::Postgres(shared) => Some(shared),
+            Backend::Redb(_) => None,
+        }
+    }
+
+    /// Keeps this replica's copy current and publishes its sessions
+    /// (PostgreSQL only): runs until stopped, reconnecting with backoff.
+    pub fn replication(&self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let shared = self.shared()?.clone();
+        let inner = self.inner.clone();
+        Some(sync::run(inner, shared))
+    }
+
+    /// Like [`Registry::lookup`], but a job this replica has not heard of
+    /// yet is read from the database (registered a moment ago through
+    /// another replica).
+    pub async fn lookup_fresh(&self, job: JobId) -> Lookup {
+        let found = self.lookup(job);
+        let (Lookup::Unknown, Some(shared)) = (&found, self.shared()) else {
+            return found;
+        };
+        match self.inner.reload_job(shared, job).await {
+            Ok(()) => self.lookup(job),
+            Err(e) => {
+                tracing::warn!(job = %job, "reading the job from PostgreSQL: {e}");
+                found
+            }
+        }
+    }
+
+    /// Takes the job's hold decisions for this replica, unless a live
+    /// replica has them (PostgreSQL); with redb there is one replica.
+    pub async fn acquire_hold(&self, job: JobId) -> Result<bool, StoreError> {
+        match self.shared() {
+            Some(shared) => shared.acquire_hold(job).await,
+            None => Ok(true),
+        }
+    }
+
+    /// Whether this replica still makes the job's hold decisions.
+    pub async fn owns_hold(&self, job: JobId) -> Result<bool, StoreError> {
+        match self.shared() {
+            Some(shared) => shared.owns_hold(job).await,
+            None => Ok(true),
+        }
+    }
+
+    /// Finished jobs whose hold no live replica runs (PostgreSQL; redb
+    /// starts every hold itself).
+    pub async fn orphaned_holds(&self) -> Result<Vec<JobId>, StoreError> {
+        match self.shared() {
+            Some(shared) => shared.orphaned_holds().await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Leaves the replica set at a clean stop: its sessions stop counting
+    /// and its holds are free for the others at once.
+    pub async fn leave(&self) {
+        if let Some(shared) = self.shared() {
+            if let Err(e) = shared.leave().await {
+                tracing::warn!("leaving the replica set: {e}");
+            }
+        }
     }
 
     pub fn lookup(&self, job: JobId) -> Lookup {
@@ -519,16 +717,16 @@ impl Registry {
             None => None,
         };
         let registration = Arc::new(registration);
-        self.transact(move |state, max| {
-            let job = registration.job_id;
+        let job = registration.job_id;
+        self.transact(job, true, move |state, room| {
             if let Some(t) = state.ended.get(&job) {
                 return Err(StoreError::Ended(t.reason.clone()));
             }
             if state.jobs.contains_key(&job) {
                 return Err(StoreError::Exists(job));
             }
-            if state.jobs.len() >= max {
-                return Err(StoreError::Full(max));
+            if room.len >= room.max {
+                return Err(StoreError::Full(room.max));
             }
             Ok((
                 Some(Change::Put {
@@ -550,7 +748,7 @@ impl Registry {
         job: JobId,
         update: impl FnOnce(&Registration) -> Result<Registration, StoreError> + Send + 'static,
     ) -> Result<Arc<Registration>, StoreError> {
-        self.transact(move |state, _| {
+        self.transact(job, false, move |state, _| {
             let current = match state.jobs.get(&job) {
                 Some(e) => e.registration.clone(),
                 None => return Err(gone(state, job)),
@@ -574,7 +772,7 @@ impl Registry {
     /// whether this call was the one that finished it. A job already
     /// finished is left as it is (nothing is written).
     pub async fn mark_finished(&self, job: JobId) -> Result<(Arc<Registration>, bool), StoreError> {
-        self.transact(move |state, _| {
+        self.transact(job, false, move |state, _| {
             let current = match state.jobs.get(&job) {
                 Some(e) => e.registration.clone(),
                 None => return Err(gone(state, job)),
@@ -600,7 +798,7 @@ impl Registry {
     /// registered; an unknown or already ended job is left as it is.
     pub async fn remove(&self, job: JobId, reason: String) -> Result<bool, StoreError> {
         let result = self
-            .transact(move |state, _| {
+            .transact(job, false, move |state, _| {
                 if !state.jobs.contains_key(&job) {
                     return Err(gone(state, job));
                 }
@@ -638,59 +836,111 @@ impl Registry {
             .collect()
     }
 
-    /// Runs one transition: `decide` reads the state under the writer lock
-    /// and returns a change (or none), which is committed to redb in one
+    /// Runs one transition on `job`: `decide` reads the state under the
+    /// writer lock and returns a change (or none), which is committed in one
     /// transaction and then applied to memory, all before the lock is
-    /// released.
+    /// released. With PostgreSQL the transaction first takes the job's
+    /// advisory lock and re-reads the job, so `decide` sees what every
+    /// replica wrote before it.
     async fn transact<T: Send + 'static>(
         &self,
-        decide: impl FnOnce(&State, usize) -> Result<(Option<Change>, T), StoreError> + Send + 'static,
+        job: JobId,
+        counts: bool,
+        decide: impl FnOnce(&State, Room) -> Result<(Option<Change>, T), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let _writer = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let (change, out) = decide(&read(&inner.state), inner.max_jobs)?;
-            let Some(change) = change else {
-                return Ok(out);
-            };
-            let evict = inner.commit(&change)?;
-            let mut state = write(&inner.state);
-            match change {
-                Change::Put {
-                    registration,
-                    new_key,
-                } => {
-                    let job = registration.job_id;
-                    match state.jobs.get_mut(&job) {
-                        Some(entry) => entry.registration = registration,
-                        None => {
-                            state.jobs.insert(
-                                job,
-                                Entry {
-                                    registration,
-                                    live: Live::new(),
-                                    runner_key: new_key.map(|(_, k)| k),
-                                },
-                            );
-                        }
-                    }
+        match &inner.backend {
+            Backend::Redb(_) => tokio::task::spawn_blocking(move || {
+                let _writer = inner.writer.blocking_lock();
+                let room = Room {
+                    max: inner.max_jobs,
+                    len: read(&inner.state).jobs.len(),
+                };
+                let (change, out) = decide(&read(&inner.state), room)?;
+                let Some(change) = change else {
+                    return Ok(out);
+                };
+                let evict = inner.commit(&change)?;
+                apply(&mut write(&inner.state), change, evict, None);
+                Ok(out)
+            })
+            .await
+            .map_err(db_err)?,
+            Backend::Postgres(shared) => {
+                let _writer = inner.writer.lock().await;
+                let mut slot = shared.writer().await?;
+                let Some(client) = slot.as_mut() else {
+                    return Err(StoreError::Db("no connection".into()));
+                };
+                let result = sync::transact(&inner, shared, client, job, counts, decide).await;
+                if matches!(result, Err(StoreError::Db(_))) {
+                    // The connection may be the cause: the next write makes a new one.
+                    *slot = None;
                 }
-                Change::End { job, tombstone } => {
-                    if let Some(old) = evict {
-                        state.ended.remove(&old);
-                    }
-                    let reason = tombstone.reason.clone();
-                    state.ended.insert(job, tombstone);
-                    if let Some(entry) = state.jobs.remove(&job) {
-                        entry.live.kick(reason);
-                    }
+                result
+            }
+        }
+    }
+}
+
+/// What a creation may take: the bound and how many jobs there are.
+#[derive(Clone, Copy)]
+struct Room {
+    max: usize,
+    len: usize,
+}
+
+/// Applies a committed change to memory. `evict` is the tombstone the
+/// store dropped to stay within its bound.
+fn apply(
+    state: &mut State,
+    change: Change,
+    evict: Option<JobId>,
+    publish: Option<&Arc<crate::pg::Dirty>>,
+) {
+    match change {
+        Change::Put {
+            registration,
+            new_key,
+        } => {
+            let job = registration.job_id;
+            match state.jobs.get_mut(&job) {
+                Some(entry) => entry.registration = registration,
+                None => {
+                    state.jobs.insert(
+                        job,
+                        Entry {
+                            registration,
+                            live: Live::published(publish.map(|d| (job.get(), d.clone()))),
+                            runner_key: new_key.map(|(_, k)| k),
+                        },
+                    );
                 }
             }
-            Ok(out)
-        })
-        .await
-        .map_err(db_err)?
+        }
+        Change::End { job, tombstone } => {
+            if let Some(old) = evict {
+                state.ended.remove(&old);
+            }
+            let reason = tombstone.reason.clone();
+            state.ended.insert(job, tombstone);
+            if let Some(entry) = state.jobs.remove(&job) {
+                entry.live.kick(reason);
+            }
+        }
     }
+}
+
+/// The tombstone to forget when the bound is reached: the oldest.
+fn oldest_tombstone(state: &State) -> Option<JobId> {
+    if state.ended.len() < MAX_TOMBSTONES {
+        return None;
+    }
+    state
+        .ended
+        .iter()
+        .min_by_key(|(_, t)| t.at)
+        .map(|(id, _)| *id)
 }
 
 /// Why a job that is not registered cannot move.
@@ -705,7 +955,10 @@ impl Inner {
     /// Writes `change` in one redb transaction. For an end that overflows
     /// the tombstone bound, returns the evicted (oldest) id.
     fn commit(&self, change: &Change) -> Result<Option<JobId>, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let Backend::Redb(db) = &self.backend else {
+            return Err(StoreError::Db("not a redb store".into()));
+        };
+        let txn = db.begin_write().map_err(db_err)?;
         let mut evicted = None;
         {
             let mut jobs = txn.open_table(JOBS).map_err(db_err)?;
@@ -730,14 +983,10 @@ impl Inner {
                         .remove(id)
                         .map_err(db_err)?;
                     let mut ended = txn.open_table(ENDED).map_err(db_err)?;
-                    let state = read(&self.state);
-                    if state.ended.len() >= MAX_TOMBSTONES {
-                        if let Some((old, _)) = state.ended.iter().min_by_key(|(_, t)| t.at) {
-                            ended.remove(old.get()).map_err(db_err)?;
-                            evicted = Some(*old);
-                        }
+                    if let Some(old) = oldest_tombstone(&read(&self.state)) {
+                        ended.remove(old.get()).map_err(db_err)?;
+                        evicted = Some(old);
                     }
-                    drop(state);
                     let bytes = serde_json::to_vec(tombstone).map_err(db_err)?;
                     ended.insert(id, bytes.as_slice()).map_err(db_err)?;
                 }

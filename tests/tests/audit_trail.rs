@@ -62,15 +62,10 @@ impl Process {
             .spawn()
             .expect("the gateway starts");
         for addr in [api, ssh] {
-            let mut up = false;
-            for _ in 0..200 {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    up = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert!(up, "the gateway did not listen on {addr}");
+            assert!(
+                listening(addr).await,
+                "the gateway did not listen on {addr}"
+            );
         }
         Process {
             child,

@@ -144,15 +144,61 @@ pub enum ApiError {
 pub enum SetupError {
     #[error("--gateway {0:?}: expected the API's URL, http(s)://host:port")]
     NotAUrl(String),
-    #[error("--ca-cert {path}: {source}")]
+    #[error("{option} {path}: {source}")]
     CaFile {
+        option: &'static str,
         path: String,
         source: rustls::pki_types::pem::Error,
     },
-    #[error("--ca-cert {path}: {source}")]
-    CaCert { path: String, source: rustls::Error },
+    #[error("{option} {path}: {source}")]
+    CaCert {
+        option: &'static str,
+        path: String,
+        source: rustls::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(#[source] rustls::Error),
+}
+
+/// A TLS client trusting the system's roots plus the PEM certificates in
+/// `ca_cert` (named `option` in errors): the agent's API client, and the
+/// gateway's PostgreSQL connections.
+pub fn tls_client_config(
+    ca_cert: Option<&Path>,
+    option: &'static str,
+) -> Result<rustls::ClientConfig, SetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_cert {
+        use rustls::pki_types::pem::PemObject;
+        let shown = || path.display().to_string();
+        let file = |source| SetupError::CaFile {
+            option,
+            path: shown(),
+            source,
+        };
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(file)? {
+            roots
+                .add(cert.map_err(file)?)
+                .map_err(|source| SetupError::CaCert {
+                    option,
+                    path: shown(),
+                    source,
+                })?;
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(SetupError::Tls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
 }
 
 impl ApiError {
@@ -200,34 +246,7 @@ impl Api {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(SetupError::NotAUrl(base));
         }
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca_cert {
-            use rustls::pki_types::pem::PemObject;
-            let shown = || path.display().to_string();
-            let file = |source| SetupError::CaFile {
-                path: shown(),
-                source,
-            };
-            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(file)? {
-                roots
-                    .add(cert.map_err(file)?)
-                    .map_err(|source| SetupError::CaCert {
-                        path: shown(),
-                        source,
-                    })?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(SetupError::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = tls_client_config(ca_cert, "--ca-cert")?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(10)));

@@ -96,12 +96,12 @@ pub(super) fn authorize(gw: &Gateway, caller: &Caller, job: &Registration) -> Re
 
 /// The registered job `job`, if `caller` may act on it; `404` for an unknown
 /// job and `410` for an ended one (nothing changes either way).
-pub(super) fn authorized(
+pub(super) async fn authorized(
     gw: &Gateway,
     caller: &Caller,
     job: JobId,
 ) -> Result<(Arc<Registration>, Arc<crate::registry::Live>), ApiError> {
-    match gw.registry.lookup(job) {
+    match gw.registry.lookup_fresh(job).await {
         Lookup::Active(reg, live) => {
             authorize(gw, caller, &reg)?;
             Ok((reg, live))

@@ -195,7 +195,7 @@ pub(super) async fn put_job(
     }
     let networks = &gw.config.registration.runner_networks;
     let now = unix_now();
-    let (registration, job_token) = match gw.registry.lookup(job) {
+    let (registration, job_token) = match gw.registry.lookup_fresh(job).await {
         // Job ids are not reused (a re-run gets new ones): an ended job stays
         // ended, so a late refresh cannot bring a released runner back.
         Lookup::Ended(reason) => return Err(ApiError(StatusCode::GONE, reason)),
@@ -425,7 +425,7 @@ pub(super) async fn get_job(
     query: Result<axum::extract::Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let job = job_id(&raw)?;
-    authorized(&gw, &caller, job)?;
+    authorized(&gw, &caller, job).await?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
     if let (Some(wait), Lookup::Active(_, live)) = (query.wait, gw.registry.lookup(job)) {
         let mut sessions = live.watch_sessions();
@@ -486,7 +486,7 @@ pub(super) async fn finish_job(
     Path(raw): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let job = job_id(&raw)?;
-    authorized(&gw, &caller, job)?;
+    authorized(&gw, &caller, job).await?;
     let (reg, newly) = gw.registry.mark_finished(job).await.map_err(store_error)?;
     let Lookup::Active(_, live) = gw.registry.lookup(job) else {
         return Err(ApiError(StatusCode::GONE, format!("job {job} ended")));
@@ -511,7 +511,7 @@ pub(super) async fn delete_job(
     Path(raw): Path<String>,
 ) -> Result<Json<Deregistered>, ApiError> {
     let job = job_id(&raw)?;
-    authorized(&gw, &caller, job)?;
+    authorized(&gw, &caller, job).await?;
     let reason = format!("job {job} ended: the runner deregistered it");
     let existed = gw
         .end_job(job, "deregistered", reason)

@@ -16,7 +16,7 @@ pub(super) async fn tunnel_websocket(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let job = job_id(&raw)?;
-    let (reg, _) = authorized(&gw, &caller, job)?;
+    let (reg, _) = authorized(&gw, &caller, job).await?;
     if !reg.tunnel {
         return Err(ApiError(
             StatusCode::CONFLICT,

@@ -16,9 +16,16 @@ use crate::ssh::handler::{Connection, Identity, State};
 
 impl Connection {
     /// Parses the username and looks the job up, once per connection.
-    pub(super) fn resolve(&mut self, user: &str) {
+    pub(super) async fn resolve(&mut self, user: &str) {
         if !matches!(self.state, State::Fresh) {
             return;
+        }
+        if let Ok(Target::Job(job) | Target::Tunnel(job)) = Target::parse_user(user) {
+            // With replicas, a job registered a moment ago through another
+            // one may not have reached this one's copy yet.
+            if self.gw.auth_limits.check(self.peer.ip(), user).is_ok() {
+                self.gw.registry.lookup_fresh(job).await;
+            }
         }
         self.user = crate::audit::shown(user);
         if let Err(blocked) = self.gw.auth_limits.check(self.peer.ip(), user) {
@@ -178,8 +185,8 @@ impl Connection {
     /// A password: only a tunnel username takes one, and only its job's
     /// token (compared as a hash, in constant time). Anything else spends
     /// the failure budgets like a wrong key.
-    pub(super) fn password(&mut self, user: &str, password: &str) -> Auth {
-        self.resolve(user);
+    pub(super) async fn password(&mut self, user: &str, password: &str) -> Auth {
+        self.resolve(user).await;
         let proven = match &mut self.state {
             State::Tunnel { job, proven, .. } if job.token_matches(password) => {
                 *proven = true;
@@ -221,7 +228,7 @@ impl Connection {
     /// A key offered before signing: accepted if it is one of the people
     /// this connection may be; a key nobody here has spends the budgets.
     pub(super) async fn offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Auth {
-        self.resolve(user);
+        self.resolve(user).await;
         if matches!(self.state, State::Tunnel { .. }) {
             return self.rejection();
         }
@@ -246,7 +253,7 @@ impl Connection {
 
     /// A signed key: the login it belongs to becomes the connection's.
     pub(super) async fn verified(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Auth {
-        self.resolve(user);
+        self.resolve(user).await;
         if matches!(self.state, State::Tunnel { .. }) {
             return self.rejection();
         }

@@ -148,12 +148,12 @@ impl server::Handler for Connection {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        self.resolve(user);
+        self.resolve(user).await;
         Ok(self.rejection())
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        Ok(self.password(user, password))
+        Ok(self.password(user, password).await)
     }
 
     async fn auth_publickey_offered(

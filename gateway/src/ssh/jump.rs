@@ -38,6 +38,9 @@ impl Connection {
         };
         let login = who.login.clone();
         let registry = &self.gw.registry;
+        if let Ok(id) = crate::ids::JobId::parse(host) {
+            registry.lookup_fresh(id).await;
+        }
         let target = access::jump(host, port, &login, &self.gw.policy, |id| {
             registry.lookup(id)
         })

@@ -445,7 +445,11 @@ impl Gateway {
         }
         let config =
             ci_gateway::config::Config::load_with_env(None, env).expect("test config is valid");
-        let gw = Arc::new(ci_gateway::Gateway::new(config).expect("gateway starts"));
+        let gw = Arc::new(
+            ci_gateway::Gateway::new(config)
+                .await
+                .expect("gateway starts"),
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -823,6 +827,17 @@ pub fn jump_args(
     args
 }
 
+/// Whether something listens on `addr` within 10 s.
+pub async fn listening(addr: SocketAddr) -> bool {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// A loopback port nothing listens on (a small race with other tests).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
@@ -1011,6 +1026,180 @@ impl World {
         match self.gateway.gw.registry.lookup(id) {
             ci_gateway::registry::Lookup::Active(_, live) => live,
             other => panic!("job {} is not active: {other:?}", self.job),
+        }
+    }
+}
+
+/// A real PostgreSQL server for the replica tests: Debian's `postgresql`
+/// binaries, `initdb` into a temp dir and `postgres` on a loopback address,
+/// run as the unprivileged `postgres` user when the tests run as root (the
+/// server refuses root). `fsync=off`: the data is thrown away.
+pub struct Postgres {
+    pub ip: String,
+    pub port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+fn postgres_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    let bin = versions
+        .last()
+        .map(|v| v.join("bin").join(name))
+        .filter(|p| p.exists());
+    bin.unwrap_or_else(|| {
+        panic!("PostgreSQL's {name} is missing: install it (apt-get install postgresql; scripts/test does)")
+    })
+}
+
+/// `program` as the `postgres` user when we are root.
+fn as_postgres(program: &Path) -> std::process::Command {
+    let root = current_user() == "root";
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        std::process::Command::new(program)
+    };
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+impl Postgres {
+    /// A fresh cluster listening on `ip` (a loopback address of its own).
+    pub async fn start(ip: &str) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("cigw-pg-")
+            .tempdir()
+            .expect("tempdir");
+        if current_user() == "root" {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the PostgreSQL dir to postgres");
+        }
+        let data = dir.path().join("data");
+        let out = as_postgres(&postgres_bin("initdb"))
+            .args(["-A", "trust", "-U", "cigw", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut pg = Postgres {
+            ip: ip.to_string(),
+            port,
+            url: format!("postgres://cigw@{ip}:{port}/postgres?sslmode=disable"),
+            dir,
+            child: None,
+        };
+        pg.resume().await;
+        pg
+    }
+
+    /// Starts the server (again) on the same data and port.
+    pub async fn resume(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log");
+        let child = as_postgres(&postgres_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-c", &format!("listen_addresses={}", self.ip)])
+            .args(["-p", &self.port.to_string()])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={}", self.dir.path().display()),
+            ])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=100"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("postgres starts");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("{}:{}", self.ip, self.port).parse().expect("addr");
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                // Listening is not accepting logins yet: wait for the
+                // startup to finish.
+                let ready = as_postgres(&postgres_bin("pg_isready"))
+                    .args(["-h", &self.ip, "-p", &self.port.to_string(), "-U", "cigw"])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if ready {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("PostgreSQL did not start: {}", self.log());
+    }
+
+    /// Stops the server at once (connections drop), keeping its data.
+    pub fn halt(&mut self) {
+        let pid = self.dir.path().join("data").join("postmaster.pid");
+        if let Some(mut child) = self.child.take() {
+            // SIGINT to the server itself (not runuser): its fast shutdown.
+            let server = std::fs::read_to_string(&pid)
+                .ok()
+                .and_then(|t| t.lines().next().map(str::to_string))
+                .unwrap_or_else(|| child.id().to_string());
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &server])
+                .status();
+            let _ = child.wait();
+        }
+        for _ in 0..100 {
+            if !pid.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The config a replica on this database needs.
+    pub fn replica_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CI_GATEWAY__STORAGE__BACKEND", "postgres".to_string()),
+            ("CI_GATEWAY__STORAGE__POSTGRES_URL", self.url.clone()),
+            ("CI_GATEWAY__STORAGE__HEARTBEAT", "500ms".to_string()),
+            ("CI_GATEWAY__STORAGE__REPLICA_TIMEOUT", "3s".to_string()),
+        ]
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Copies the keys every replica must share (host keys and CA) from one
+/// data dir to another, as an operator deploying replicas does.
+pub fn share_keys(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("data dir");
+    for entry in std::fs::read_dir(from).expect("keys") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with("_key") {
+            std::fs::copy(&path, to.join(name)).expect("copy key");
+            set_mode(&to.join(name), 0o600);
         }
     }
 }

@@ -229,6 +229,10 @@ pub struct StorageConfig {
     /// stop counting and another replica takes over its holds.
     #[serde(with = "humantime_serde")]
     pub replica_timeout: Duration,
+    /// `host:port` where the other replicas reach this one's SSH port, to
+    /// relay users to a tunnel it holds. Empty: the SSH listener's address
+    /// (set it when that is `0.0.0.0` or not reachable between replicas).
+    pub replica_address: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -93,7 +93,13 @@ pub enum Target {
     /// A runner's agent holding the reverse tunnel of this job (DESIGN §10);
     /// it logs in with the job token, never with a person's key.
     Tunnel(JobId),
+    /// Another replica reaching this job's tunnel, which this replica holds
+    /// (`ssh::relay`); it logs in with the replicas' shared host key.
+    Relay(JobId),
 }
+
+/// The username prefix of a replica relaying to another: `relay+<job-id>`.
+pub const RELAY_USER_PREFIX: &str = "relay+";
 
 /// The username prefix of a tunnel connection: `tunnel+<job-id>`. A `+` is
 /// in no GitHub login and no job id, so the name collides with neither.
@@ -118,6 +124,12 @@ impl Target {
             // Digits only: `tunnel+job-1` is not a second spelling.
             return match JobId::parse(id) {
                 Ok(job) if !id.starts_with("job-") => Ok(Target::Tunnel(job)),
+                _ => Err(IdError::BadJobId),
+            };
+        }
+        if let Some(id) = user.strip_prefix(RELAY_USER_PREFIX) {
+            return match JobId::parse(id) {
+                Ok(job) if !id.starts_with("job-") => Ok(Target::Relay(job)),
                 _ => Err(IdError::BadJobId),
             };
         }
@@ -260,6 +272,9 @@ mod tests {
                 }
                 Ok(Target::Tunnel(job)) => {
                     assert_eq!(user, tunnel_user(job), "one spelling");
+                }
+                Ok(Target::Relay(job)) => {
+                    assert_eq!(user, format!("{RELAY_USER_PREFIX}{job}"), "one spelling");
                 }
                 Err(_) => {}
             }

@@ -113,6 +113,9 @@ pub async fn run(
         )?)
     };
     gw.listening_on(ssh_listener.local_addr()?);
+    if let Some(shared) = gw.registry.shared() {
+        shared.set_address(ssh_listener.local_addr()?);
+    }
     gw.listening_on(api_listener.local_addr()?);
     let tasks = gw.tasks.clone();
     let api_limits = api::serve::Limits {

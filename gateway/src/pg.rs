@@ -22,9 +22,10 @@ use crate::registry::StoreError;
 
 /// The schema, one migration per version, applied in order and recorded in
 /// `schema_migrations`. Never edit one that shipped: add the next.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE jobs (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE jobs (
          id BIGINT PRIMARY KEY,
          version BIGINT NOT NULL,
          record JSONB NOT NULL,
@@ -46,7 +47,15 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
      );
      CREATE TABLE hold_owners (job BIGINT PRIMARY KEY, replica TEXT NOT NULL);
      CREATE TABLE gateway_keys (name TEXT PRIMARY KEY, public TEXT NOT NULL);",
-)];
+    ),
+    (
+        2,
+        // Reverse tunnels with replicas: who holds each job's tunnel, and
+        // where the other replicas reach it (ssh::relay).
+        "ALTER TABLE replicas ADD COLUMN ssh_address TEXT NOT NULL DEFAULT '';
+         CREATE TABLE tunnels (job BIGINT PRIMARY KEY, replica TEXT NOT NULL);",
+    ),
+];
 
 /// The advisory lock key migrations take (any constant apart from job ids,
 /// which are positive).

@@ -205,19 +205,25 @@ impl Live {
     ) -> Option<Arc<crate::ssh::tunnel::TunnelLink>> {
         self.tunnel_connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.tunnel.send_replace(Some(link))
+        let replaced = self.tunnel.send_replace(Some(link));
+        self.changed();
+        replaced
     }
 
     /// Forgets the tunnel of connection `conn`, if it is still the job's.
     pub fn detach_tunnel(&self, conn: u64) -> bool {
-        self.tunnel.send_if_modified(|slot| {
+        let detached = self.tunnel.send_if_modified(|slot| {
             if slot.as_ref().is_some_and(|l| l.conn == conn) {
                 *slot = None;
                 true
             } else {
                 false
             }
-        })
+        });
+        if detached {
+            self.changed();
+        }
+        detached
     }
 
     fn who(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
@@ -417,6 +423,8 @@ pub struct Shared {
     timeout: std::time::Duration,
     /// When a connection last failed (requests then fail fast for a moment).
     down: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where the other replicas reach this one's SSH port (tunnel relays).
+    address: std::sync::Mutex<String>,
 }
 
 struct Inner {
@@ -585,6 +593,7 @@ impl Registry {
             heartbeat: storage.heartbeat,
             timeout: storage.replica_timeout,
             down: Default::default(),
+            address: std::sync::Mutex::new(storage.replica_address.clone()),
             connector,
         });
         shared.beat().await?;

@@ -906,3 +906,59 @@ async fn a_compromised_gateway_gets_nothing_from_the_agent_but_its_sshd() {
     assert!(log.contains("refused a session channel"), "{log}");
     deregister(&w, &ns).await;
 }
+
+/// Replicas: the agent's tunnel lands on A; a user whose connection reaches
+/// B is relayed to A over SSH (B logs in with the replicas' shared host key)
+/// in both modes. A key that is not the replicas' cannot relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_on_another_replica_is_relayed_to_the_replica_holding_the_tunnel() {
+    let ns = Netns::create(7);
+    let pg = Postgres::start("127.0.0.179").await;
+    let env = pg.replica_env();
+    let config: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let w = world_in(&ns, "9876543421", &config).await;
+    register(&w, &ns, &[]).await;
+    tunnel_up(&w, 1).await;
+    let b = w.replica(&pg, "data-b", &[]).await;
+
+    let r = ssh(&b, &w.octocat.path, &w.job, &["echo relayed; exit 5"], None).await;
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (5, "relayed\n"),
+        "job mode through B: {r:?}"
+    );
+    // The relay connection lives as long as the session through it.
+    let r = ssh(&b, &w.octocat.path, &w.job, &["sleep 3; echo later"], None).await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "later\n"), "{r:?}");
+    let r = ssh_jump(
+        &b,
+        &w.octocat.path,
+        "octocat",
+        &w.runner.user,
+        &format!("job-{}", w.job),
+        22,
+        &["echo jumped"],
+    )
+    .await;
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "jumped\n"),
+        "jump mode through B: {r:?}"
+    );
+
+    // Someone else's key as a relay: refused at authentication.
+    let mut args = client_opts(&w.mallory.path);
+    args.extend([
+        "-p".to_string(),
+        w.gateway.ssh.port().to_string(),
+        "-N".to_string(),
+        "-W".to_string(),
+        "localhost:22".to_string(),
+        format!("relay+{}@{}", w.job, w.gateway.ssh.ip()),
+    ]);
+    let r = run("ssh", &args, Some(Vec::new())).await;
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("Permission denied"), "{r:?}");
+    deregister(&w, &ns).await;
+    b.stop().await;
+}

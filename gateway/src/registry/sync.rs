@@ -100,10 +100,16 @@ impl Shared {
     /// Says this replica is alive, and forgets what dead replicas left.
     pub(super) async fn beat(&self) -> Result<(), StoreError> {
         let c = self.reader().await?;
+        let address = self
+            .address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         c.execute(
-            "INSERT INTO replicas (id, name, started, heartbeat) VALUES ($1, $2, $3, now())
-             ON CONFLICT (id) DO UPDATE SET heartbeat = now()",
-            &[&self.replica, &self.name, &pg::key(self.started)],
+            "INSERT INTO replicas (id, name, started, heartbeat, ssh_address)
+             VALUES ($1, $2, $3, now(), $4)
+             ON CONFLICT (id) DO UPDATE SET heartbeat = now(), ssh_address = excluded.ssh_address",
+            &[&self.replica, &self.name, &pg::key(self.started), &address],
         )
         .await
         .map_err(db)?;
@@ -111,7 +117,9 @@ impl Shared {
         c.batch_execute(
             "DELETE FROM replicas WHERE heartbeat < now() - interval '1 hour';
              DELETE FROM sessions s WHERE NOT EXISTS
-                 (SELECT 1 FROM replicas r WHERE r.id = s.replica);",
+                 (SELECT 1 FROM replicas r WHERE r.id = s.replica);
+             DELETE FROM tunnels t WHERE NOT EXISTS
+                 (SELECT 1 FROM replicas r WHERE r.id = t.replica);",
         )
         .await
         .map_err(db)?;
@@ -155,6 +163,31 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Where the other replicas reach this one (unless configured): the
+    /// SSH listener's address as bound.
+    pub fn set_address(&self, bound: std::net::SocketAddr) {
+        let mut address = self.address.lock().unwrap_or_else(|e| e.into_inner());
+        if address.is_empty() {
+            *address = bound.to_string();
+        }
+    }
+
+    /// The address of the live replica, other than this one, that holds
+    /// `job`'s tunnel.
+    pub async fn tunnel_holder(&self, job: JobId) -> Result<Option<String>, StoreError> {
+        let c = self.reader().await?;
+        let row = c
+            .query_opt(
+                "SELECT r.ssh_address FROM tunnels t JOIN replicas r ON r.id = t.replica
+                 WHERE t.job = $1 AND t.replica <> $2 AND r.ssh_address <> ''
+                   AND r.heartbeat > now() - make_interval(secs => $3)",
+                &[&pg::key(job.get()), &self.replica, &self.timeout_secs()],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     pub(super) async fn acquire_hold(&self, job: JobId) -> Result<bool, StoreError> {
@@ -222,6 +255,9 @@ impl Shared {
         )
         .await
         .map_err(db)?;
+        c.execute("DELETE FROM tunnels WHERE replica = $1", &[&self.replica])
+            .await
+            .map_err(db)?;
         c.execute("DELETE FROM replicas WHERE id = $1", &[&self.replica])
             .await
             .map_err(db)?;
@@ -456,15 +492,31 @@ impl Inner {
     async fn publish_these(&self, shared: &Shared, jobs: &HashSet<u64>) -> Result<(), StoreError> {
         let c = shared.reader().await?;
         for &job in jobs {
-            let who = JobId::from_u64(job)
+            let (who, tunnel) = JobId::from_u64(job)
                 .and_then(|j| {
-                    read(&self.state)
-                        .jobs
-                        .get(&j)
-                        .map(|e| e.live.local_sessions())
+                    read(&self.state).jobs.get(&j).map(|e| {
+                        let local = e.live.tunnel().is_some_and(|l| l.is_local());
+                        (e.live.local_sessions(), local)
+                    })
                 })
                 .unwrap_or_default();
             let id = pg::key(job);
+            if tunnel {
+                c.execute(
+                    "INSERT INTO tunnels (job, replica) VALUES ($1, $2)
+                     ON CONFLICT (job) DO UPDATE SET replica = excluded.replica",
+                    &[&id, &shared.replica],
+                )
+                .await
+                .map_err(db)?;
+            } else {
+                c.execute(
+                    "DELETE FROM tunnels WHERE job = $1 AND replica = $2",
+                    &[&id, &shared.replica],
+                )
+                .await
+                .map_err(db)?;
+            }
             if who.is_empty() {
                 c.execute(
                     "DELETE FROM sessions WHERE replica = $1 AND job = $2",
@@ -656,7 +708,7 @@ async fn follow(inner: &Inner, shared: &Shared) -> Result<(), StoreError> {
         .await
         .map_err(db)?;
     for (id, entry) in &read(&inner.state).jobs {
-        if !entry.live.local_sessions().is_empty() {
+        if !entry.live.local_sessions().is_empty() || entry.live.tunnel().is_some() {
             shared.dirty.mark(id.get());
         }
     }

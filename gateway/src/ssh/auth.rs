@@ -73,6 +73,13 @@ impl Connection {
                     format!("job {job} is not registered with this gateway"),
                 ),
             },
+            Ok(Target::Relay(job)) => {
+                if self.gw.registry.shared().is_some() {
+                    self.state = State::Relay { job, proven: false };
+                } else {
+                    refuse(self, "relays are taken only between replicas".into());
+                }
+            }
             Ok(Target::Job(job)) => match self.gw.registry.lookup(job) {
                 Lookup::Active(job, live) => {
                     self.state = State::Job {
@@ -107,7 +114,9 @@ impl Connection {
                 }
                 vec![login.clone()]
             }
-            State::Fresh | State::Refused | State::Tunnel { .. } => return None,
+            State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => {
+                return None
+            }
         };
         for login in candidates {
             match self.gw.keys.keys(&login).await {
@@ -232,6 +241,9 @@ impl Connection {
         if matches!(self.state, State::Tunnel { .. }) {
             return self.rejection();
         }
+        if matches!(self.state, State::Relay { .. }) {
+            return self.relay_key(user, offer.public_key, false);
+        }
         if crate::ssh::is_sha1_rsa(offer.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
             debug!(
                 conn = self.id,
@@ -257,6 +269,9 @@ impl Connection {
         if matches!(self.state, State::Tunnel { .. }) {
             return self.rejection();
         }
+        if matches!(self.state, State::Relay { .. }) {
+            return self.relay_key(user, key.public_key, true);
+        }
         if crate::ssh::is_sha1_rsa(key.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
             info!(conn = self.id, peer = %self.peer, "ssh-rsa (SHA-1) signature refused");
             return Self::reject();
@@ -272,10 +287,33 @@ impl Connection {
         };
         match &mut self.state {
             State::Job { identity, .. } | State::Jump { identity, .. } => *identity = Some(who),
-            State::Fresh | State::Refused | State::Tunnel { .. } => return Self::reject(),
+            State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => {
+                return Self::reject()
+            }
         }
         info!(conn = self.id, peer = %self.peer, %login, user, key = %crate::keys::fingerprint(key.public_key), "authenticated");
         self.audit_auth("success", key.public_key, Some(&login));
+        Auth::Accept
+    }
+
+    /// A replica relaying to a tunnel this one holds: only the replicas'
+    /// shared ed25519 host key is accepted (`verified`: it signed).
+    fn relay_key(&mut self, user: &str, key: &PublicKey, verified: bool) -> Auth {
+        let ours = self.gw.host_keys.iter().any(|k| {
+            crate::keys::same_key(k.public_key(), key)
+                && k.algorithm() == russh::keys::Algorithm::Ed25519
+        });
+        if !ours {
+            info!(conn = self.id, peer = %self.peer, "relay refused: not the replicas' host key");
+            self.spend_failure(user);
+            return Self::reject();
+        }
+        if verified {
+            if let State::Relay { job, proven } = &mut self.state {
+                *proven = true;
+                info!(conn = self.id, peer = %self.peer, job = %job, "a replica relays to this job's tunnel");
+            }
+        }
         Auth::Accept
     }
 
@@ -294,7 +332,7 @@ impl Connection {
             State::Job { identity, .. } | State::Jump { identity, .. } => {
                 identity.as_ref().map(|i| i.login.to_string())
             }
-            State::Fresh | State::Refused | State::Tunnel { .. } => None,
+            State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => None,
         };
         if let Some(login) = who {
             let max = self.gw.config.ssh.max_connections_per_login;

@@ -76,6 +76,12 @@ pub(super) enum State {
         proven: bool,
         down: tokio::sync::watch::Sender<bool>,
     },
+    /// Another replica relaying to `job`'s tunnel, which this one holds;
+    /// `proven` once it showed the replicas' shared host key.
+    Relay {
+        job: JobId,
+        proven: bool,
+    },
 }
 
 pub struct Connection {
@@ -223,6 +229,17 @@ impl server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         if !self.take_channel_slot() {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        if let State::Relay { job, proven } = self.state {
+            if proven {
+                self.serve_relay(channel, job, port_to_connect, reply);
+            } else {
+                self.open_channels.release();
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+            }
             return Ok(());
         }
         let stdio = originator_port == STDIO_FORWARD_PORT;

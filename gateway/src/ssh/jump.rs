@@ -49,12 +49,14 @@ impl Connection {
         let far = if target.job.tunnel {
             // Never dialed: the agent opens the port on the runner's side
             // (22 is its sshd there), if it allows it.
-            let link = target.live.tunnel().ok_or_else(|| {
-                (
-                    ChannelOpenFailure::ConnectFailed,
-                    format!("job {job_id}: {}", crate::ssh::tunnel::TunnelError::Down),
-                )
-            })?;
+            let link = crate::ssh::relay::tunnel_of(&self.gw, job_id, &target.live)
+                .await
+                .ok_or_else(|| {
+                    (
+                        ChannelOpenFailure::ConnectFailed,
+                        format!("job {job_id}: {}", crate::ssh::tunnel::TunnelError::Down),
+                    )
+                })?;
             let port = u16::try_from(port).unwrap_or(22);
             Far::Tunnel { link, port }
         } else {
@@ -131,10 +133,9 @@ impl Connection {
         self.gw.tasks.spawn("jump forward", async move {
             let Dial { job_id, far } = dial;
             let refused = match far {
-                Far::Tunnel { link, port } => match link.open(port, timeout).await {
-                    Ok(up) => {
+                Far::Tunnel { link, port } => match link.open(&gw, port, timeout).await {
+                    Ok(pipe) => {
                         reply.accept().await;
-                        let pipe = crate::ssh::tunnel::stream(&gw, up);
                         let (r, w) = tokio::io::split(pipe);
                         let far = (crate::ssh::splice::Reads(r), w);
                         let moved =

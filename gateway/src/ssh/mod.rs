@@ -10,6 +10,7 @@ pub mod handler;
 pub mod inbox;
 pub mod jump;
 pub mod open;
+pub mod relay;
 pub mod server;
 mod session;
 pub mod splice;

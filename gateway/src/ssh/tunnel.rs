@@ -30,8 +30,15 @@ pub struct TunnelLink {
     pub conn: u64,
     /// When it authenticated (Unix seconds).
     pub since: u64,
-    handle: server::Handle,
+    path: Path,
     down: watch::Receiver<bool>,
+}
+
+/// Where the tunnel's channels open: on the agent's connection to this
+/// replica, or through another replica that holds it (`ssh::relay`).
+enum Path {
+    Local(server::Handle),
+    Relay(crate::ssh::relay::Relay),
 }
 
 impl std::fmt::Debug for TunnelLink {
@@ -64,9 +71,25 @@ impl TunnelLink {
         TunnelLink {
             conn,
             since: crate::registry::unix_now(),
-            handle,
+            path: Path::Local(handle),
             down,
         }
+    }
+
+    /// The job's tunnel as another replica holds it, reached through
+    /// `relay` (its end is the relay connection's end).
+    pub(crate) fn relayed(relay: crate::ssh::relay::Relay) -> TunnelLink {
+        TunnelLink {
+            conn: 0,
+            since: crate::registry::unix_now(),
+            down: relay.watch_closed(),
+            path: Path::Relay(relay),
+        }
+    }
+
+    /// Whether this is the agent's own connection to this replica.
+    pub fn is_local(&self) -> bool {
+        matches!(self.path, Path::Local(_))
     }
 
     pub fn watch_down(&self) -> watch::Receiver<bool> {
@@ -74,30 +97,63 @@ impl TunnelLink {
     }
 
     /// Opens a byte stream to `port` on the runner's side (22: its sshd).
-    pub async fn open(&self, port: u16, timeout: Duration) -> Result<Channel<Msg>, TunnelError> {
+    pub async fn open(
+        &self,
+        gw: &Gateway,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<tokio::io::DuplexStream, TunnelError> {
+        match &self.path {
+            Path::Local(_) => Ok(stream(gw, self.open_channel(port, timeout).await?)),
+            Path::Relay(relay) => relay.open(gw, port, timeout).await,
+        }
+    }
+
+    /// Opens a `forwarded-tcpip` channel to `port` on the agent's
+    /// connection (a local tunnel only).
+    pub async fn open_channel(
+        &self,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Channel<Msg>, TunnelError> {
+        let Path::Local(handle) = &self.path else {
+            return Err(TunnelError::Down);
+        };
         if *self.down.borrow() {
             return Err(TunnelError::Down);
         }
         let opened =
-            self.handle
-                .channel_open_forwarded_tcpip("localhost", u32::from(port), "ci-gateway", 0);
-        match tokio::time::timeout(timeout, opened).await {
-            Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(russh::Error::ChannelOpenFailure(code))) => Err(match code {
-                ChannelOpenFailure::AdministrativelyProhibited => TunnelError::Refused(port),
-                ChannelOpenFailure::ConnectFailed => TunnelError::NotListening(port),
-                other => TunnelError::Failed(port, format!("{other:?}")),
-            }),
-            Ok(Err(_)) if *self.down.borrow() => Err(TunnelError::Down),
-            Ok(Err(e)) => Err(TunnelError::Failed(port, e.to_string())),
-            Err(_) => Err(TunnelError::Timeout(port, timeout)),
-        }
+            handle.channel_open_forwarded_tcpip("localhost", u32::from(port), "ci-gateway", 0);
+        opened_within(port, timeout, opened, &self.down).await
     }
 
     /// Closes the agent's connection with `reason` (it was replaced, or the
     /// job ended).
     pub async fn disconnect(&self, reason: &str) {
-        crate::ssh::open::say_goodbye(&self.handle, format!("ci-gateway: {reason}")).await;
+        if let Path::Local(handle) = &self.path {
+            crate::ssh::open::say_goodbye(handle, format!("ci-gateway: {reason}")).await;
+        }
+    }
+}
+
+/// A channel to `port` opened within `timeout`, or why not (`down`: the
+/// connection carrying it ended meanwhile).
+pub(crate) async fn opened_within<T>(
+    port: u16,
+    timeout: Duration,
+    opened: impl std::future::Future<Output = Result<T, russh::Error>>,
+    down: &watch::Receiver<bool>,
+) -> Result<T, TunnelError> {
+    match tokio::time::timeout(timeout, opened).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(russh::Error::ChannelOpenFailure(code))) => Err(match code {
+            ChannelOpenFailure::AdministrativelyProhibited => TunnelError::Refused(port),
+            ChannelOpenFailure::ConnectFailed => TunnelError::NotListening(port),
+            other => TunnelError::Failed(port, format!("{other:?}")),
+        }),
+        Ok(Err(_)) if *down.borrow() => Err(TunnelError::Down),
+        Ok(Err(e)) => Err(TunnelError::Failed(port, e.to_string())),
+        Err(_) => Err(TunnelError::Timeout(port, timeout)),
     }
 }
 
@@ -121,7 +177,10 @@ pub async fn dropped(down: &mut watch::Receiver<bool>) -> bool {
 /// end to end: the channel's window is given back only once the bytes were
 /// taken from the pipe, so a slow reader holds back the agent's sshd, not
 /// the tunnel connection's other channels.
-pub fn stream(gw: &Gateway, channel: Channel<Msg>) -> tokio::io::DuplexStream {
+pub fn stream<S>(gw: &Gateway, channel: Channel<S>) -> tokio::io::DuplexStream
+where
+    S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+{
     let (near, far) = tokio::io::duplex(PIPE);
     gw.tasks.spawn("tunnel pipe", async move {
         let (r, w) = tokio::io::split(far);
@@ -192,5 +251,65 @@ impl crate::ssh::handler::Connection {
                 }),
             );
         }
+    }
+}
+
+impl crate::ssh::handler::Connection {
+    /// Another replica's channel to `port` of `job`'s runner: opened on the
+    /// tunnel this replica holds, for the sshd (22) or a port jump mode
+    /// allows, and spliced. The user's session is counted and audited on the
+    /// replica they reached.
+    pub(super) fn serve_relay(
+        &self,
+        channel: Channel<Msg>,
+        job: crate::ids::JobId,
+        port: u32,
+        reply: server::ChannelOpenHandle,
+    ) {
+        let gw = self.gw.clone();
+        let open = self.open_channels.clone();
+        let usage = self.usage.clone();
+        let conn = self.id;
+        self.gw.tasks.spawn("tunnel relay", async move {
+            let allowed = u16::try_from(port)
+                .ok()
+                .filter(|p| *p == 22 || gw.policy.jump_ports.contains(p));
+            let link = match gw.registry.lookup(job) {
+                crate::registry::Lookup::Active(_, live) => live.tunnel().filter(|l| l.is_local()),
+                _ => None,
+            };
+            let refused = match (allowed, link) {
+                (None, _) => Some((
+                    ChannelOpenFailure::AdministrativelyProhibited,
+                    format!("port {port} is not open through the gateway"),
+                )),
+                (_, None) => Some((
+                    ChannelOpenFailure::ConnectFailed,
+                    format!("job {job}: {}", TunnelError::Down),
+                )),
+                (Some(port), Some(link)) => {
+                    let timeout = gw.config.upstream.connect_timeout;
+                    match link.open(&gw, port, timeout).await {
+                        Ok(pipe) => {
+                            reply.accept().await;
+                            let (r, w) = tokio::io::split(pipe);
+                            splice::run(channel, (splice::Reads(r), w), None, &usage).await;
+                            open.release();
+                            return;
+                        }
+                        Err(e) => {
+                            Some((ChannelOpenFailure::ConnectFailed, format!("job {job}: {e}")))
+                        }
+                    }
+                }
+            };
+            open.release();
+            if let Some((code, reason)) = refused {
+                tracing::info!(conn, "relay channel refused: {reason}");
+                reply
+                    .reject_with(code, format!("ci-gateway: {reason}"))
+                    .await;
+            }
+        });
     }
 }

@@ -211,8 +211,10 @@ async fn attempt(
             handshake(gw, tcp, pinned, timeout).await
         }
         Via::Tunnel(link) => {
-            let channel = link.open(22, timeout).await.map_err(Handshake::Tunnel)?;
-            let stream = crate::ssh::tunnel::stream(gw, channel);
+            let stream = link
+                .open(gw, 22, timeout)
+                .await
+                .map_err(Handshake::Tunnel)?;
             handshake(gw, stream, pinned, timeout).await
         }
     }
@@ -256,11 +258,14 @@ pub async fn connect(
     // A tunnel registration is never dialed: its runner is reached only
     // through the tunnel its agent holds (DESIGN §10).
     let (via, key, shown) = if job.tunnel {
-        let link = match gw.registry.lookup(job.job_id) {
-            Lookup::Active(_, live) => live.tunnel(),
+        let live = match gw.registry.lookup(job.job_id) {
+            Lookup::Active(_, live) => Some(live),
             _ => None,
         }
         .ok_or(UpstreamError::Tunnel(TunnelError::Down))?;
+        let link = crate::ssh::relay::tunnel_of(gw, job.job_id, &live)
+            .await
+            .ok_or(UpstreamError::Tunnel(TunnelError::Down))?;
         let shown = format!("127.0.0.1:{} (through its tunnel)", job.port);
         (Via::Tunnel(link), RunnerKey::Tunnel(job.job_id), shown)
     } else {

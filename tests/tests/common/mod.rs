@@ -1020,6 +1020,18 @@ impl World {
             .insert(self.job.clone(), token.to_string());
     }
 
+    /// Replica `name` of the world's gateway: its own data dir with the
+    /// keys of the world's, on `pg`'s database, listening on 127.0.0.1.
+    pub async fn replica(&self, pg: &Postgres, name: &str, extra: &[(&str, &str)]) -> Gateway {
+        let data = self.dir.path().join(name);
+        share_keys(&self.dir.path().join("data"), &data);
+        let env = pg.replica_env();
+        let mut config: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        config.push(("CI_GATEWAY__ACCESS__ADMINS", "the-admin"));
+        config.extend_from_slice(extra);
+        Gateway::start(&data, &self.github.url, &config).await
+    }
+
     /// The live state (session count, kick signal) of the world's job.
     pub fn live(&self) -> Arc<ci_gateway::registry::Live> {
         let id = ci_gateway::ids::JobId::parse(&self.job).expect("job id");

@@ -11,6 +11,7 @@
 
 mod load;
 mod procs;
+mod store;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ struct Opts {
     /// generator's descriptors and the sink's are counted apart).
     sink: bool,
     /// Run only these cases (memory, jump, job, forward, setup, concurrency,
-    /// tunnel).
+    /// tunnel, store).
     only: Option<Vec<String>>,
 }
 
@@ -67,7 +68,9 @@ impl Opts {
                 "--only" => {
                     only = Some(
                         args.next()
-                            .context("--only memory,jump,job,forward,setup,concurrency,tunnel")?
+                            .context(
+                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store",
+                            )?
                             .split(',')
                             .map(str::to_string)
                             .collect(),
@@ -1081,6 +1084,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if opts.runs("tunnel") {
         tunnel(&rig, &plan, &mut report)?;
+    }
+    if opts.runs("store") {
+        store::store(&rig, &opts.gateway, opts.quick, &mut report).await?;
     }
 
     let doc = json!({

@@ -48,6 +48,16 @@ struct Opts {
     only: Option<Vec<String>>,
 }
 
+const HELP: &str = "ci-gateway-bench: ci-gateway against an OpenSSH jump host, side by side
+
+usage: bench/run [--quick] [--only CASES] [--out PATH]
+  --quick         smaller sizes and counts (about 3 minutes; full: about 15)
+  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store
+  --out PATH      where the JSON results go (default: bench/results.json for a
+                  full run, target/bench-results.json for --quick or --only)
+  --gateway PATH  the release ci-gateway binary (bench/run passes it)
+Figures are ratios against OpenSSH in the same run; see docs/performance.md.";
+
 impl Opts {
     fn runs(&self, case: &str) -> bool {
         self.only
@@ -79,7 +89,11 @@ impl Opts {
                 "--gateway" => gateway = args.next().map(PathBuf::from),
                 "--out" => out = Some(args.next().map(PathBuf::from).context("--out PATH")?),
                 "--quick" => quick = true,
-                other => bail!("unknown argument {other:?} (--gateway PATH, --out PATH, --quick)"),
+                "--help" | "-h" => {
+                    println!("{HELP}");
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?} (see --help)"),
             }
         }
         // Only a full run replaces the committed figures; a quick or partial

@@ -233,6 +233,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .unwrap_or(data_dir)
             .display()
     );
+    // Users check these on their first connection instead of trusting it
+    // (`ssh-keyscan <host> | ssh-keygen -lf -` prints the same).
+    for key in &gw.host_keys {
+        eprintln!(
+            "  host key: {} {}",
+            crate::keys::fingerprint(key.public_key()),
+            key.algorithm().as_str()
+        );
+    }
     if let Some(path) = &gw.generated_token_file {
         // The operator needs this token to register runners; it is printed
         // once at start, never logged through tracing.

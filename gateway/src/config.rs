@@ -644,6 +644,16 @@ impl PublicAddress {
     }
 
     /// `ssh` arguments before the destination: `-p N ` when not 22.
+    /// How `~/.ssh/known_hosts` names this address: `host`, or
+    /// `[host]:port` off port 22.
+    pub fn known_hosts_name(&self) -> String {
+        if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        }
+    }
+
     pub fn port_flag(&self) -> String {
         if self.port == 22 {
             String::new()

@@ -469,7 +469,14 @@ impl Registry {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(db_err)?;
         }
-        let db = redb::Database::create(path).map_err(db_err)?;
+        let db = redb::Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Db(format!(
+                "another gateway is using {} (one process per data directory; \
+                 replicas share PostgreSQL instead, docs/operations.md)",
+                path.display()
+            )),
+            e => db_err(e),
+        })?;
         restrict_mode(path);
         let mut state = State::default();
         let now = unix_now();
@@ -832,6 +839,15 @@ impl Registry {
             .values()
             .filter(|e| e.registration.refreshed_at < cutoff)
             .map(|e| e.registration.job_id)
+            .collect()
+    }
+
+    /// Every registered job with its live state (unordered).
+    pub fn active(&self) -> Vec<(Arc<Registration>, Arc<Live>)> {
+        read(&self.inner.state)
+            .jobs
+            .values()
+            .map(|e| (e.registration.clone(), e.live.clone()))
             .collect()
     }
 

@@ -334,6 +334,16 @@ pub(super) fn print_commands(job: &str, answer: &RegisterResponse, keys_path: &P
     for line in answer.ssh_config.lines() {
         println!("      {line}");
     }
+    if !answer.known_hosts.is_empty() {
+        println!();
+        println!(
+            "  Host keys, to check the first connection instead of trusting it \
+             (add to ~/.ssh/known_hosts):"
+        );
+        for line in &answer.known_hosts {
+            println!("      {line}");
+        }
+    }
     if let Some(rdp) = &answer.rdp_command {
         println!();
         println!(

@@ -288,12 +288,27 @@ pub(super) async fn put_job(
             ssh_command,
             jump_command,
             ssh_config,
+            known_hosts: known_hosts(&gw, &registration),
             rdp_command,
             refresh_seconds: (gw.config.registration.ttl.as_secs() / 3).max(1),
             hold_max_seconds: gw.config.hold.max.as_secs(),
             tunnel: registration.tunnel.then(|| tunnel_info(&gw, job)),
         }),
     ))
+}
+
+/// The `known_hosts` lines of [`RegisterResponse::known_hosts`].
+pub fn known_hosts(gw: &Gateway, job: &Registration) -> Vec<String> {
+    let name = gw.config.public_address().known_hosts_name();
+    let gateway = gw
+        .host_keys
+        .iter()
+        .map(|k| format!("{name} {}", crate::keys::openssh_line(k.public_key())));
+    let runner = job
+        .host_keys
+        .iter()
+        .map(|k| format!("job-{} {k}", job.job_id));
+    gateway.chain(runner).collect()
 }
 
 /// Where the agent of a tunnel registration connects, and the gateway

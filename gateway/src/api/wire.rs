@@ -52,6 +52,12 @@ pub struct RegisterResponse {
     pub jump_command: String,
     /// An `~/.ssh/config` block that makes `ssh job-<id>` work.
     pub ssh_config: String,
+    /// `~/.ssh/known_hosts` lines, so a first connection is checked rather
+    /// than trusted: the gateway's host keys under its public address, and
+    /// the runner's under `job-<id>` (the name both `ssh -J … job-<id>` and
+    /// the `Host job-*` block make OpenSSH look up).
+    #[serde(default)]
+    pub known_hosts: Vec<String>,
     /// The RDP forward, for Windows runners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdp_command: Option<String>,

@@ -140,6 +140,9 @@ pub struct Ends {
     /// reads on stderr (before the close: a client may exit at the close,
     /// before the connection's disconnect message arrives).
     pub tunnel: Option<(tokio::sync::watch::Receiver<bool>, String)>,
+    /// Shown on the user's stderr before a shell with a pty (never on
+    /// exec, scp, sftp: their streams stay the runner's bytes alone).
+    pub banner: Option<String>,
 }
 
 /// Relays the channel until both sides are closed (or the runner's grace
@@ -153,13 +156,14 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
         runner_rx,
         runner_tx,
         tunnel,
+        banner,
     } = ends;
     let replies = Replies {
         due: Mutex::new(VecDeque::new()),
         handle: user_handle.clone(),
         id: user_tx.id(),
     };
-    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies);
+    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies, banner);
     let down = runner_to_user(runner_rx, &user_tx, &runner_tx, &user_handle, &replies);
     let mut bytes = Bytes::default();
     {
@@ -208,11 +212,23 @@ async fn user_to_runner(
     user: &ChannelWriteHalf<server::Msg>,
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
+    mut banner: Option<String>,
 ) -> (u64, bool) {
-    let (mut closed, mut eof_sent) = (false, false);
+    let (mut closed, mut eof_sent, mut pty) = (false, false, false);
     let mut n = 0u64;
     let mut inbox = Inbox::default();
     while let Some(msg) = inbox.next(&mut rx).await {
+        match &msg {
+            ChannelMsg::RequestPty { .. } => pty = true,
+            // A terminal in raw mode: lines end in CR LF.
+            ChannelMsg::RequestShell { .. } if pty => {
+                if let Some(text) = banner.take() {
+                    let text = text.replace('\n', "\r\n");
+                    let _ = user.extended_data_bytes(1, text.into_bytes()).await;
+                }
+            }
+            _ => {}
+        }
         let sent: Result<(), russh::Error> = match msg {
             // Handed on, then given back to the user as window: the user can
             // never have more in flight here than one window.

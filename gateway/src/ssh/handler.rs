@@ -189,10 +189,24 @@ impl server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(link) = self.runner.clone() else {
-            // Jump mode serves forwards only.
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            // Jump mode: a session channel lists the login's jobs.
+            let (State::Jump { login, .. }, Some(handle)) = (&self.state, self.handle.get()) else {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            };
+            if !self.take_channel_slot() {
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
+                return Ok(());
+            }
+            let (gw, login, handle) = (self.gw.clone(), login.clone(), handle.clone());
+            let open_channels = self.open_channels.clone();
+            self.gw.tasks.spawn("job listing", async move {
+                reply.accept().await;
+                crate::ssh::listing::serve(gw, login, channel, handle).await;
+                open_channels.release();
+            });
             return Ok(());
         };
         if !self.take_channel_slot() {
@@ -203,7 +217,13 @@ impl server::Handler for Connection {
         // returns at once, so other channels and keepalives go on.
         let timeout = self.gw.config.upstream.connect_timeout;
         let notices = Some(self.session_channels.clone());
-        self.relay(channel, reply, notices, async move {
+        let banner = match (&self.state, &self.session) {
+            (State::Job { job, live, .. }, Some((_, login))) => {
+                Some(crate::ssh::listing::banner(&self.gw, job, live, login))
+            }
+            _ => None,
+        };
+        self.relay(channel, reply, notices, banner, async move {
             let runner = runner_for_channel(link).await?;
             match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
                 Ok(Ok(up)) => Ok(Upstream::of(&runner, up)),
@@ -269,7 +289,7 @@ impl server::Handler for Connection {
                         )),
                     }
                 };
-                self.relay(channel, reply, None, open);
+                self.relay(channel, reply, None, None, open);
             }
             // Jump mode: the decision here, the dial in the channel's task.
             None => match self.jump_target(host_to_connect, port_to_connect).await {
@@ -291,6 +311,7 @@ impl Connection {
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
         notices: Option<NoticeChannels>,
+        banner: Option<String>,
         open: F,
     ) where
         F: std::future::Future<Output = Result<Upstream, (ChannelOpenFailure, String)>>
@@ -327,6 +348,7 @@ impl Connection {
                     runner_rx,
                     runner_tx,
                     tunnel: up.tunnel,
+                    banner,
                 },
                 &usage,
             )

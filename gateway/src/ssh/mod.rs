@@ -9,6 +9,7 @@ pub mod channel;
 pub mod handler;
 pub mod inbox;
 pub mod jump;
+pub mod listing;
 pub mod open;
 pub mod relay;
 pub mod server;

@@ -536,3 +536,49 @@ async fn the_gateway_serves_its_own_binary_as_the_agent() {
     assert_eq!(status, 429, "{head}");
     assert!(head.to_lowercase().contains("retry-after"), "{head}");
 }
+
+/// `serve` prints the host keys' fingerprints, the ones `ssh-keyscan`
+/// sees; a second gateway on the same data directory says another one
+/// uses it and exits non-zero, leaving the first serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_prints_the_fingerprints_users_check_and_refuses_a_shared_data_dir() {
+    require_tools();
+    let dir = tempdir();
+    let github = FakeGithub::start().await;
+    let gateway = Process::start(dir.path(), &github, &[]).await;
+    let printed: std::collections::BTreeSet<String> = std::fs::read_to_string(&gateway.err)
+        .expect("stderr")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("host key: "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    assert!(!printed.is_empty(), "serve printed no host key");
+    let scan = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ssh-keyscan -p {} -t ed25519,ecdsa,rsa 127.0.0.1 2>/dev/null | ssh-keygen -lf -",
+            gateway.ssh.port()
+        ))
+        .output()
+        .expect("ssh-keyscan");
+    let scanned: std::collections::BTreeSet<String> = String::from_utf8_lossy(&scan.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(printed, scanned, "printed vs ssh-keyscan");
+
+    let second = std::process::Command::new(GATEWAY)
+        .arg("serve")
+        .env("CI_GATEWAY__SSH__LISTEN", free_addr().to_string())
+        .env("CI_GATEWAY__API__LISTEN", free_addr().to_string())
+        .env("CI_GATEWAY__GITHUB__API_URL", &github.url)
+        .env("CI_GATEWAY__REGISTRATION__TOKENS", TOKEN)
+        .env("CI_GATEWAY__STORAGE__DATA_DIR", &gateway.data)
+        .stdin(Stdio::null())
+        .output()
+        .expect("a second gateway runs");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(err.contains("another gateway is using"), "{err}");
+    assert!(listening(gateway.ssh).await, "the first still serves");
+}

@@ -218,16 +218,22 @@ async fn user_to_runner(
     let mut n = 0u64;
     let mut inbox = Inbox::default();
     while let Some(msg) = inbox.next(&mut rx).await {
-        match &msg {
-            ChannelMsg::RequestPty { .. } => pty = true,
-            // A terminal in raw mode: lines end in CR LF.
-            ChannelMsg::RequestShell { .. } if pty => {
-                if let Some(text) = banner.take() {
-                    let text = text.replace('\n', "\r\n");
-                    let _ = user.extended_data_bytes(1, text.into_bytes()).await;
+        // Until the banner is shown (or never will be), only requests are
+        // looked at; data passes with no extra step.
+        if banner.is_some() {
+            match &msg {
+                ChannelMsg::RequestPty { .. } => pty = true,
+                // A terminal in raw mode: lines end in CR LF.
+                ChannelMsg::RequestShell { .. } => {
+                    if let Some(text) = banner.take().filter(|_| pty) {
+                        let text = text.replace('\n', "\r\n");
+                        let _ = user.extended_data_bytes(1, text.into_bytes()).await;
+                    }
                 }
+                // exec or a subsystem: this channel never shows it.
+                ChannelMsg::Exec { .. } | ChannelMsg::RequestSubsystem { .. } => banner = None,
+                _ => {}
             }
-            _ => {}
         }
         let sent: Result<(), russh::Error> = match msg {
             // Handed on, then given back to the user as window: the user can

@@ -96,16 +96,18 @@ pub fn job_url(reg: &crate::registry::Registration) -> Option<String> {
     }
 }
 
-/// "1h 05m", "12m", "40s".
+/// "1h 5m", "12m", "40s": whole minutes from a minute up (humantime, as
+/// the agent prints spans).
 pub fn span(seconds: u64) -> String {
-    match seconds {
-        s if s >= 3600 => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
-        s if s >= 60 => format!("{}m", s / 60),
-        s => format!("{s}s"),
-    }
+    let shown = if seconds >= 60 {
+        seconds / 60 * 60
+    } else {
+        seconds
+    };
+    humantime::format_duration(Duration::from_secs(shown)).to_string()
 }
 
-/// Where a job stands, in words: "running", or "holding, 1h 05m left".
+/// Where a job stands, in words: "running", or "holding, 1h 5m left".
 pub fn state_line(hold: &HoldView) -> String {
     use crate::hold::HoldState;
     match (hold.state, hold.remaining_seconds) {
@@ -176,10 +178,10 @@ pub fn banner(
 ) -> String {
     use std::fmt::Write;
     let mut sessions = live.sessions();
+    let hold = crate::hold::describe(gw, reg, sessions.len());
     if let Some(mine) = sessions.iter().position(|s| s.login == me) {
         sessions.remove(mine);
     }
-    let hold = crate::hold::describe(gw, reg, sessions.len() + 1);
     let mut out = format!("ci-gateway: job {}", reg.job_id);
     if let Some(repo) = &reg.repository {
         let _ = write!(out, " of {repo}");
@@ -357,7 +359,8 @@ mod tests {
     fn spans_read_as_people_say_them() {
         assert_eq!(span(40), "40s");
         assert_eq!(span(720), "12m");
-        assert_eq!(span(3900), "1h 05m");
+        assert_eq!(span(3900), "1h 5m");
+        assert_eq!(span(3959), "1h 5m");
         assert_eq!(clock(86_400 * 3 + 14 * 3600 + 5 * 60 + 59), "14:05");
     }
 }

@@ -60,6 +60,7 @@ pub fn jump(
     let job_id = JobId::parse(host).map_err(|_| JumpRefused::NotAJob {
         destination: format!("{}:{port}", crate::audit::shown(host)),
         who: who.clone(),
+        hint: bare_number_hint(host),
     })?;
     let port = u16::try_from(port)
         .ok()
@@ -84,13 +85,27 @@ pub fn jump(
     Ok(JumpTarget { job, live, port })
 }
 
+/// OpenSSH reads a bare number below 2^24 as an address in 0.0.0.0/8
+/// (`runner@1234` becomes 0.0.4.210), which no one dials on purpose: the
+/// hint names the spelling that reaches job 1234.
+fn bare_number_hint(host: &str) -> String {
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) if ip.octets()[0] == 0 && u32::from(ip) != 0 => {
+            let n = u32::from(ip);
+            format!("; OpenSSH reads the bare number {n} as the address {ip}: write job-{n}")
+        }
+        _ => String::new(),
+    }
+}
+
 /// Why [`jump`] refused a forward; each is the one line the user sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JumpRefused {
-    #[error("{destination} is not a job: the gateway only connects to job ids (ssh -J {who}@gateway runneruser@<job-id>)")]
+    #[error("{destination} is not a job: the gateway only connects to job ids (ssh -J {who}@gateway runneruser@job-<id>){hint}")]
     NotAJob {
         destination: String,
         who: GithubLogin,
+        hint: String,
     },
     #[error("port {port} is not open through the gateway (allowed: {allowed:?})")]
     Port { port: u32, allowed: Vec<u16> },
@@ -171,6 +186,11 @@ mod tests {
             ("localhost", 22, "is not a job"),
             ("1234567890", 25, "port 25 is not open"),
             ("1234567890", 65558, "is not open"),
+            (
+                "0.0.4.210",
+                22,
+                "the bare number 1234 as the address 0.0.4.210: write job-1234",
+            ),
         ] {
             let err = to(host, port, &octocat).expect_err(host).to_string();
             assert!(err.contains(reason), "{host}:{port}: {err}");

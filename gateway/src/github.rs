@@ -43,8 +43,16 @@ pub enum CallError {
 
 type Keys = Arc<Vec<PublicKey>>;
 
+/// What GitHub says of one login: its keys, and whether the account exists
+/// (a 404 is an account with no keys, but a refusal can say which).
+#[derive(Clone)]
+pub struct Account {
+    pub keys: Keys,
+    pub exists: bool,
+}
+
 struct Cached {
-    keys: Keys,
+    account: Account,
     fetched: Instant,
 }
 
@@ -149,29 +157,36 @@ impl KeySource {
 
     /// The keys of `login`. Static entries win; then the cache; then GitHub.
     pub async fn keys(&self, login: &GithubLogin) -> Result<Keys, KeyFetchError> {
+        self.account(login).await.map(|a| a.keys)
+    }
+
+    /// [`KeySource::keys`], and whether GitHub has such an account.
+    pub async fn account(&self, login: &GithubLogin) -> Result<Account, KeyFetchError> {
         if let Some(keys) = self.static_keys.get(login) {
-            return Ok(keys.clone());
+            return Ok(Account {
+                keys: keys.clone(),
+                exists: true,
+            });
         }
         let slot = self.slot(login);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref() {
             if c.fetched.elapsed() < self.ttl {
-                return Ok(c.keys.clone());
+                return Ok(c.account.clone());
             }
         }
         match self.fetch(login).await {
-            Ok(keys) => {
-                let keys = Arc::new(keys);
+            Ok(account) => {
                 *cached = Some(Cached {
-                    keys: keys.clone(),
+                    account: account.clone(),
                     fetched: Instant::now(),
                 });
-                Ok(keys)
+                Ok(account)
             }
             Err(reason) => match cached.as_ref() {
                 Some(c) if c.fetched.elapsed() < self.ttl + self.stale_for => {
                     tracing::warn!(%login, "GitHub key fetch failed, serving cached keys: {reason}");
-                    Ok(c.keys.clone())
+                    Ok(c.account.clone())
                 }
                 _ => Err(KeyFetchError::Unavailable(login.clone(), reason)),
             },
@@ -220,15 +235,24 @@ impl KeySource {
         Ok(self.call::<Job>(route).await?.map(|j| j.run_id))
     }
 
-    async fn fetch(&self, login: &GithubLogin) -> Result<Vec<PublicKey>, CallError> {
+    async fn fetch(&self, login: &GithubLogin) -> Result<Account, CallError> {
         let route = format!("/users/{login}/keys");
         // An account that does not exist has no keys; that is an answer.
-        let list: Vec<GithubKey> = self.call(route).await?.unwrap_or_default();
-        Ok(list
+        let Some(list) = self.call::<Vec<GithubKey>>(route).await? else {
+            return Ok(Account {
+                keys: Default::default(),
+                exists: false,
+            });
+        };
+        let keys = list
             .iter()
             .filter_map(|k| crate::keys::parse_public_key(&k.key).ok())
             .take(MAX_KEYS_PER_LOGIN)
-            .collect())
+            .collect();
+        Ok(Account {
+            keys: Arc::new(keys),
+            exists: true,
+        })
     }
 }
 

@@ -327,3 +327,148 @@ async fn the_printed_known_hosts_lines_check_both_modes_first_connections() {
         assert!(r.stderr.contains("Host key verification failed"), "{r:?}");
     }
 }
+
+/// `client_opts` at `LogLevel=INFO`, the client's default, where OpenSSH
+/// shows authentication banners (ERROR hides them).
+fn talkative(key: &std::path::Path) -> Vec<String> {
+    client_opts(key)
+        .into_iter()
+        .map(|o| {
+            if o == "LogLevel=ERROR" {
+                "LogLevel=INFO".into()
+            } else {
+                o
+            }
+        })
+        .collect()
+}
+
+/// Where `needle` is in `haystack` (a failure says what was missing).
+fn at(haystack: &str, needle: &str) -> usize {
+    haystack
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} is not in:\n{haystack}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_why_before_permission_denied() {
+    let w = World::new("127.0.0.183", "9876543630").await;
+    let port = w.gateway.ssh.port().to_string();
+    let login = |keys: &[&std::path::Path], user: &str| {
+        let mut args = talkative(keys[0]);
+        for more in &keys[1..] {
+            args.extend(["-i".into(), more.display().to_string()]);
+        }
+        args.extend([
+            "-p".into(),
+            port.clone(),
+            format!("{user}@127.0.0.1"),
+            "true".into(),
+        ]);
+        args
+    };
+
+    // Job mode, a key of nobody allowed: the banner says so and where keys
+    // come from, before OpenSSH's own refusal, and names nobody allowed.
+    let r = run("ssh", &login(&[&w.mallory.path], &w.job), None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    let fp = fingerprint(&w.mallory.public);
+    let banner = at(
+        &r.stderr,
+        &format!(
+            "ci-gateway: key {fp} (ssh-ed25519) belongs to nobody allowed on job {}.",
+            w.job
+        ),
+    );
+    assert!(at(&r.stderr, "https://github.com/settings/keys") > banner);
+    assert!(at(&r.stderr, "Permission denied") > banner, "{r:?}");
+    for name in ["octocat", "the-admin"] {
+        assert!(!r.stderr.contains(name), "names {name}: {r:?}");
+    }
+    // Each refused key is named once, the reason given once.
+    let r = run(
+        "ssh",
+        &login(&[&w.mallory.path, &w.hubot.path], &w.job),
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 255, "{r:?}");
+    let hubot = fingerprint(&w.hubot.public);
+    assert!(
+        at(
+            &r.stderr,
+            &format!(
+                "key {hubot} (ecdsa-sha2-nistp256) belongs to nobody allowed on job {} either",
+                w.job
+            )
+        ) > at(&r.stderr, &fp),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.matches("settings/keys").count(), 1, "{r:?}");
+    // The right key after a wrong one gets in; the wrong one was named.
+    let r = run(
+        "ssh",
+        &login(&[&w.mallory.path, &w.octocat.path], &w.job),
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // Jump mode: the key is not on that account; no such account (a
+    // misspelt job id is read as a login); a bad user name.
+    let r = run("ssh", &login(&[&w.octocat.path], "mallory"), None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    let fp = fingerprint(&w.octocat.public);
+    assert!(
+        at(&r.stderr, &format!("key {fp} (ssh-ed25519) is not one of the SSH keys on GitHub account mallory (https://github.com/mallory.keys)"))
+            < at(&r.stderr, "Permission denied"),
+        "{r:?}"
+    );
+    let r = run("ssh", &login(&[&w.octocat.path], "98765436l0"), None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    assert!(
+        at(&r.stderr, "GitHub has no account 98765436l0: a job id (digits, or job-<digits>) or your GitHub login was expected")
+            < at(&r.stderr, "Permission denied"),
+        "{r:?}"
+    );
+    let r = run("ssh", &login(&[&w.octocat.path], "job-98765436x0"), None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    at(
+        &r.stderr,
+        "bad username \"job-98765436x0\": a job id (digits, or job-<digits>) or a GitHub login was expected",
+    );
+
+    // ProxyJump to a small bare id: OpenSSH asks for 0.0.4.210, and the
+    // refusal names the spelling that works.
+    let config = w.dir.path().join("jump_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  IdentityAgent none\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n  ConnectTimeout 20\n",
+            w.octocat.path.display()
+        ),
+    )
+    .expect("config");
+    let jump = |dest: &str| {
+        vec![
+            "-F".to_string(),
+            config.display().to_string(),
+            "-J".into(),
+            format!("octocat@127.0.0.1:{port}"),
+            format!("runner@{dest}"),
+            "true".into(),
+        ]
+    };
+    let r = run("ssh", &jump("1234"), None).await;
+    assert_eq!(r.code, 255, "{r:?}");
+    at(
+        &r.stderr,
+        "0.0.4.210:22 is not a job: the gateway only connects to job ids (ssh -J octocat@gateway runneruser@job-<id>); OpenSSH reads the bare number 1234 as the address 0.0.4.210: write job-1234",
+    );
+}
+
+/// `SHA256:...` of a public key line, as ssh-keygen prints it.
+fn fingerprint(public: &str) -> String {
+    let key = russh::keys::PublicKey::from_openssh(public).expect("key");
+    key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
+}

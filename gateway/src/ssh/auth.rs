@@ -14,6 +14,23 @@ use crate::metrics::Refusal;
 use crate::registry::{unix_now, Lookup, SessionInfo};
 use crate::ssh::handler::{Connection, Identity, State};
 
+/// Refusal banners sent on one connection at most.
+const MAX_REFUSAL_BANNERS: u8 = 4;
+
+/// Why [`Connection::identify`] found nobody: what the refusal banner says.
+pub(super) enum Unmatched {
+    /// The key is none of the candidates' keys.
+    NoKey,
+    /// Jump mode: GitHub has no such account.
+    NoAccount,
+    /// GitHub did not answer for a candidate whose keys are not cached.
+    Unreachable,
+    /// This source spent its GitHub lookups.
+    OverBudget(std::time::Duration),
+    /// The connection is refused or not a person's.
+    Closed,
+}
+
 impl Connection {
     /// Parses the username and looks the job up, once per connection.
     pub(super) async fn resolve(&mut self, user: &str) {
@@ -44,10 +61,13 @@ impl Connection {
             this.state = State::Refused;
         };
         match Target::parse_user(user) {
-            Err(e) => refuse(
-                self,
-                format!("bad username: {e}; use <job-id>@gateway or <github-login>@gateway"),
-            ),
+            Err(e) => {
+                let shown = crate::audit::shown(user);
+                refuse(
+                    self,
+                    format!("bad username \"{shown}\": a job id (digits, or job-<digits>) or a GitHub login was expected ({e})"),
+                )
+            }
             Ok(Target::Jump(login)) => {
                 self.state = State::Jump {
                     login,
@@ -97,8 +117,9 @@ impl Connection {
         }
     }
 
-    /// Whose key is `key`, among the people this connection may be.
-    pub(super) async fn identify(&self, key: &PublicKey) -> Option<GithubLogin> {
+    /// Whose key is `key`, among the people this connection may be, or
+    /// why nobody's.
+    pub(super) async fn identify(&self, key: &PublicKey) -> Result<GithubLogin, Unmatched> {
         let candidates = match &self.state {
             State::Job { job, .. } => access::allowed_people(job, &self.gw.policy),
             // The login is the peer's choice: a lookup GitHub must answer
@@ -109,25 +130,89 @@ impl Connection {
                     if let Some(wait) = self.gw.github_lookups.spend(self.peer.ip()) {
                         self.gw.metrics.refused(Refusal::GithubLookups);
                         warn!(conn = self.id, peer = %self.peer, "GitHub key lookup refused: this source is over its budget for {}s", wait.as_secs());
-                        return None;
+                        return Err(Unmatched::OverBudget(wait));
                     }
                 }
                 vec![login.clone()]
             }
             State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => {
-                return None
+                return Err(Unmatched::Closed)
             }
         };
+        let mut why = Unmatched::NoKey;
         for login in candidates {
-            match self.gw.keys.keys(&login).await {
-                Ok(keys) if keys.iter().any(|k| crate::keys::same_key(k, key)) => {
-                    return Some(login)
+            match self.gw.keys.account(&login).await {
+                Ok(account) if account.keys.iter().any(|k| crate::keys::same_key(k, key)) => {
+                    return Ok(login)
+                }
+                Ok(account) if !account.exists && matches!(self.state, State::Jump { .. }) => {
+                    why = Unmatched::NoAccount
                 }
                 Ok(_) => {}
-                Err(e) => warn!(conn = self.id, "{e}"),
+                Err(e) => {
+                    warn!(conn = self.id, "{e}");
+                    why = Unmatched::Unreachable;
+                }
             }
         }
-        None
+        Err(why)
+    }
+
+    /// Queues the banner for an RSA key signed with SHA-1, once.
+    fn explain_sha1(&mut self) {
+        if self.refusals_explained == 0 {
+            self.refusals_explained = 1;
+            self.refusal_banner = Some("ci-gateway: ssh-rsa signatures (SHA-1) are refused; use a client that signs with rsa-sha2-256/512 (OpenSSH 7.2 or later), or an ed25519 key\r\n".into());
+        }
+    }
+
+    /// Queues the authentication banner that explains why `key` was
+    /// refused (sent before the failure, DESIGN §3): the whole reason for
+    /// the first key, one line for each of the next few, and nothing that
+    /// says who is allowed.
+    pub(super) fn explain_refusal(&mut self, key: &PublicKey, why: &Unmatched) {
+        let fp = crate::keys::fingerprint(key);
+        let key = format!("{fp} ({})", key.algorithm().as_str());
+        let text = match (&self.state, why) {
+            (_, Unmatched::Closed) => return,
+            (_, Unmatched::OverBudget(wait)) => format!(
+                "ci-gateway: too many GitHub key lookups from your address; try again in {}s\r\n",
+                wait.as_secs().max(1)
+            ),
+            (_, Unmatched::Unreachable) => "ci-gateway: GitHub cannot be reached to fetch SSH keys and no recent copy is cached; try again in a minute\r\n".to_string(),
+            (State::Jump { login, .. }, Unmatched::NoAccount) => format!(
+                "ci-gateway: GitHub has no account {login}: a job id (digits, or job-<digits>) or your GitHub login was expected as the user name\r\n"
+            ),
+            (State::Jump { login, .. }, _) if self.refusals_explained > 0 => {
+                format!("ci-gateway: key {key} is not one of {login}'s either\r\n")
+            }
+            (State::Jump { login, .. }, _) => format!(
+                "ci-gateway: key {key} is not one of the SSH keys on GitHub account {login} (https://github.com/{login}.keys)\r\n"
+            ),
+            (State::Job { job, .. }, _) if self.refusals_explained > 0 => format!(
+                "ci-gateway: key {key} belongs to nobody allowed on job {} either\r\n",
+                job.job_id
+            ),
+            (State::Job { job, .. }, _) => format!(
+                "ci-gateway: key {key} belongs to nobody allowed on job {}.\r\n\
+                 ci-gateway: the gateway knows people by the SSH keys on their GitHub accounts (https://github.com/settings/keys).\r\n",
+                job.job_id
+            ),
+            _ => return,
+        };
+        // One explanation of an outage or a budget is enough; key lines stop
+        // after a few so an agent with many keys does not fill the screen.
+        let repeats = matches!(
+            why,
+            Unmatched::Unreachable | Unmatched::OverBudget(_) | Unmatched::NoAccount
+        );
+        if self.refusals_explained >= MAX_REFUSAL_BANNERS
+            || (repeats && self.refusals_explained > 0)
+        {
+            return;
+        }
+        self.refusals_explained += 1;
+        self.refusal_banner = Some(text);
     }
 
     /// Counts a failed login; once the source or username is out of budget
@@ -249,12 +334,14 @@ impl Connection {
                 conn = self.id,
                 "ssh-rsa (SHA-1) offer refused; rsa-sha2-256/512 are taken"
             );
+            self.explain_sha1();
             return Self::reject();
         }
         match self.identify(offer.public_key).await {
-            Some(_) => Auth::Accept,
-            None => {
+            Ok(_) => Auth::Accept,
+            Err(why) => {
                 if !matches!(self.state, State::Refused) {
+                    self.explain_refusal(offer.public_key, &why);
                     self.audit_auth("key_not_accepted", offer.public_key, None);
                     self.spend_failure(user);
                 }
@@ -274,13 +361,18 @@ impl Connection {
         }
         if crate::ssh::is_sha1_rsa(key.algorithm) && !self.gw.config.ssh.allow_sha1_rsa {
             info!(conn = self.id, peer = %self.peer, "ssh-rsa (SHA-1) signature refused");
+            self.explain_sha1();
             return Self::reject();
         }
-        let Some(login) = self.identify(key.public_key).await else {
-            info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
-            self.audit_auth("failure", key.public_key, None);
-            self.spend_failure(user);
-            return Self::reject();
+        let login = match self.identify(key.public_key).await {
+            Ok(login) => login,
+            Err(why) => {
+                info!(conn = self.id, peer = %self.peer, user, key = %crate::keys::fingerprint(key.public_key), "authentication failed");
+                self.explain_refusal(key.public_key, &why);
+                self.audit_auth("failure", key.public_key, None);
+                self.spend_failure(user);
+                return Self::reject();
+            }
         };
         let who = Identity {
             login: login.clone(),

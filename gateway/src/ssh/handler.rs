@@ -108,6 +108,10 @@ pub struct Connection {
     pub(super) session: Option<(std::time::Instant, String)>,
     /// The username as sent, for the audit trail.
     pub(super) user: String,
+    /// The authentication banner the next refusal carries (why the key was
+    /// refused), and how many refusals were explained so far.
+    pub(super) refusal_banner: Option<String>,
+    pub(super) refusals_explained: u8,
 }
 
 impl Connection {
@@ -128,6 +132,8 @@ impl Connection {
             usage: Default::default(),
             session: None,
             user: String::new(),
+            refusal_banner: None,
+            refusals_explained: 0,
         }
     }
 
@@ -176,6 +182,10 @@ impl server::Handler for Connection {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         Ok(self.verified(user, key).await)
+    }
+
+    async fn auth_rejection_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(self.refusal_banner.take())
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {

@@ -1002,7 +1002,7 @@ impl Encrypted {
                     } else {
                         auth_request.methods.remove(MethodKind::Password);
                     }
-                    reject_auth_request(until, &mut self.write, auth_request).await?;
+                    reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                 }
                 Ok(())
             } else if method == "publickey" {
@@ -1047,7 +1047,7 @@ impl Encrypted {
                     } else {
                         auth_request.methods.remove(MethodKind::None);
                     }
-                    reject_auth_request(until, &mut self.write, auth_request).await?;
+                    reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                 }
                 Ok(())
             } else if method == "keyboard-interactive" {
@@ -1081,7 +1081,7 @@ impl Encrypted {
                 } else {
                     unreachable!()
                 };
-                reject_auth_request(until, &mut self.write, auth_request).await?;
+                reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                 Ok(())
             }
         } else {
@@ -1137,14 +1137,14 @@ impl Encrypted {
                                 .unwrap_or_default()
                         {
                             warn!("Certificate is expired or not yet valid");
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
+                            reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                             return Ok(());
                         }
 
                         // Verify the certificate’s signature
                         if cert.verify_signature().is_err() {
                             warn!("Certificate signature is invalid");
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
+                            reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                             return Ok(());
                         }
 
@@ -1203,7 +1203,7 @@ impl Encrypted {
                         _ => {
                             debug!("signature algorithm does not match the requested one");
                             auth_user.clear();
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
+                            reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                             return Ok(());
                         }
                     };
@@ -1261,16 +1261,16 @@ impl Encrypted {
                                     }
                                 }
                                 auth_user.clear();
-                                reject_auth_request(until, &mut self.write, auth_request).await?;
+                                reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                             }
                         } else {
                             debug!("signature wrong");
                             auth_user.clear();
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
+                            reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                         }
                     } else {
                         auth_user.clear();
-                        reject_auth_request(until, &mut self.write, auth_request).await?;
+                        reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                     }
                     Ok(())
                 } else {
@@ -1280,7 +1280,7 @@ impl Encrypted {
                         // Not reached: decoding the key already parsed this
                         // name. A signed request would be rejected anyway.
                         debug!("unknown public key algorithm: {pubkey_algo:?}");
-                        reject_auth_request(until, &mut self.write, auth_request).await?;
+                        reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                         return Ok(());
                     };
                     auth_user.push_str(user);
@@ -1321,7 +1321,7 @@ impl Encrypted {
                                 }
                             }
                             auth_user.clear();
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
+                            reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                         }
                     }
                     Ok(())
@@ -1333,13 +1333,34 @@ impl Encrypted {
                 | ssh_key::Error::CertificateValidation
                 | ssh_key::Error::Time => {
                     debug!("public key error: {e}");
-                    reject_auth_request(until, &mut self.write, auth_request).await?;
+                    reject_auth_request_with_banner(handler, until, &mut self.write, auth_request).await?;
                     Ok(())
                 }
                 e => Err(crate::Error::from(e).into()),
             },
         }
     }
+}
+
+/// ci-gateway patch: a rejection the handler may explain. The banner
+/// (`Handler::auth_rejection_banner`) goes out before the failure, so a
+/// client that gives up on this failure has already shown it.
+async fn reject_auth_request_with_banner<H: Handler + Send>(
+    handler: &mut H,
+    until: Instant,
+    write: &mut Vec<u8>,
+    auth_request: &mut AuthRequest,
+) -> Result<(), H::Error> {
+    if let Some(banner) = handler.auth_rejection_banner().await? {
+        push_packet!(write, {
+            write.push(msg::USERAUTH_BANNER);
+            map_err!(banner.encode(write))?;
+            map_err!("".encode(write))?;
+        });
+    }
+    reject_auth_request(until, write, auth_request)
+        .await
+        .map_err(H::Error::from)
 }
 
 async fn reject_auth_request(

@@ -394,6 +394,16 @@ pub trait Handler: Sized {
         async { Ok(None) }
     }
 
+    /// ci-gateway patch: called before each authentication failure is sent
+    /// (`SSH_MSG_USERAUTH_FAILURE`, RFC 4252 §5.1); a text returned here is
+    /// sent first as `SSH_MSG_USERAUTH_BANNER` (§5.4), so the client can
+    /// show why it was refused before it gives up.
+    fn auth_rejection_banner(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
+
     /// Called when the client closes a channel.
     #[allow(unused_variables)]
     fn channel_close(

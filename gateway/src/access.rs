@@ -16,11 +16,91 @@ pub struct Policy {
     /// The ports a jump-mode forward may name (`<job-id>:<port>`); 22 is
     /// the runner's registered SSH port.
     pub jump_ports: Vec<u16>,
+    /// `access.repository_permission`: who holds at least this on the job's
+    /// repository may enter it (job mode).
+    pub repository_permission: Option<Permission>,
+    /// `access.teams`: the members of these teams may enter every job.
+    pub teams: Vec<Team>,
 }
 
-/// Everyone allowed on `job`, in a stable order (actor, listed users, admins),
-/// without repeats. Job mode tries the offered key against these people's keys.
-pub fn allowed_people(job: &Registration, policy: &Policy) -> Vec<GithubLogin> {
+/// A permission on a repository, from the lowest that admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    Write,
+    Maintain,
+    Admin,
+}
+
+impl Permission {
+    /// `write`, `maintain` or `admin`; `read` and `triage` are refused: on
+    /// a public repository everyone has them.
+    pub fn parse(s: &str) -> Result<Permission, String> {
+        match s {
+            "write" => Ok(Permission::Write),
+            "maintain" => Ok(Permission::Maintain),
+            "admin" => Ok(Permission::Admin),
+            other => Err(format!(
+                "{other:?}: expected \"write\", \"maintain\" or \"admin\" (read and triage would admit anyone on a public repository)"
+            )),
+        }
+    }
+
+    /// The name GitHub's collaborators filter takes (`push` is write).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Permission::Write => "push",
+            Permission::Maintain => "maintain",
+            Permission::Admin => "admin",
+        }
+    }
+}
+
+/// A GitHub team, `org/team-slug`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Team {
+    pub org: String,
+    pub slug: String,
+}
+
+impl Team {
+    pub fn parse(s: &str) -> Result<Team, String> {
+        let part = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 100
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && !p.starts_with('.')
+        };
+        match s.split_once('/') {
+            Some((org, slug)) if part(org) && part(slug) => Ok(Team {
+                org: org.to_ascii_lowercase(),
+                slug: slug.to_ascii_lowercase(),
+            }),
+            _ => Err(format!("{s:?}: expected org/team-slug")),
+        }
+    }
+}
+
+impl std::fmt::Display for Team {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.org, self.slug)
+    }
+}
+
+/// What GitHub said, before the decision, of the people a job's roles
+/// admit: those with the policy's permission on its repository and the
+/// members of the policy's teams. `incomplete` when GitHub could not be
+/// asked and nothing was cached: the missing people are not admitted.
+#[derive(Debug, Clone, Default)]
+pub struct Roles {
+    pub people: Vec<GithubLogin>,
+    pub incomplete: bool,
+}
+
+/// The people a job names (actor, listed users, admins), in that order
+/// without repeats: the ones whose keys registration installs on the
+/// runner, so the only ones jump mode admits.
+pub fn named_people(job: &Registration, policy: &Policy) -> Vec<GithubLogin> {
     let mut people = vec![job.actor.clone()];
     let extra = if policy.allow_extra_users {
         job.allowed_users.as_slice()
@@ -35,9 +115,21 @@ pub fn allowed_people(job: &Registration, policy: &Policy) -> Vec<GithubLogin> {
     people
 }
 
+/// Everyone allowed on `job`: [`named_people`], then those its roles
+/// admit. Job mode tries the offered key against these people's keys.
+pub fn allowed_people(job: &Registration, policy: &Policy, roles: &Roles) -> Vec<GithubLogin> {
+    let mut people = named_people(job, policy);
+    for login in &roles.people {
+        if !people.contains(login) {
+            people.push(login.clone());
+        }
+    }
+    people
+}
+
 /// Deny by default: only the people [`allowed_people`] names get in.
-pub fn may_enter(job: &Registration, who: &GithubLogin, policy: &Policy) -> bool {
-    allowed_people(job, policy).contains(who)
+pub fn may_enter(job: &Registration, who: &GithubLogin, policy: &Policy, roles: &Roles) -> bool {
+    named_people(job, policy).contains(who) || roles.people.contains(who)
 }
 
 /// Where a jump-mode forward may go: the job and the port to dial.
@@ -74,7 +166,7 @@ pub fn jump(
         Lookup::Ended(reason) => return Err(JumpRefused::Ended(reason)),
         Lookup::Unknown => return Err(JumpRefused::Unknown(job_id)),
     };
-    if !may_enter(&job, who, policy) {
+    if !named_people(&job, policy).contains(who) {
         return Err(JumpRefused::NotAllowed {
             who: who.clone(),
             job: job_id,
@@ -115,6 +207,10 @@ pub enum JumpRefused {
     Unknown(JobId),
     #[error("{who} is not allowed on job {job}")]
     NotAllowed { who: GithubLogin, job: JobId },
+    /// Allowed through a GitHub role or team, which the runner's sshd
+    /// cannot check (its keys were installed at registration).
+    #[error("{who} may enter job {job} through a GitHub role, which jump mode cannot check end to end: use ssh {job}@<gateway>")]
+    RoleOnly { who: GithubLogin, job: JobId },
 }
 
 #[cfg(test)]
@@ -130,9 +226,20 @@ mod tests {
     fn actor_may_enter_and_strangers_may_not() {
         let job = registration(1, "octocat", &[]);
         let policy = Policy::default();
-        assert!(may_enter(&job, &login("octocat"), &policy));
-        assert!(may_enter(&job, &login("OctoCat"), &policy));
-        assert!(!may_enter(&job, &login("mallory"), &policy));
+        let none = Roles::default();
+        assert!(may_enter(&job, &login("octocat"), &policy, &none));
+        assert!(may_enter(&job, &login("OctoCat"), &policy, &none));
+        assert!(!may_enter(&job, &login("mallory"), &policy, &none));
+        // Roles admit exactly the people GitHub named.
+        let roles = Roles {
+            people: vec![login("mallory")],
+            incomplete: false,
+        };
+        assert!(may_enter(&job, &login("mallory"), &policy, &roles));
+        assert!(!may_enter(&job, &login("eve"), &policy, &roles));
+        let people = allowed_people(&job, &policy, &roles);
+        assert_eq!(people, [login("octocat"), login("mallory")]);
+        assert_eq!(named_people(&job, &policy), [login("octocat")]);
     }
 
     #[test]
@@ -143,7 +250,12 @@ mod tests {
             allow_extra_users: false,
             ..Policy::default()
         };
-        assert!(may_enter(&job, &login("root-admin"), &policy));
+        assert!(may_enter(
+            &job,
+            &login("root-admin"),
+            &policy,
+            &Roles::default()
+        ));
     }
 
     #[test]
@@ -155,8 +267,8 @@ mod tests {
             ..Policy::default()
         };
         let off = Policy::default();
-        assert!(may_enter(&job, &login("hubot"), &on));
-        assert!(!may_enter(&job, &login("hubot"), &off));
+        assert!(may_enter(&job, &login("hubot"), &on, &Roles::default()));
+        assert!(!may_enter(&job, &login("hubot"), &off, &Roles::default()));
     }
 
     #[test]
@@ -211,6 +323,20 @@ mod tests {
     }
 
     #[test]
+    fn roles_and_teams_parse_strictly() {
+        assert_eq!(Permission::parse("write"), Ok(Permission::Write));
+        assert_eq!(Permission::Admin.api_name(), "admin");
+        for bad in ["read", "triage", "Write", ""] {
+            assert!(Permission::parse(bad).is_err(), "{bad}");
+        }
+        let team = Team::parse("Acme/Platform-Team").expect("team");
+        assert_eq!(team.to_string(), "acme/platform-team");
+        for bad in ["acme", "acme/", "/x", "a/b/c", "acme/../x", "acme/x?y"] {
+            assert!(Team::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn people_are_listed_once_in_order() {
         let job = registration(1, "octocat", &["hubot", "octocat"]);
         let policy = Policy {
@@ -218,7 +344,7 @@ mod tests {
             allow_extra_users: true,
             ..Policy::default()
         };
-        let people: Vec<String> = allowed_people(&job, &policy)
+        let people: Vec<String> = named_people(&job, &policy)
             .into_iter()
             .map(|l| l.to_string())
             .collect();

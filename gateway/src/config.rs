@@ -123,6 +123,8 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GithubConfig {
+    /// `false`: the gateway never calls GitHub; only `static_keys` log in.
+    pub enabled: bool,
     pub api_url: String,
     pub token: Secret<String>,
     #[serde(with = "humantime_serde")]
@@ -169,6 +171,11 @@ pub struct RegistrationConfig {
 pub struct AccessConfig {
     pub admins: Vec<String>,
     pub jump_ports: Vec<u16>,
+    /// `""` (off), `write`, `maintain` or `admin`: who holds at least this
+    /// on a job's repository may enter it (job mode; read through GitHub).
+    pub repository_permission: String,
+    /// `org/team-slug` entries whose members may enter every job.
+    pub teams: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +346,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("registration.tokens")
                 .with_list_parse_key("access.admins")
+                .with_list_parse_key("access.teams")
                 .with_list_parse_key("registration.allowed_repositories")
                 .with_list_parse_key("registration.runner_networks")
                 .with_list_parse_key("access.jump_ports")
@@ -391,6 +399,20 @@ impl Config {
         for admin in &self.access.admins {
             GithubLogin::parse(admin)
                 .map_err(|e| invalid("access.admins", format!("{admin:?}: {e}")))?;
+        }
+        if !self.access.repository_permission.is_empty() {
+            crate::access::Permission::parse(&self.access.repository_permission)
+                .map_err(|e| invalid("access.repository_permission", e))?;
+        }
+        for team in &self.access.teams {
+            crate::access::Team::parse(team).map_err(|e| invalid("access.teams", e))?;
+        }
+        let roles = !self.access.repository_permission.is_empty() || !self.access.teams.is_empty();
+        if roles && !self.github.enabled {
+            return Err(invalid(
+                "access",
+                "repository_permission and teams are read from GitHub, and github.enabled is false",
+            ));
         }
         if self.access.jump_ports.is_empty() || self.access.jump_ports.contains(&0) {
             return Err(invalid(
@@ -569,6 +591,26 @@ impl Config {
         }
     }
 
+    /// The access policy, from `[access]` and `[registration]` (validated
+    /// in `validate`, so parsing cannot fail here).
+    pub fn policy(&self) -> crate::access::Policy {
+        crate::access::Policy {
+            admins: self.admins(),
+            allow_extra_users: self.registration.allow_extra_users,
+            jump_ports: self.access.jump_ports.clone(),
+            repository_permission: crate::access::Permission::parse(
+                &self.access.repository_permission,
+            )
+            .ok(),
+            teams: self
+                .access
+                .teams
+                .iter()
+                .filter_map(|t| crate::access::Team::parse(t).ok())
+                .collect(),
+        }
+    }
+
     pub fn admins(&self) -> Vec<GithubLogin> {
         // Validated in `validate`, so parsing cannot fail here.
         self.access
@@ -671,6 +713,34 @@ mod http_uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_are_checked_and_need_github() {
+        let err = load("[access]\nrepository_permission = \"read\"\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("access.repository_permission"),
+            "{err}"
+        );
+        let err = load("[access]\nteams = [\"acme\"]\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("org/team-slug"), "{err}");
+        let err = load(
+            "[github]\nenabled = false\n[access]\nteams = [\"acme/oncall\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("github.enabled is false"), "{err}");
+        let ok = load(
+            "[access]\nrepository_permission = \"maintain\"\nteams = [\"Acme/OnCall\"]\n",
+            &[],
+        )
+        .expect("valid");
+        let policy = ok.policy();
+        assert_eq!(
+            policy.repository_permission,
+            Some(crate::access::Permission::Maintain)
+        );
+        assert_eq!(policy.teams[0].to_string(), "acme/oncall");
+    }
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("cigw-config-{}", rand::random::<u64>()));

@@ -110,11 +110,7 @@ impl Gateway {
         };
         let metrics = Arc::new(metrics::Metrics::new());
         let keys = github::KeySource::new(&config.github, metrics.clone())?;
-        let policy = access::Policy {
-            admins: config.admins(),
-            allow_extra_users: config.registration.allow_extra_users,
-            jump_ports: config.access.jump_ports.clone(),
-        };
+        let policy = config.policy();
         let (tokens, generated_token_file) = if config.registration.tokens.is_empty() {
             let path = dir.join("registration_token");
             let token = match std::fs::read_to_string(&path) {

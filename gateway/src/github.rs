@@ -2,9 +2,12 @@
 //! fetched with octocrab from `github.api_url` (`GET /users/{login}/keys`),
 //! cached for `key_cache_ttl`, fetched once when many ask at once, and served
 //! stale for up to `stale_for` while GitHub is unreachable. The optional
-//! static table in the config answers first (offline and air-gapped setups).
+//! static table in the config answers first (offline and air-gapped setups);
+//! with `github.enabled = false` it is the only answer.
 //!
-//! Knows nothing of sessions or jobs.
+//! Also the people GitHub roles admit (`access.repository_permission`,
+//! `access.teams`): collaborator and team member lists, cached the same way,
+//! handed to the access decision as facts. Knows nothing of sessions.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,10 @@ const MAX_CACHED_LOGINS: usize = 50_000;
 const MAX_KEYS_PER_LOGIN: usize = 100;
 /// GitHub requests in flight at once; more askers wait (within the timeout).
 const MAX_FETCHES_IN_FLIGHT: usize = 32;
+/// Pages of 100 read of one role's people (collaborators or a team).
+const MAX_ROLE_PAGES: u32 = 5;
+/// People one job's roles admit at most: job mode tries each one's keys.
+pub const MAX_ROLE_PEOPLE: usize = 500;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyFetchError {
@@ -51,19 +58,67 @@ pub struct Account {
     pub exists: bool,
 }
 
-struct Cached {
-    account: Account,
-    fetched: Instant,
+/// A list of people GitHub gives for a role.
+type Members = Arc<Vec<GithubLogin>>;
+
+/// Where a role's people come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Group {
+    /// Collaborators holding at least this on `repository`.
+    Permission {
+        repository: String,
+        at_least: crate::access::Permission,
+    },
+    Team(crate::access::Team),
 }
 
-/// One slot per login; the async mutex makes concurrent askers wait for the
+/// One slot per key; the async mutex makes concurrent askers wait for the
 /// one fetch in flight instead of starting their own.
-type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+type Slot<V> = Arc<tokio::sync::Mutex<Option<(V, Instant)>>>;
+
+/// GitHub's answers by key, bounded: at most [`MAX_CACHED_LOGINS`] slots,
+/// the unused ones dropped first.
+struct Answers<K, V> {
+    slots: Mutex<HashMap<K, (Slot<V>, Instant)>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Answers<K, V> {
+    fn new() -> Self {
+        Answers {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, key: &K, keep_for: Duration) -> Slot<V> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some((slot, used)) = slots.get_mut(key) {
+            *used = now;
+            return slot.clone();
+        }
+        if slots.len() >= MAX_CACHED_LOGINS {
+            slots.retain(|_, (_, used)| used.elapsed() < keep_for);
+            if slots.len() >= MAX_CACHED_LOGINS {
+                if let Some(oldest) = slots
+                    .iter()
+                    .min_by_key(|(_, (_, u))| *u)
+                    .map(|(k, _)| k.clone())
+                {
+                    slots.remove(&oldest);
+                }
+            }
+        }
+        let slot: Slot<V> = Arc::new(tokio::sync::Mutex::new(None));
+        slots.insert(key.clone(), (slot.clone(), now));
+        slot
+    }
+}
 
 pub struct KeySource {
     static_keys: HashMap<GithubLogin, Keys>,
     client: Option<octocrab::Octocrab>,
-    slots: Mutex<HashMap<GithubLogin, (Slot, Instant)>>,
+    accounts: Answers<GithubLogin, Account>,
+    members: Answers<Group, Members>,
     ttl: Duration,
     stale_for: Duration,
     fetch_timeout: Duration,
@@ -103,8 +158,13 @@ impl KeySource {
         }
         Ok(KeySource {
             static_keys,
-            client: Some(builder.build()?),
-            slots: Mutex::new(HashMap::new()),
+            client: if config.enabled {
+                Some(builder.build()?)
+            } else {
+                None
+            },
+            accounts: Answers::new(),
+            members: Answers::new(),
             ttl: config.key_cache_ttl,
             stale_for: config.stale_for,
             fetch_timeout: config.fetch_timeout,
@@ -145,14 +205,14 @@ impl KeySource {
 
     /// Whether `keys(login)` would answer without asking GitHub.
     pub async fn is_fresh(&self, login: &GithubLogin) -> bool {
-        if self.static_keys.contains_key(login) {
+        if self.static_keys.contains_key(login) || self.client.is_none() {
             return true;
         }
-        let slot = self.slot(login);
+        let slot = self.accounts.slot(login, self.ttl + self.stale_for);
         let cached = slot.lock().await;
         cached
             .as_ref()
-            .is_some_and(|c| c.fetched.elapsed() < self.ttl)
+            .is_some_and(|(_, fetched)| fetched.elapsed() < self.ttl)
     }
 
     /// The keys of `login`. Static entries win; then the cache; then GitHub.
@@ -160,7 +220,8 @@ impl KeySource {
         self.account(login).await.map(|a| a.keys)
     }
 
-    /// [`KeySource::keys`], and whether GitHub has such an account.
+    /// [`KeySource::keys`], and whether GitHub has such an account. With
+    /// GitHub disabled, a login outside the static table has no account.
     pub async fn account(&self, login: &GithubLogin) -> Result<Account, KeyFetchError> {
         if let Some(keys) = self.static_keys.get(login) {
             return Ok(Account {
@@ -168,54 +229,143 @@ impl KeySource {
                 exists: true,
             });
         }
-        let slot = self.slot(login);
+        if self.client.is_none() {
+            return Ok(Account {
+                keys: Default::default(),
+                exists: false,
+            });
+        }
+        self.cached(&self.accounts, login, self.fetch(login))
+            .await
+            .map_err(|e| KeyFetchError::Unavailable(login.clone(), e))
+    }
+
+    /// Whether GitHub is asked at all (`github.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// `key`'s answer from `answers` while fresh; else `fetch`'s, kept; else,
+    /// while GitHub fails, the last answer for up to `stale_for`.
+    async fn cached<K, V>(
+        &self,
+        answers: &Answers<K, V>,
+        key: &K,
+        fetch: impl std::future::Future<Output = Result<V, CallError>>,
+    ) -> Result<V, CallError>
+    where
+        K: std::hash::Hash + Eq + Clone + std::fmt::Debug,
+        V: Clone,
+    {
+        let slot = answers.slot(key, self.ttl + self.stale_for);
         let mut cached = slot.lock().await;
-        if let Some(c) = cached.as_ref() {
-            if c.fetched.elapsed() < self.ttl {
-                return Ok(c.account.clone());
+        if let Some((value, fetched)) = cached.as_ref() {
+            if fetched.elapsed() < self.ttl {
+                return Ok(value.clone());
             }
         }
-        match self.fetch(login).await {
-            Ok(account) => {
-                *cached = Some(Cached {
-                    account: account.clone(),
-                    fetched: Instant::now(),
-                });
-                Ok(account)
+        match fetch.await {
+            Ok(value) => {
+                *cached = Some((value.clone(), Instant::now()));
+                Ok(value)
             }
             Err(reason) => match cached.as_ref() {
-                Some(c) if c.fetched.elapsed() < self.ttl + self.stale_for => {
-                    tracing::warn!(%login, "GitHub key fetch failed, serving cached keys: {reason}");
-                    Ok(c.account.clone())
+                Some((value, fetched)) if fetched.elapsed() < self.ttl + self.stale_for => {
+                    tracing::warn!(?key, "GitHub failed, serving the cached answer: {reason}");
+                    Ok(value.clone())
                 }
-                _ => Err(KeyFetchError::Unavailable(login.clone(), reason)),
+                _ => Err(reason),
             },
         }
     }
 
-    fn slot(&self, login: &GithubLogin) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if let Some((slot, used)) = slots.get_mut(login) {
-            *used = now;
-            return slot.clone();
+    /// The facts the access decision needs of `repository`'s roles: the
+    /// people the policy's permission and teams admit. A list GitHub cannot
+    /// give (and no copy is cached) admits nobody and marks it incomplete.
+    pub async fn roles(
+        &self,
+        policy: &crate::access::Policy,
+        repository: Option<&str>,
+    ) -> crate::access::Roles {
+        let mut groups: Vec<Group> = policy.teams.iter().cloned().map(Group::Team).collect();
+        if let (Some(at_least), Some(repository)) = (policy.repository_permission, repository) {
+            groups.insert(
+                0,
+                Group::Permission {
+                    repository: repository.to_ascii_lowercase(),
+                    at_least,
+                },
+            );
         }
-        if slots.len() >= MAX_CACHED_LOGINS {
-            let keep_for = self.ttl + self.stale_for;
-            slots.retain(|_, (_, used)| used.elapsed() < keep_for);
-            if slots.len() >= MAX_CACHED_LOGINS {
-                if let Some(oldest) = slots
-                    .iter()
-                    .min_by_key(|(_, (_, u))| *u)
-                    .map(|(k, _)| k.clone())
-                {
-                    slots.remove(&oldest);
+        let mut roles = crate::access::Roles::default();
+        for group in groups {
+            match self
+                .cached(&self.members, &group, self.fetch_members(&group))
+                .await
+            {
+                Ok(people) => {
+                    for login in people.iter() {
+                        if !roles.people.contains(login) && roles.people.len() < MAX_ROLE_PEOPLE {
+                            roles.people.push(login.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        ?group,
+                        "GitHub role lookup failed; its people are not admitted: {e}"
+                    );
+                    roles.incomplete = true;
                 }
             }
         }
-        let slot: Slot = Default::default();
-        slots.insert(login.clone(), (slot.clone(), now));
-        slot
+        roles
+    }
+
+    /// One group's people, page by page, at most [`MAX_ROLE_PAGES`] pages.
+    /// A 404 (no such team or repository, or the token may not see it) is
+    /// an empty list.
+    async fn fetch_members(&self, group: &Group) -> Result<Members, CallError> {
+        #[derive(serde::Deserialize)]
+        struct Member {
+            login: String,
+        }
+        let mut people = Vec::new();
+        for page in 1..=MAX_ROLE_PAGES {
+            let route = match group {
+                Group::Permission {
+                    repository,
+                    at_least,
+                } => format!(
+                    "/repos/{repository}/collaborators?permission={}&per_page=100&page={page}",
+                    at_least.api_name()
+                ),
+                Group::Team(team) => format!(
+                    "/orgs/{}/teams/{}/members?per_page=100&page={page}",
+                    team.org, team.slug
+                ),
+            };
+            let Some(list) = self.call::<Vec<Member>>(route).await? else {
+                tracing::warn!(?group, "GitHub answered 404: no such team or repository, or the gateway's token may not read it");
+                break;
+            };
+            let full = list.len() >= 100;
+            people.extend(
+                list.iter()
+                    .filter_map(|m| GithubLogin::parse(&m.login).ok()),
+            );
+            if !full {
+                break;
+            }
+            if page == MAX_ROLE_PAGES {
+                tracing::warn!(
+                    ?group,
+                    "more than {} people; the rest are not admitted",
+                    people.len()
+                );
+            }
+        }
+        Ok(Arc::new(people))
     }
 
     /// The run a job belongs to (`GET /repos/{repo}/actions/jobs/{job}`),
@@ -269,4 +419,30 @@ fn one_line(e: &octocrab::Error) -> String {
         .chars()
         .take(200)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(env: &[(&str, &str)]) -> KeySource {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = crate::config::Config::load_with_env(None, env).expect("config");
+        KeySource::new(&config.github, Arc::new(crate::metrics::Metrics::new())).expect("source")
+    }
+
+    #[tokio::test]
+    async fn a_disabled_github_is_never_asked() {
+        // Port 9 (discard) on loopback: any call would fail, not answer.
+        let off = source(&[
+            ("CI_GATEWAY__GITHUB__ENABLED", "false"),
+            ("CI_GATEWAY__GITHUB__API_URL", "http://127.0.0.1:9"),
+        ]);
+        let login = GithubLogin::parse("stranger").expect("login");
+        assert!(off.is_fresh(&login).await);
+        let account = off.account(&login).await.expect("answered without GitHub");
+        assert!(!account.exists && account.keys.is_empty());
+        let on = source(&[("CI_GATEWAY__GITHUB__API_URL", "http://127.0.0.1:9")]);
+        assert!(on.account(&login).await.is_err(), "enabled, it does ask");
+    }
 }

@@ -472,3 +472,118 @@ fn fingerprint(public: &str) -> String {
     let key = russh::keys::PublicKey::from_openssh(public).expect("key");
     key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_roles_and_teams_admit_job_mode_and_are_checked_again() {
+    let w = World::with_config(
+        "127.0.0.184",
+        "9876543631",
+        &[
+            ("CI_GATEWAY__ACCESS__REPOSITORY_PERMISSION", "write"),
+            ("CI_GATEWAY__ACCESS__TEAMS", "acme/oncall"),
+            (
+                "CI_GATEWAY__GITHUB__TOKEN",
+                "ghp_roles_test_token_0123456789",
+            ),
+            ("CI_GATEWAY__GITHUB__KEY_CACHE_TTL", "1s"),
+        ],
+    )
+    .await;
+    let set_collaborators = |people: &[(&str, &str)]| {
+        w.github.collaborators.lock().expect("lock").insert(
+            "acme/widgets".into(),
+            people
+                .iter()
+                .map(|(l, p)| (l.to_string(), p.to_string()))
+                .collect(),
+        );
+    };
+    // mallory may write to acme/widgets; hubot may only read it.
+    set_collaborators(&[("mallory", "push"), ("hubot", "pull")]);
+    w.github
+        .teams
+        .lock()
+        .expect("lock")
+        .insert("acme/oncall".into(), vec![]);
+    let enter = |key: &std::path::Path| {
+        let (gw, key, job) = (&w.gateway, key.to_path_buf(), w.job.clone());
+        async move { ssh(gw, &key, &job, &["echo", "in"], None).await }
+    };
+    let r = enter(&w.mallory.path).await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
+    let r = enter(&w.hubot.path).await;
+    assert_eq!(r.code, 255, "read is not write: {r:?}");
+    let seen = w.github.role_auth.lock().expect("lock").clone();
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|a| a.contains("ghp_roles_test_token_0123456789")),
+        "role lookups carry the gateway's token: {seen:?}"
+    );
+
+    // A team member gets in once the (1 s) cache has expired.
+    w.github
+        .teams
+        .lock()
+        .expect("lock")
+        .insert("acme/oncall".into(), vec!["hubot".into()]);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = enter(&w.hubot.path).await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
+
+    // Jump mode cannot check a role end to end: one line says which mode
+    // works; the listing shows the job with job mode only.
+    let r = ssh_jump(
+        &w.gateway,
+        &w.mallory.path,
+        "mallory",
+        &current_user(),
+        &format!("job-{}", w.job),
+        22,
+        &["true"],
+    )
+    .await;
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "mallory may enter job {0} through a GitHub role, which jump mode cannot check end to end: use ssh {0}@",
+            w.job
+        )),
+        "{r:?}"
+    );
+    let r = ssh(
+        &w.gateway,
+        &w.mallory.path,
+        "mallory",
+        &["jobs", "--json"],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc: Value = serde_json::from_str(r.stdout.trim()).expect("json");
+    assert_eq!(doc["jobs"][0]["job_id"], w.job.as_str(), "{doc}");
+    assert!(doc["jobs"][0].get("jump_command").is_none(), "{doc}");
+    assert!(doc["jobs"][0]["ssh_command"].is_string(), "{doc}");
+
+    // GitHub down: what was read is served stale; nothing new is admitted.
+    w.github
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = enter(&w.mallory.path).await;
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "in\n"),
+        "stale while down: {r:?}"
+    );
+
+    // Back up, mallory's write access gone: refused at the next login.
+    w.github
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    set_collaborators(&[("hubot", "pull")]);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = enter(&w.mallory.path).await;
+    assert_eq!(r.code, 255, "revoked: {r:?}");
+}

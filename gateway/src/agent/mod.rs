@@ -107,6 +107,11 @@ pub struct RegisterArgs {
     /// %PROGRAMDATA%\ssh\administrators_authorized_keys).
     #[arg(long, env = "CI_GATEWAY_AUTHORIZED_KEYS")]
     pub authorized_keys: Option<PathBuf>,
+    /// Also append the gateway's and the runner's `known_hosts` lines to
+    /// this file (a one-machine trial, where the user is on the runner; on
+    /// a real runner users copy the printed lines from the job's log).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
     /// More GitHub logins allowed on this job, comma-separated.
     #[arg(long, env = "CI_GATEWAY_ALLOWED_USERS", value_delimiter = ',')]
     pub allowed_users: Vec<String>,

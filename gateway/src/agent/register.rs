@@ -314,8 +314,33 @@ pub(super) async fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
         let as_job = job_api(&args.common, read_state(&state_path).as_ref())?;
         await_tunnel(&as_job, &job, tunnel, &state_path).await?;
     }
+    if let Some(path) = &args.known_hosts {
+        append_known_hosts(path, &answer.known_hosts)?;
+    }
     print_commands(&job, &answer, &keys_path, lines.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Appends `lines` to the known_hosts file at `path` (made if missing,
+/// with its directory), skipping lines it already has.
+fn append_known_hosts(path: &Path, lines: &[String]) -> Result<(), Failure> {
+    use std::io::Write;
+    let failed = |e: std::io::Error| Failure(format!("--known-hosts {}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    let had = std::fs::read_to_string(path).unwrap_or_default();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(failed)?;
+    for line in lines {
+        if !had.lines().any(|l| l == line) {
+            writeln!(file, "{line}").map_err(failed)?;
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn print_commands(job: &str, answer: &RegisterResponse, keys_path: &Path, lines: usize) {

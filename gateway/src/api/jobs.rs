@@ -409,7 +409,7 @@ pub(super) async fn authorized_keys(
             crate::keys::openssh_line(gw.ca.public_key())
         )),
     }
-    for login in access::allowed_people(job, &gw.policy) {
+    for login in access::named_people(job, &gw.policy) {
         // The actor and the admins always; a listed user's uncached keys
         // spend the caller's lookup budget, so a body of 64 made-up names
         // cannot spend the gateway's GitHub rate limit on every PUT.

@@ -3,6 +3,7 @@
 //! authenticated connection (its login's connection cap; in job mode, the
 //! durable `session_start`, the session count and the runner login).
 
+use futures::StreamExt;
 use russh::keys::PublicKey;
 use russh::server::{Auth, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Disconnect, MethodKind, MethodSet};
@@ -13,6 +14,9 @@ use crate::ids::{GithubLogin, Target};
 use crate::metrics::Refusal;
 use crate::registry::{unix_now, Lookup, SessionInfo};
 use crate::ssh::handler::{Connection, Identity, State};
+
+/// People whose keys one login attempt fetches at once.
+const KEY_FETCHES_PER_LOGIN: usize = 8;
 
 /// Refusal banners sent on one connection at most.
 const MAX_REFUSAL_BANNERS: u8 = 4;
@@ -120,8 +124,21 @@ impl Connection {
     /// Whose key is `key`, among the people this connection may be, or
     /// why nobody's.
     pub(super) async fn identify(&self, key: &PublicKey) -> Result<GithubLogin, Unmatched> {
+        let mut why = Unmatched::NoKey;
         let candidates = match &self.state {
-            State::Job { job, .. } => access::allowed_people(job, &self.gw.policy),
+            State::Job { job, .. } => {
+                let roles = self
+                    .gw
+                    .keys
+                    .roles(&self.gw.policy, job.repository.as_deref())
+                    .await;
+                if roles.incomplete {
+                    why = Unmatched::Unreachable;
+                }
+                let people = access::allowed_people(job, &self.gw.policy, &roles);
+                let named = access::named_people(job, &self.gw.policy).len();
+                (people, named)
+            }
             // The login is the peer's choice: a lookup GitHub must answer
             // (not cached) spends the source's lookup budget, so made-up
             // names cannot spend the gateway's GitHub rate limit.
@@ -133,26 +150,47 @@ impl Connection {
                         return Err(Unmatched::OverBudget(wait));
                     }
                 }
-                vec![login.clone()]
+                (vec![login.clone()], 1)
             }
             State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => {
                 return Err(Unmatched::Closed)
             }
         };
-        let mut why = Unmatched::NoKey;
-        for login in candidates {
-            match self.gw.keys.account(&login).await {
+        let (candidates, named) = candidates;
+        let (named, by_role) = candidates.split_at(named.min(candidates.len()));
+        // The named people one by one (usually the first is the one, and no
+        // one else's keys are fetched), then the people a role admits a few
+        // at a time, so a team's uncached keys come together.
+        let jump = matches!(self.state, State::Jump { .. });
+        let keys = &self.gw.keys;
+        let mut judge = |login: &GithubLogin, answer: Result<crate::github::Account, _>| {
+            match answer {
                 Ok(account) if account.keys.iter().any(|k| crate::keys::same_key(k, key)) => {
-                    return Ok(login)
+                    return true
                 }
-                Ok(account) if !account.exists && matches!(self.state, State::Jump { .. }) => {
-                    why = Unmatched::NoAccount
-                }
+                Ok(account) if !account.exists && jump => why = Unmatched::NoAccount,
                 Ok(_) => {}
                 Err(e) => {
-                    warn!(conn = self.id, "{e}");
+                    warn!(conn = self.id, %login, "{e}");
                     why = Unmatched::Unreachable;
                 }
+            }
+            false
+        };
+        for login in named {
+            if judge(login, keys.account(login).await) {
+                return Ok(login.clone());
+            }
+        }
+        let mut answers = futures::stream::iter(by_role.to_vec())
+            .map(|login| async move {
+                let answer = keys.account(&login).await;
+                (login, answer)
+            })
+            .buffered(KEY_FETCHES_PER_LOGIN);
+        while let Some((login, answer)) = answers.next().await {
+            if judge(&login, answer) {
+                return Ok(login);
             }
         }
         Err(why)
@@ -179,7 +217,10 @@ impl Connection {
                 "ci-gateway: too many GitHub key lookups from your address; try again in {}s\r\n",
                 wait.as_secs().max(1)
             ),
-            (_, Unmatched::Unreachable) => "ci-gateway: GitHub cannot be reached to fetch SSH keys and no recent copy is cached; try again in a minute\r\n".to_string(),
+            (_, Unmatched::Unreachable) => "ci-gateway: GitHub cannot be reached to check SSH keys or roles, and no recent copy is cached; try again in a minute\r\n".to_string(),
+            (State::Jump { login, .. }, Unmatched::NoAccount) if !self.gw.keys.enabled() => format!(
+                "ci-gateway: {login} is not in this gateway's key table: a job id (digits, or job-<digits>) or a login it knows was expected as the user name\r\n"
+            ),
             (State::Jump { login, .. }, Unmatched::NoAccount) => format!(
                 "ci-gateway: GitHub has no account {login}: a job id (digits, or job-<digits>) or your GitHub login was expected as the user name\r\n"
             ),

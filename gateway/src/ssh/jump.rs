@@ -11,7 +11,7 @@ use tracing::{debug, info};
 use crate::access;
 use crate::ids::JobId;
 use crate::metrics::Refusal;
-use crate::registry::{unix_now, SessionInfo};
+use crate::registry::{unix_now, Lookup, SessionInfo};
 use crate::ssh::handler::{Connection, State};
 use crate::ssh::open::refuse;
 
@@ -41,10 +41,31 @@ impl Connection {
         if let Ok(id) = crate::ids::JobId::parse(host) {
             registry.lookup_fresh(id).await;
         }
-        let target = access::jump(host, port, &login, &self.gw.policy, |id| {
+        let target = match access::jump(host, port, &login, &self.gw.policy, |id| {
             registry.lookup(id)
-        })
-        .map_err(|e| policy(e.to_string()))?;
+        }) {
+            Ok(target) => target,
+            // A person a role admits gets job mode, where the gateway checks
+            // the role at login (DESIGN §3); the runner's sshd cannot.
+            Err(access::JumpRefused::NotAllowed { who, job }) => {
+                let repository = match registry.lookup(job) {
+                    Lookup::Active(reg, _) => reg.repository.clone(),
+                    _ => None,
+                };
+                let roles = self
+                    .gw
+                    .keys
+                    .roles(&self.gw.policy, repository.as_deref())
+                    .await;
+                let refused = if roles.people.contains(&who) {
+                    access::JumpRefused::RoleOnly { who, job }
+                } else {
+                    access::JumpRefused::NotAllowed { who, job }
+                };
+                return Err(policy(refused.to_string()));
+            }
+            Err(e) => return Err(policy(e.to_string())),
+        };
         let job_id = target.job.job_id;
         let far = if target.job.tunnel {
             // Never dialed: the agent opens the port on the runner's side

@@ -41,25 +41,37 @@ pub struct Listed {
     pub hold: HoldView,
     pub sessions: Vec<SessionView>,
     pub ssh_command: String,
-    pub jump_command: String,
+    /// Absent when only a GitHub role admits the login: jump mode reaches
+    /// the runner's own sshd, which has only the named people's keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jump_command: Option<String>,
 }
 
 /// Every job `login` may enter, lowest id first, at most [`MAX_LISTED`];
 /// and how many more there were.
-pub fn jobs_for(gw: &Gateway, login: &GithubLogin) -> (Vec<Listed>, usize) {
-    let mut jobs = gw
-        .registry
-        .active()
-        .into_iter()
-        .filter(|(reg, _)| crate::access::may_enter(reg, login, &gw.policy))
-        .collect::<Vec<_>>();
-    jobs.sort_by_key(|(reg, _)| reg.job_id.get());
+pub async fn jobs_for(gw: &Gateway, login: &GithubLogin) -> (Vec<Listed>, usize) {
+    let mut jobs = Vec::new();
+    // One role lookup per repository (cached like keys).
+    let mut roles: std::collections::HashMap<Option<String>, crate::access::Roles> =
+        Default::default();
+    for (reg, live) in gw.registry.active() {
+        let key = reg.repository.clone();
+        if !roles.contains_key(&key) {
+            let facts = gw.keys.roles(&gw.policy, key.as_deref()).await;
+            roles.insert(key.clone(), facts);
+        }
+        if crate::access::may_enter(&reg, login, &gw.policy, &roles[&key]) {
+            let named = crate::access::named_people(&reg, &gw.policy).contains(login);
+            jobs.push((reg, live, named));
+        }
+    }
+    jobs.sort_by_key(|(reg, _, _)| reg.job_id.get());
     let more = jobs.len().saturating_sub(MAX_LISTED);
     let public = gw.config.public_address();
     let listed = jobs
         .into_iter()
         .take(MAX_LISTED)
-        .map(|(reg, live)| {
+        .map(|(reg, live, named)| {
             let (ssh_command, _, _, _) = crate::api::user_commands(&public, &reg);
             let sessions = live.sessions();
             Listed {
@@ -72,12 +84,14 @@ pub fn jobs_for(gw: &Gateway, login: &GithubLogin) -> (Vec<Listed>, usize) {
                 hold: crate::hold::describe(gw, &reg, sessions.len()),
                 sessions: sessions.iter().map(SessionView::from).collect(),
                 ssh_command,
-                jump_command: format!(
-                    "ssh -J {login}@{} {}@job-{}",
-                    public.jump_spec(),
-                    reg.user,
-                    reg.job_id
-                ),
+                jump_command: named.then(|| {
+                    format!(
+                        "ssh -J {login}@{} {}@job-{}",
+                        public.jump_spec(),
+                        reg.user,
+                        reg.job_id
+                    )
+                }),
             }
         })
         .collect();
@@ -160,7 +174,9 @@ pub fn text(login: &GithubLogin, jobs: &[Listed], more: usize) -> String {
             let _ = writeln!(out, "  connected: {}", who.join(", "));
         }
         let _ = writeln!(out, "  shell: {}", job.ssh_command);
-        let _ = writeln!(out, "  jump:  {}", job.jump_command);
+        if let Some(jump) = &job.jump_command {
+            let _ = writeln!(out, "  jump:  {jump}");
+        }
     }
     if more > 0 {
         let _ = writeln!(out, "\n... and {more} more (jobs --json lists the same)");
@@ -309,14 +325,14 @@ pub async fn serve(
     };
     let status = match ask {
         Some(Ask::Text) => {
-            let (jobs, more) = jobs_for(&gw, &login);
+            let (jobs, more) = jobs_for(&gw, &login).await;
             let _ = channel
                 .data(lines(text(&login, &jobs, more)).as_bytes())
                 .await;
             0
         }
         Some(Ask::Json) => {
-            let (jobs, more) = jobs_for(&gw, &login);
+            let (jobs, more) = jobs_for(&gw, &login).await;
             let doc = serde_json::json!({ "login": login.as_str(), "jobs": jobs, "more": more });
             let _ = channel.data(lines(format!("{doc}\n")).as_bytes()).await;
             0

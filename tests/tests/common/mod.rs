@@ -101,6 +101,9 @@ pub fn keygen(dir: &Path, name: &str, kind: &str) -> KeyPair {
     }
 }
 
+/// A collaborator's login and permission.
+pub type Grant = (String, String);
+
 /// The fake GitHub API: `GET /users/{login}/keys` from a table.
 #[derive(Clone, Default)]
 pub struct FakeGithub {
@@ -114,6 +117,13 @@ pub struct FakeGithub {
     pub run_jobs_auth: Arc<Mutex<Vec<String>>>,
     /// `GET /repos/{o}/{r}/actions/jobs/{job}`: ("o/r", job) -> run id.
     pub job_runs: Arc<Mutex<HashMap<(String, u64), u64>>>,
+    /// `GET /repos/{o}/{r}/collaborators?permission=`: "o/r" -> (login,
+    /// pull|triage|push|maintain|admin).
+    pub collaborators: Arc<Mutex<HashMap<String, Vec<Grant>>>>,
+    /// `GET /orgs/{org}/teams/{slug}/members`: "org/slug" -> logins.
+    pub teams: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    /// The Authorization headers seen on the two role routes.
+    pub role_auth: Arc<Mutex<Vec<String>>>,
     pub url: String,
 }
 
@@ -131,6 +141,8 @@ impl FakeGithub {
                 get(run_jobs),
             )
             .route("/repos/{owner}/{repo}/actions/jobs/{job}", get(job_run))
+            .route("/repos/{owner}/{repo}/collaborators", get(collaborators))
+            .route("/orgs/{org}/teams/{slug}/members", get(team_members))
             .with_state(gh.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -157,6 +169,77 @@ async fn run_jobs(
         .to_string();
     gh.run_jobs_auth.lock().expect("lock").push(auth);
     Json(gh.run_jobs.lock().expect("lock").clone())
+}
+
+/// The logins of a role route, 100 a page, or 503 while GitHub is down.
+fn role_page(
+    gh: &FakeGithub,
+    headers: &axum::http::HeaderMap,
+    logins: Option<Vec<String>>,
+    page: usize,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    gh.role_auth.lock().expect("lock").push(auth);
+    if gh.down.load(Ordering::SeqCst) {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"message": "unavailable"})),
+        ));
+    }
+    let Some(logins) = logins else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"message": "Not Found"})),
+        ));
+    };
+    let page: Vec<serde_json::Value> = logins
+        .iter()
+        .skip(page.saturating_sub(1) * 100)
+        .take(100)
+        .map(|l| serde_json::json!({"login": l, "type": "User"}))
+        .collect();
+    Ok(Json(serde_json::Value::Array(page)))
+}
+
+async fn collaborators(
+    State(gh): State<FakeGithub>,
+    UrlPath((owner, repo)): UrlPath<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    const LEVELS: [&str; 5] = ["pull", "triage", "push", "maintain", "admin"];
+    let rank = |p: &str| LEVELS.iter().position(|l| *l == p).unwrap_or(0);
+    let at_least = q.get("permission").map(|p| rank(p)).unwrap_or(0);
+    let table = gh.collaborators.lock().expect("lock").clone();
+    let logins = table.get(&format!("{owner}/{repo}")).map(|people| {
+        people
+            .iter()
+            .filter(|(_, p)| rank(p) >= at_least)
+            .map(|(l, _)| l.clone())
+            .collect()
+    });
+    let page = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    role_page(&gh, &headers, logins, page)
+}
+
+async fn team_members(
+    State(gh): State<FakeGithub>,
+    UrlPath((org, slug)): UrlPath<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, Json<serde_json::Value>)> {
+    let logins = gh
+        .teams
+        .lock()
+        .expect("lock")
+        .get(&format!("{org}/{slug}"))
+        .cloned();
+    let page = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    role_page(&gh, &headers, logins, page)
 }
 
 async fn job_run(

@@ -8,8 +8,8 @@ $ErrorActionPreference = 'Stop'
 function Say($text) { [Console]::Error.WriteLine("ci-gateway action: $text") }
 
 $command = $env:CI_GATEWAY_COMMAND
-if ($command -notin @('register', 'wait', 'deregister')) {
-    Say "input 'command' must be register, wait or deregister (got '$command')"
+if ($command -notin @('register', 'wait', 'breakpoint', 'deregister')) {
+    Say "input 'command' must be register, wait, breakpoint or deregister (got '$command')"
     exit 2
 }
 

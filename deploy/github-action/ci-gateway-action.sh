@@ -9,8 +9,8 @@ say() { echo "ci-gateway action: $*" >&2; }
 
 command="${CI_GATEWAY_COMMAND:-}"
 case "$command" in
-  register | wait | deregister) ;;
-  *) say "input 'command' must be register, wait or deregister (got '$command')"; exit 2 ;;
+  register | wait | breakpoint | deregister) ;;
+  *) say "input 'command' must be register, wait, breakpoint or deregister (got '$command')"; exit 2 ;;
 esac
 
 # Inputs left empty mean "the agent's default", not "empty".

@@ -70,6 +70,9 @@ pub struct Registration {
     pub registered_at: u64,
     pub refreshed_at: u64,
     pub finished_at: Option<u64>,
+    /// Since when the job waits at a breakpoint (`runner breakpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<u64>,
     #[serde(default)]
     pub runner_login: RunnerLogin,
     /// Hex SHA-256 of the job token. Empty in records of versions before
@@ -788,16 +791,51 @@ impl Registry {
     /// whether this call was the one that finished it. A job already
     /// finished is left as it is (nothing is written).
     pub async fn mark_finished(&self, job: JobId) -> Result<(Arc<Registration>, bool), StoreError> {
+        self.amend(job, |next| {
+            if next.finished_at.is_some() {
+                return false;
+            }
+            next.finished_at = Some(unix_now());
+            // A breakpoint left behind (its agent killed) ends with the steps.
+            next.paused_at = None;
+            true
+        })
+        .await
+    }
+
+    /// Pauses the job at a breakpoint (`paused`) or lets it go on. Returns
+    /// the record and whether it changed.
+    pub async fn set_paused(
+        &self,
+        job: JobId,
+        paused: bool,
+    ) -> Result<(Arc<Registration>, bool), StoreError> {
+        self.amend(job, move |next| {
+            if next.paused_at.is_some() == paused {
+                return false;
+            }
+            next.paused_at = paused.then(unix_now);
+            true
+        })
+        .await
+    }
+
+    /// Writes the job's record as `change` leaves it, if it says it changed
+    /// it; returns the record and whether it did.
+    async fn amend(
+        &self,
+        job: JobId,
+        change: impl FnOnce(&mut Registration) -> bool + Send + 'static,
+    ) -> Result<(Arc<Registration>, bool), StoreError> {
         self.transact(job, false, move |state, _| {
             let current = match state.jobs.get(&job) {
                 Some(e) => e.registration.clone(),
                 None => return Err(gone(state, job)),
             };
-            if current.finished_at.is_some() {
+            let mut next = (*current).clone();
+            if !change(&mut next) {
                 return Ok((None, (current, false)));
             }
-            let mut next = (*current).clone();
-            next.finished_at = Some(unix_now());
             next.version += 1;
             let next = Arc::new(next);
             let change = Change::Put {
@@ -1057,6 +1095,7 @@ pub(crate) mod tests {
             registered_at: 1,
             refreshed_at: unix_now(),
             finished_at: None,
+            paused_at: None,
             runner_login: RunnerLogin::Certificate,
             token_hash: crate::secret::new_job_token().1.to_hex(),
             version: 0,

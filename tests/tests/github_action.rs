@@ -219,6 +219,7 @@ fn the_example_workflow_registers_waits_and_always_deregisters() {
         uses,
         [
             ("register", None),
+            ("breakpoint", Some("${{ failure() }}")),
             ("wait", Some("${{ !cancelled() }}")),
             ("deregister", Some("always()")),
         ]
@@ -284,7 +285,7 @@ async fn the_actions_linux_step_registers_waits_and_deregisters() {
     let (code, out) = run_action(&common("launch"), &temp, &world.job).await;
     assert_eq!(code, 2, "{out}");
     assert!(
-        out.contains("must be register, wait or deregister"),
+        out.contains("must be register, wait, breakpoint or deregister"),
         "{out}"
     );
 }

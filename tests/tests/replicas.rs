@@ -277,6 +277,7 @@ async fn racing_transitions_on_two_replicas_never_bring_an_ended_job_back() {
             registered_at: 1,
             refreshed_at: ci_gateway::registry::unix_now(),
             finished_at: None,
+            paused_at: None,
             runner_login: ci_gateway::registry::RunnerLogin::Certificate,
             token_hash: ci_gateway::secret::new_job_token().1.to_hex(),
             version: 0,

@@ -637,3 +637,90 @@ async fn register_refuses_a_symlinked_authorized_keys() {
         "nothing registered"
     );
 }
+
+/// `runner breakpoint` running, once it says the job is paused.
+async fn pause(world: &World, bin_dir: &str) -> Running {
+    let mut cmd = agent(world, "breakpoint", &["--bin-dir", bin_dir]);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let paused = Running::start(cmd);
+    paused.wait_for_text("is paused at this step").await;
+    paused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breakpoint_holds_the_step_and_goes_on_when_told() {
+    let grace = [("CI_GATEWAY__HOLD__CONNECT_GRACE", "60s")];
+    let world = World::unregistered("127.0.0.185", "9876543632", &grace).await;
+    register(&world, &[]).await;
+    let bin = world.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    let bin_arg = bin.display().to_string();
+    let paused = pause(&world, &bin_arg).await;
+    let (status, body) = world.gateway.job(&world.job).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["paused"], true, "{body}");
+    assert_eq!(body["pause"]["connect_grace_seconds"], 60, "{body}");
+    assert!(body["pause"]["ssh_command"].is_string(), "{body}");
+    let r = ssh(
+        &world.gateway,
+        &world.octocat.path,
+        "octocat",
+        &["jobs"],
+        None,
+    )
+    .await;
+    assert!(r.stdout.contains("paused at a breakpoint"), "{r:?}");
+
+    // Someone is in (a session that stays), and a connected person runs
+    // ci-gateway-continue: the step goes on at once, the session stays.
+    let mut stay = ssh_session(&world, &world.octocat.path, &["sleep", "30"]);
+    wait_for_sessions(&world, 1).await;
+    let continue_path = bin.join("ci-gateway-continue").display().to_string();
+    let r = ssh(
+        &world.gateway,
+        &world.octocat.path,
+        &world.job,
+        &[&continue_path],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("goes on with its next step"), "{r:?}");
+    let (code, out) = paused.exit().await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ci-gateway-continue was run; job 9876543632 goes on"),
+        "{out}"
+    );
+    assert!(stay.running(), "the breakpoint closes no session");
+    let (_, body) = world.gateway.job(&world.job).await;
+    assert_eq!(body["paused"], false, "{body}");
+    drop(stay);
+    wait_for_sessions(&world, 0).await;
+
+    // Again: someone comes and goes; the last one leaving lets it go on.
+    let paused = pause(&world, &bin_arg).await;
+    let r = ssh(
+        &world.gateway,
+        &world.octocat.path,
+        &world.job,
+        &["sleep", "3"],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let (code, out) = paused.exit().await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("the last session closed; job 9876543632 goes on"),
+        "{out}"
+    );
+
+    // A finished job cannot pause: its hold runs instead.
+    let (status, _) = world.gateway.call("POST", &world.job, "/finished").await;
+    assert_eq!(status, 200);
+    let (status, body) = world.gateway.call("POST", &world.job, "/pause").await;
+    assert_eq!(status, 409, "{body}");
+}

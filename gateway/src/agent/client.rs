@@ -512,6 +512,14 @@ impl Api {
             .await
     }
 
+    /// `POST …/pause` (`paused`) or `…/resume`: the job's breakpoint.
+    pub async fn set_paused(&self, job: &str, paused: bool) -> Result<JobStatus, ApiError> {
+        let verb = if paused { "pause" } else { "resume" };
+        let path = format!("/v1/jobs/{job}/{verb}");
+        self.request(Method::POST, &path, None, REQUEST_TIMEOUT)
+            .await
+    }
+
     /// The job's state; with `wait`, after its sessions or hold change (or
     /// `wait` passes).
     pub async fn get(&self, job: &str, wait: Option<Duration>) -> Result<JobStatus, ApiError> {

@@ -21,6 +21,7 @@
 //! token is never written to disk or handed to the refresher.
 
 pub mod authorized_keys;
+mod breakpoint;
 pub mod client;
 mod deregister;
 mod register;
@@ -50,6 +51,10 @@ pub enum Command {
     Register(Box<RegisterArgs>),
     /// Tell the gateway the job finished; return when the hold is over.
     Wait(WaitArgs),
+    /// Pause the job at this step (usually under `if: failure()`): hold
+    /// while someone is connected, then let the job go on. A connected
+    /// person resumes it at once with `ci-gateway-continue`.
+    Breakpoint(BreakpointArgs),
     /// End the job at the gateway and remove the installed keys.
     Deregister(DeregisterArgs),
     /// (internal) Keep a registration fresh; started by `register`.
@@ -171,6 +176,19 @@ pub struct WaitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BreakpointArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Go on if the gateway stays unreachable this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub unreachable_timeout: Duration,
+    /// Where `ci-gateway-continue` is installed (default: the directory of
+    /// this binary, which the action puts on the PATH).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct DeregisterArgs {
     #[command(flatten)]
     pub common: Common,
@@ -208,6 +226,7 @@ pub fn run(command: Command) -> ExitCode {
         match command {
             Command::Register(a) => register(*a).await,
             Command::Wait(a) => wait(a).await,
+            Command::Breakpoint(a) => breakpoint::breakpoint(a).await,
             Command::Deregister(a) => deregister(a).await,
             Command::Refresh(c) => refresh(c).await,
             Command::Tunnel(c) => tunnel(c).await,

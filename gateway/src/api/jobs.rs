@@ -125,6 +125,7 @@ pub fn validate(
         registered_at: previous.map(|p| p.registered_at).unwrap_or(now),
         refreshed_at: now,
         finished_at: previous.and_then(|p| p.finished_at),
+        paused_at: previous.and_then(|p| p.paused_at),
         runner_login,
         token_hash: previous.map(|p| p.token_hash.clone()).unwrap_or_default(),
         version: previous.map(|p| p.version).unwrap_or(0),
@@ -484,6 +485,19 @@ pub(super) fn job_status(
         active_sessions: who.len(),
         hold: crate::hold::describe(gw, reg, who.len()),
         sessions: who.iter().map(SessionView::from).collect(),
+        paused: reg.paused_at.is_some(),
+        pause: reg.paused_at.map(|since| {
+            let hold = &gw.config.hold;
+            let (ssh_command, jump_command, _, _) =
+                crate::api::user_commands(&gw.config.public_address(), reg);
+            PauseView {
+                since,
+                deadline: since + hold.max.as_secs(),
+                connect_grace_seconds: hold.connect_grace.as_secs(),
+                ssh_command,
+                jump_command,
+            }
+        }),
         tunnel: reg.tunnel.then(|| {
             let link = live.tunnel();
             TunnelView {
@@ -518,6 +532,61 @@ pub(super) async fn finish_job(
         crate::hold::start(gw.clone(), job);
     }
     Ok(Json(status))
+}
+
+/// `POST /v1/jobs/{id}/pause` and `…/resume`: the job waits at a
+/// breakpoint, or goes on. A finished job is not paused (its hold runs).
+pub(super) async fn pause_job(
+    State(gw): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
+    Path(raw): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    set_paused(gw, caller, raw, true).await
+}
+
+pub(super) async fn resume_job(
+    State(gw): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
+    Path(raw): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    set_paused(gw, caller, raw, false).await
+}
+
+async fn set_paused(
+    gw: Arc<Gateway>,
+    caller: Caller,
+    raw: String,
+    paused: bool,
+) -> Result<Json<JobStatus>, ApiError> {
+    let job = job_id(&raw)?;
+    authorized(&gw, &caller, job).await?;
+    if paused {
+        if let Lookup::Active(reg, _) = gw.registry.lookup(job) {
+            if reg.finished_at.is_some() {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("job {job} has finished; its hold is running, so it cannot pause"),
+                ));
+            }
+        }
+    }
+    let (reg, changed) = gw
+        .registry
+        .set_paused(job, paused)
+        .await
+        .map_err(store_error)?;
+    let Lookup::Active(_, live) = gw.registry.lookup(job) else {
+        return Err(ApiError(StatusCode::GONE, format!("job {job} ended")));
+    };
+    if changed {
+        let event = if paused { "job_paused" } else { "job_resumed" };
+        tracing::info!(job = %job, sessions = live.active_sessions(), "{event}");
+        gw.audit.record(
+            event,
+            json!({"job": job.to_string(), "sessions": live.active_sessions()}),
+        );
+    }
+    Ok(Json(job_status(&gw, &reg, &live)))
 }
 
 pub(super) async fn delete_job(

@@ -102,6 +102,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             get(get_job).put(put_job).delete(delete_job),
         )
         .route("/v1/jobs/{job_id}/finished", post(finish_job))
+        .route("/v1/jobs/{job_id}/pause", post(jobs::pause_job))
+        .route("/v1/jobs/{job_id}/resume", post(jobs::resume_job))
         .route("/v1/jobs/{job_id}/tunnel", get(tunnel::tunnel_websocket))
         .layer(middleware::from_fn_with_state(gw.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -466,6 +468,8 @@ mod tests {
                 deadline: Some(7210),
                 remaining_seconds: Some(7000),
             },
+            paused: false,
+            pause: None,
             tunnel: Some(TunnelView {
                 up: true,
                 since: Some(3),

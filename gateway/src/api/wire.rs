@@ -216,10 +216,27 @@ pub struct JobStatus {
     pub active_sessions: usize,
     pub sessions: Vec<SessionView>,
     pub hold: HoldView,
+    /// Whether the job waits at a breakpoint (`runner breakpoint`).
+    #[serde(default)]
+    pub paused: bool,
+    /// The breakpoint's terms, while paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseView>,
     /// A tunnel registration's tunnel, as this gateway sees it; absent for
     /// a runner the gateway dials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelView>,
+}
+
+/// A breakpoint: since when, until when at most (`hold.max`), how long it
+/// waits for a first person (`hold.connect_grace`), and how to get in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseView {
+    pub since: u64,
+    pub deadline: u64,
+    pub connect_grace_seconds: u64,
+    pub ssh_command: String,
+    pub jump_command: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,6 +39,8 @@ pub struct Listed {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     pub hold: HoldView,
+    /// Waiting at a breakpoint (`runner breakpoint`).
+    pub paused: bool,
     pub sessions: Vec<SessionView>,
     pub ssh_command: String,
     /// Absent when only a GitHub role admits the login: jump mode reaches
@@ -82,6 +84,7 @@ pub async fn jobs_for(gw: &Gateway, login: &GithubLogin) -> (Vec<Listed>, usize)
                 os: reg.os,
                 url: job_url(&reg),
                 hold: crate::hold::describe(gw, &reg, sessions.len()),
+                paused: reg.paused_at.is_some(),
                 sessions: sessions.iter().map(SessionView::from).collect(),
                 ssh_command,
                 jump_command: named.then(|| {
@@ -158,9 +161,14 @@ pub fn text(login: &GithubLogin, jobs: &[Listed], more: usize) -> String {
         }
         let _ = writeln!(
             out,
-            "{head}  actor {}  {}",
+            "{head}  actor {}  {}{}",
             job.actor,
-            state_line(&job.hold)
+            state_line(&job.hold),
+            if job.paused {
+                ", paused at a breakpoint"
+            } else {
+                ""
+            }
         );
         if let Some(url) = &job.url {
             let _ = writeln!(out, "  {url}");
@@ -213,6 +221,12 @@ pub fn banner(
                 "  {}: the runner is held until {} UTC, or until the last session closes",
                 state_line(&hold),
                 clock(deadline)
+            );
+        }
+        None if reg.paused_at.is_some() => {
+            let _ = writeln!(
+                out,
+                "  paused at a breakpoint: run ci-gateway-continue to let the job go on, or leave and it goes on when the last session closes"
             );
         }
         None => {

@@ -126,3 +126,36 @@ async fn the_readme_trial_runs_as_written() {
     // A key was made for the new user, and it was the one that got in.
     assert!(home.join(".ssh/id_ed25519.pub").exists());
 }
+
+/// Every file or directory the README names by path is in the clone (the
+/// design lives in docs/, not in a sibling directory a clone lacks).
+#[test]
+fn the_paths_the_readme_names_exist() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README.md");
+    let mut named = 0;
+    for quoted in readme.split('`').skip(1).step_by(2) {
+        let path = quoted.trim_end_matches('/');
+        let is_path = [
+            "docs/", "deploy/", "tests/", "bench/", "gateway/", "scripts/", ".ci/", "config/",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
+            && !path.contains(' ');
+        if is_path {
+            named += 1;
+            assert!(
+                std::path::Path::new(root).join(path).exists(),
+                "the README names {path}, which the clone does not have"
+            );
+        }
+    }
+    assert!(
+        named >= 5,
+        "only {named} paths found: the check reads nothing"
+    );
+    assert!(
+        !readme.contains("../shared"),
+        "the README points outside the clone"
+    );
+}

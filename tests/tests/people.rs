@@ -509,6 +509,10 @@ async fn github_roles_and_teams_admit_job_mode_and_are_checked_again() {
         let (gw, key, job) = (&w.gateway, key.to_path_buf(), w.job.clone());
         async move { ssh(gw, &key, &job, &["echo", "in"], None).await }
     };
+    // The actor's own key matches first: GitHub's roles are not asked.
+    let r = enter(&w.octocat.path).await;
+    assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
+    assert!(w.github.role_auth.lock().expect("lock").is_empty());
     let r = enter(&w.mallory.path).await;
     assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
     let r = enter(&w.hubot.path).await;

@@ -125,20 +125,8 @@ impl Connection {
     /// why nobody's.
     pub(super) async fn identify(&self, key: &PublicKey) -> Result<GithubLogin, Unmatched> {
         let mut why = Unmatched::NoKey;
-        let candidates = match &self.state {
-            State::Job { job, .. } => {
-                let roles = self
-                    .gw
-                    .keys
-                    .roles(&self.gw.policy, job.repository.as_deref())
-                    .await;
-                if roles.incomplete {
-                    why = Unmatched::Unreachable;
-                }
-                let people = access::allowed_people(job, &self.gw.policy, &roles);
-                let named = access::named_people(job, &self.gw.policy).len();
-                (people, named)
-            }
+        let named = match &self.state {
+            State::Job { job, .. } => access::named_people(job, &self.gw.policy),
             // The login is the peer's choice: a lookup GitHub must answer
             // (not cached) spends the source's lookup budget, so made-up
             // names cannot spend the gateway's GitHub rate limit.
@@ -150,47 +138,62 @@ impl Connection {
                         return Err(Unmatched::OverBudget(wait));
                     }
                 }
-                (vec![login.clone()], 1)
+                vec![login.clone()]
             }
             State::Fresh | State::Refused | State::Tunnel { .. } | State::Relay { .. } => {
                 return Err(Unmatched::Closed)
             }
         };
-        let (candidates, named) = candidates;
-        let (named, by_role) = candidates.split_at(named.min(candidates.len()));
-        // The named people one by one (usually the first is the one, and no
-        // one else's keys are fetched), then the people a role admits a few
-        // at a time, so a team's uncached keys come together.
         let jump = matches!(self.state, State::Jump { .. });
         let keys = &self.gw.keys;
-        let mut judge = |login: &GithubLogin, answer: Result<crate::github::Account, _>| {
+        // Whether `answer` has the key; else what it says of the refusal.
+        let judge = |login: &GithubLogin,
+                     answer: Result<crate::github::Account, _>|
+         -> Result<(), Option<Unmatched>> {
             match answer {
-                Ok(account) if account.keys.iter().any(|k| crate::keys::same_key(k, key)) => {
-                    return true
-                }
-                Ok(account) if !account.exists && jump => why = Unmatched::NoAccount,
-                Ok(_) => {}
+                Ok(account) if account.keys.iter().any(|k| crate::keys::same_key(k, key)) => Ok(()),
+                Ok(account) if !account.exists && jump => Err(Some(Unmatched::NoAccount)),
+                Ok(_) => Err(None),
                 Err(e) => {
                     warn!(conn = self.id, %login, "{e}");
-                    why = Unmatched::Unreachable;
+                    Err(Some(Unmatched::Unreachable))
                 }
             }
-            false
         };
-        for login in named {
-            if judge(login, keys.account(login).await) {
-                return Ok(login.clone());
+        // The named people one by one: usually the first is the one, and
+        // neither anyone else's keys nor the roles are asked of GitHub.
+        for login in &named {
+            match judge(login, keys.account(login).await) {
+                Ok(()) => return Ok(login.clone()),
+                Err(Some(reason)) => why = reason,
+                Err(None) => {}
             }
         }
-        let mut answers = futures::stream::iter(by_role.to_vec())
+        let State::Job { job, .. } = &self.state else {
+            return Err(why);
+        };
+        // Then the people a role admits, a few at a time, so a team's
+        // uncached keys come together.
+        let roles = keys.roles(&self.gw.policy, job.repository.as_deref()).await;
+        if roles.incomplete {
+            why = Unmatched::Unreachable;
+        }
+        let by_role: Vec<GithubLogin> = roles
+            .people
+            .into_iter()
+            .filter(|login| !named.contains(login))
+            .collect();
+        let mut answers = futures::stream::iter(by_role)
             .map(|login| async move {
                 let answer = keys.account(&login).await;
                 (login, answer)
             })
             .buffered(KEY_FETCHES_PER_LOGIN);
         while let Some((login, answer)) = answers.next().await {
-            if judge(&login, answer) {
-                return Ok(login);
+            match judge(&login, answer) {
+                Ok(()) => return Ok(login),
+                Err(Some(reason)) => why = reason,
+                Err(None) => {}
             }
         }
         Err(why)

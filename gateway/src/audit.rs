@@ -14,8 +14,9 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
@@ -45,6 +46,8 @@ pub struct Audit {
     tx: mpsc::SyncSender<Entry>,
     /// Set while the queue is full, so a stall is logged once, not per event.
     stalled: AtomicBool,
+    /// Events sent and not yet taken by the writer (a metric).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Audit {
@@ -67,12 +70,15 @@ impl Audit {
         }
         let file = options.open(path)?;
         let (tx, rx) = mpsc::sync_channel::<Entry>(queue);
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let taken = queued.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(file, rx))?;
+            .spawn(move || writer(file, rx, &taken))?;
         Ok(Audit {
             tx,
             stalled: AtomicBool::new(false),
+            queued,
         })
     }
 
@@ -100,6 +106,7 @@ impl Audit {
             line: Self::line(event, fields),
             ack: None,
         };
+        self.queued.fetch_add(1, Ordering::Relaxed);
         let sent = match self.tx.try_send(entry) {
             Ok(()) => {
                 if self.stalled.swap(false, Ordering::Relaxed) {
@@ -123,6 +130,7 @@ impl Audit {
             Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
         };
         if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             tracing::error!(event, "audit writer is gone; event not recorded");
         }
     }
@@ -135,16 +143,23 @@ impl Audit {
             ack: Some(ack),
         };
         let tx = self.tx.clone();
+        self.queued.fetch_add(1, Ordering::Relaxed);
         // A full queue blocks the sender; keep that off the async workers.
-        tokio::task::spawn_blocking(move || tx.send(entry))
-            .await
-            .map_err(|_| AuditError::WriterGone)?
-            .map_err(|_| AuditError::WriterGone)?;
+        let sent = tokio::task::spawn_blocking(move || tx.send(entry)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(AuditError::WriterGone);
+        }
         done.await.map_err(|_| AuditError::WriterGone)?
+    }
+
+    /// Events waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
-fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>) {
+fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>, queued: &AtomicUsize) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -157,6 +172,7 @@ fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>) {
         for e in &batch {
             buf.extend_from_slice(&e.line);
         }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let durable = batch.iter().any(|e| e.ack.is_some());
         let mut result = file.write_all(&buf);
         if result.is_ok() && durable {

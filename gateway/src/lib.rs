@@ -145,7 +145,7 @@ pub async fn run(
         core.push((
             "the metrics listener",
             tasks.spawn_core(api::serve::run(
-                metrics::router(gw.metrics.clone()),
+                metrics::router(gw.clone()),
                 listener,
                 None,
                 api_limits,

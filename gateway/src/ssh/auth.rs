@@ -286,7 +286,13 @@ impl Connection {
     }
 
     /// Records an authentication attempt (the key's fingerprint, never the key).
-    pub(super) fn audit_auth(&self, result: &str, key: &PublicKey, login: Option<&GithubLogin>) {
+    pub(super) fn audit_auth(
+        &self,
+        result: &'static str,
+        key: &PublicKey,
+        login: Option<&GithubLogin>,
+    ) {
+        self.gw.metrics.auth(result);
         self.gw.audit.record(
             "auth",
             serde_json::json!({
@@ -338,6 +344,11 @@ impl Connection {
             "failure"
         };
         if !matches!(self.state, State::Refused) {
+            self.gw.metrics.auth(if proven.is_some() {
+                "tunnel_success"
+            } else {
+                "tunnel_failure"
+            });
             self.gw.audit.record(
                 "tunnel_auth",
                 serde_json::json!({
@@ -526,6 +537,7 @@ impl Connection {
         );
         self.watch_kicks(&live);
         self.watch_notices(&live);
+        let _ = self.usage.flow.set(self.gw.metrics.flow("job"));
         self.connect_runner(job, login);
         Ok(())
     }

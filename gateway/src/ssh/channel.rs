@@ -53,9 +53,20 @@ pub struct Usage {
     to_runner: std::sync::atomic::AtomicU64,
     to_user: std::sync::atomic::AtomicU64,
     exit_status: std::sync::Mutex<Option<u32>>,
+    /// The mode's byte counters in the metrics, once the mode is known;
+    /// counted as the bytes move, so a scrape sees a live session's.
+    pub flow: std::sync::OnceLock<crate::metrics::Flow>,
 }
 
 impl Usage {
+    /// Bytes as they move (the metrics); [`Usage::add`] totals a channel.
+    pub fn count(&self, to_runner: u64, to_user: u64) {
+        if let Some(flow) = self.flow.get() {
+            flow.to_runner.inc_by(to_runner);
+            flow.to_user.inc_by(to_user);
+        }
+    }
+
     pub fn add(&self, bytes: &Bytes) {
         use std::sync::atomic::Ordering::Relaxed;
         self.to_runner.fetch_add(bytes.to_runner, Relaxed);
@@ -163,8 +174,18 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
         handle: user_handle.clone(),
         id: user_tx.id(),
     };
-    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies, banner);
-    let down = runner_to_user(runner_rx, &user_tx, &runner_tx, &user_handle, &replies);
+    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies, banner, usage);
+    // Counted as it goes: a user gone while the runner still sends leaves
+    // `down` unfinished, and what it sent still counts.
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let down = runner_to_user(
+        runner_rx,
+        &user_tx,
+        &runner_tx,
+        &user_handle,
+        &replies,
+        (&sent, usage),
+    );
     let mut bytes = Bytes::default();
     {
         let mut up = std::pin::pin!(up);
@@ -177,15 +198,13 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
                 // A user whose connection is gone gets nothing more.
                 if user_closed {
                     let rest = tokio::time::timeout(USER_CLOSED_GRACE, &mut down).await;
-                    if let Ok((n, status, _)) = rest {
-                        bytes.to_user = n;
+                    if let Ok((status, _)) = rest {
                         bytes.exit_status = status;
                     }
                 }
             }
             // The runner closed: nothing more will come from it.
-            (n, status, cut) = &mut down => {
-                bytes.to_user = n;
+            (status, cut) = &mut down => {
                 bytes.exit_status = status;
                 // Cut off (no close from the runner) through a tunnel: say
                 // why if the tunnel is what dropped. A channel the runner
@@ -199,6 +218,7 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
             }
         }
     }
+    bytes.to_user = sent.into_inner();
     usage.add(&bytes);
     let _ = runner_tx.close().await;
     let _ = user_handle.close(user_tx.id()).await;
@@ -213,6 +233,7 @@ async fn user_to_runner(
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
     mut banner: Option<String>,
+    usage: &Usage,
 ) -> (u64, bool) {
     let (mut closed, mut eof_sent, mut pty) = (false, false, false);
     let mut n = 0u64;
@@ -241,6 +262,7 @@ async fn user_to_runner(
             ChannelMsg::Data { data } => {
                 let len = data.len();
                 n += len as u64;
+                usage.count(len as u64, 0);
                 match inbox.meanwhile(&mut rx, tx.data_bytes(data)).await {
                     Some(Ok(())) => user.release_window(len as u32).await,
                     Some(Err(e)) => Err(e),
@@ -250,6 +272,7 @@ async fn user_to_runner(
             ChannelMsg::ExtendedData { data, ext } => {
                 let len = data.len();
                 n += len as u64;
+                usage.count(len as u64, 0);
                 match inbox
                     .meanwhile(&mut rx, tx.extended_data_bytes(ext, data))
                     .await
@@ -409,9 +432,10 @@ async fn runner_to_user(
     runner: &ChannelWriteHalf<client::Msg>,
     handle: &server::Handle,
     replies: &Replies,
-) -> (u64, Option<u32>, bool) {
+    (n, usage): (&std::sync::atomic::AtomicU64, &Usage),
+) -> (Option<u32>, bool) {
+    use std::sync::atomic::Ordering::Relaxed;
     let id = tx.id();
-    let mut n = 0u64;
     let mut status = None;
     // Whether the channel ended without the runner closing it (its
     // connection is gone).
@@ -420,7 +444,8 @@ async fn runner_to_user(
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 let len = data.len();
-                n += len as u64;
+                n.fetch_add(len as u64, Relaxed);
+                usage.count(0, len as u64);
                 match tx.data_bytes(data).await {
                     Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
                     Err(_) => Err(()),
@@ -428,7 +453,8 @@ async fn runner_to_user(
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 let len = data.len();
-                n += len as u64;
+                n.fetch_add(len as u64, Relaxed);
+                usage.count(0, len as u64);
                 match tx.extended_data_bytes(ext, data).await {
                     Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
                     Err(_) => Err(()),
@@ -462,5 +488,5 @@ async fn runner_to_user(
             break;
         }
     }
-    (n, status, cut)
+    (status, cut)
 }

@@ -147,6 +147,7 @@ impl Connection {
             return;
         };
         let open = self.open_channels.clone();
+        let _ = self.usage.flow.set(self.gw.metrics.flow("jump"));
         let usage = self.usage.clone();
         let conn = self.id;
         let timeout = self.gw.config.upstream.connect_timeout;

@@ -106,6 +106,7 @@ impl Connection {
         let conn = self.id;
         self.gw.tasks.spawn("runner login", async move {
             let job_id = job.job_id;
+            let started = std::time::Instant::now();
             let connected = tokio::select! {
                 connected = upstream::connect(&gw, &job, &login) => connected,
                 // The user left first: nothing to connect for.
@@ -113,6 +114,7 @@ impl Connection {
             };
             let reason = match connected {
                 Ok(runner) => {
+                    gw.metrics.upstream_connected(started.elapsed());
                     info!(conn, job = %job_id, %login, "connected to runner");
                     let mut closed = runner.closed.clone();
                     let tunnel_down = runner.tunnel_down.clone();

@@ -298,6 +298,7 @@ impl KeySource {
             );
         }
         let mut roles = crate::access::Roles::default();
+        let mut seen = std::collections::HashSet::new();
         for group in groups {
             match self
                 .cached(&self.members, &group, self.fetch_members(&group))
@@ -305,7 +306,7 @@ impl KeySource {
             {
                 Ok(people) => {
                     for login in people.iter() {
-                        if !roles.people.contains(login) && roles.people.len() < MAX_ROLE_PEOPLE {
+                        if roles.people.len() < MAX_ROLE_PEOPLE && seen.insert(login.clone()) {
                             roles.people.push(login.clone());
                         }
                     }

@@ -517,6 +517,14 @@ async fn github_roles_and_teams_admit_job_mode_and_are_checked_again() {
     assert_eq!((r.code, r.stdout.as_str()), (0, "in\n"), "{r:?}");
     let r = enter(&w.hubot.path).await;
     assert_eq!(r.code, 255, "read is not write: {r:?}");
+    // Write on acme/widgets opens no job of another repository.
+    let mut other = registration(&w.runner, "hubot");
+    other["repository"] = serde_json::json!("acme/other");
+    let (status, body) = w.gateway.register("9876543634", other).await;
+    assert_eq!(status, 201, "{body}");
+    w.runner.install_from(&body);
+    let r = ssh(&w.gateway, &w.mallory.path, "9876543634", &["true"], None).await;
+    assert_eq!(r.code, 255, "another repository: {r:?}");
     let seen = w.github.role_auth.lock().expect("lock").clone();
     assert!(
         !seen.is_empty()
@@ -565,6 +573,7 @@ async fn github_roles_and_teams_admit_job_mode_and_are_checked_again() {
     )
     .await;
     assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(listed_ids(&r), [w.job.as_str()], "{r:?}");
     let doc: Value = serde_json::from_str(r.stdout.trim()).expect("json");
     assert_eq!(doc["jobs"][0]["job_id"], w.job.as_str(), "{doc}");
     assert!(doc["jobs"][0].get("jump_command").is_none(), "{doc}");

@@ -212,6 +212,17 @@ impl Connection {
     /// the first key, one line for each of the next few, and nothing that
     /// says who is allowed.
     pub(super) fn explain_refusal(&mut self, key: &PublicKey, why: &Unmatched) {
+        // One explanation of an outage or a budget is enough; key lines stop
+        // after a few so an agent with many keys does not fill the screen.
+        let repeats = matches!(
+            why,
+            Unmatched::Unreachable | Unmatched::OverBudget(_) | Unmatched::NoAccount
+        );
+        if self.refusals_explained >= MAX_REFUSAL_BANNERS
+            || (repeats && self.refusals_explained > 0)
+        {
+            return;
+        }
         let fp = crate::keys::fingerprint(key);
         let key = format!("{fp} ({})", key.algorithm().as_str());
         let text = match (&self.state, why) {
@@ -244,17 +255,6 @@ impl Connection {
             ),
             _ => return,
         };
-        // One explanation of an outage or a budget is enough; key lines stop
-        // after a few so an agent with many keys does not fill the screen.
-        let repeats = matches!(
-            why,
-            Unmatched::Unreachable | Unmatched::OverBudget(_) | Unmatched::NoAccount
-        );
-        if self.refusals_explained >= MAX_REFUSAL_BANNERS
-            || (repeats && self.refusals_explained > 0)
-        {
-            return;
-        }
         self.refusals_explained += 1;
         self.refusal_banner = Some(text);
     }

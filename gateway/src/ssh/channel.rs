@@ -59,11 +59,18 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Bytes as they move (the metrics); [`Usage::add`] totals a channel.
-    pub fn count(&self, to_runner: u64, to_user: u64) {
+    /// Bytes to the runner as they move (the metrics; one atomic add);
+    /// [`Usage::add`] totals a channel.
+    pub fn count_to_runner(&self, n: u64) {
         if let Some(flow) = self.flow.get() {
-            flow.to_runner.inc_by(to_runner);
-            flow.to_user.inc_by(to_user);
+            flow.to_runner.inc_by(n);
+        }
+    }
+
+    /// Bytes to the user as they move, as [`Usage::count_to_runner`].
+    pub fn count_to_user(&self, n: u64) {
+        if let Some(flow) = self.flow.get() {
+            flow.to_user.inc_by(n);
         }
     }
 
@@ -262,7 +269,7 @@ async fn user_to_runner(
             ChannelMsg::Data { data } => {
                 let len = data.len();
                 n += len as u64;
-                usage.count(len as u64, 0);
+                usage.count_to_runner(len as u64);
                 match inbox.meanwhile(&mut rx, tx.data_bytes(data)).await {
                     Some(Ok(())) => user.release_window(len as u32).await,
                     Some(Err(e)) => Err(e),
@@ -272,7 +279,7 @@ async fn user_to_runner(
             ChannelMsg::ExtendedData { data, ext } => {
                 let len = data.len();
                 n += len as u64;
-                usage.count(len as u64, 0);
+                usage.count_to_runner(len as u64);
                 match inbox
                     .meanwhile(&mut rx, tx.extended_data_bytes(ext, data))
                     .await
@@ -445,7 +452,7 @@ async fn runner_to_user(
             ChannelMsg::Data { data } => {
                 let len = data.len();
                 n.fetch_add(len as u64, Relaxed);
-                usage.count(0, len as u64);
+                usage.count_to_user(len as u64);
                 match tx.data_bytes(data).await {
                     Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
                     Err(_) => Err(()),
@@ -454,7 +461,7 @@ async fn runner_to_user(
             ChannelMsg::ExtendedData { data, ext } => {
                 let len = data.len();
                 n.fetch_add(len as u64, Relaxed);
-                usage.count(0, len as u64);
+                usage.count_to_user(len as u64);
                 match tx.extended_data_bytes(ext, data).await {
                     Ok(()) => runner.release_window(len as u32).await.map_err(|_| ()),
                     Err(_) => Err(()),

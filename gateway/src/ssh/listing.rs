@@ -49,22 +49,50 @@ pub struct Listed {
     pub jump_command: Option<String>,
 }
 
+/// Repositories one listing asks GitHub's roles for, at most.
+const MAX_ROLE_REPOSITORIES: usize = 16;
+/// How long one listing waits for GitHub's roles in all.
+const ROLE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Every job `login` may enter, lowest id first, at most [`MAX_LISTED`];
 /// and how many more there were.
 pub async fn jobs_for(gw: &Gateway, login: &GithubLogin) -> (Vec<Listed>, usize) {
     let mut jobs = Vec::new();
-    // One role lookup per repository (cached like keys).
-    let mut roles: std::collections::HashMap<Option<String>, crate::access::Roles> =
-        Default::default();
+    let mut by_role = Vec::new();
     for (reg, live) in gw.registry.active() {
-        let key = reg.repository.clone();
-        if !roles.contains_key(&key) {
-            let facts = gw.keys.roles(&gw.policy, key.as_deref()).await;
-            roles.insert(key.clone(), facts);
+        if crate::access::named_people(&reg, &gw.policy).contains(login) {
+            jobs.push((reg, live, true));
+        } else {
+            by_role.push((reg, live));
         }
-        if crate::access::may_enter(&reg, login, &gw.policy, &roles[&key]) {
-            let named = crate::access::named_people(&reg, &gw.policy).contains(login);
-            jobs.push((reg, live, named));
+    }
+    // The jobs only a role could admit: one role lookup per repository
+    // (cached like keys), for at most MAX_ROLE_REPOSITORIES repositories
+    // and ROLE_BUDGET in all, so one listing cannot spend GitHub's rate
+    // limit or wait on it without end. The rest are left out (deny).
+    let roles_configured = gw.policy.repository_permission.is_some() || !gw.policy.teams.is_empty();
+    if roles_configured && !by_role.is_empty() {
+        let mut roles: std::collections::HashMap<Option<String>, crate::access::Roles> =
+            Default::default();
+        let lookups = async {
+            for (reg, _) in &by_role {
+                if roles.len() >= MAX_ROLE_REPOSITORIES {
+                    break;
+                }
+                if !roles.contains_key(&reg.repository) {
+                    let facts = gw.keys.roles(&gw.policy, reg.repository.as_deref()).await;
+                    roles.insert(reg.repository.clone(), facts);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(ROLE_BUDGET, lookups).await;
+        for (reg, live) in by_role {
+            let admitted = roles
+                .get(&reg.repository)
+                .is_some_and(|r| crate::access::may_enter(&reg, login, &gw.policy, r));
+            if admitted {
+                jobs.push((reg, live, false));
+            }
         }
     }
     jobs.sort_by_key(|(reg, _, _)| reg.job_id.get());

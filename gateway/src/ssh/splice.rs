@@ -92,7 +92,7 @@ where
                         None => continue,
                     }
                     up.fetch_add(len as u64, Relaxed);
-                    usage.count(len as u64, 0);
+                    usage.count_to_runner(len as u64);
                     if tx.release_window(len as u32).await.is_err() {
                         break;
                     }
@@ -130,7 +130,7 @@ where
                 }
                 Ok(Some(chunk)) => {
                     down.fetch_add(chunk.len() as u64, Relaxed);
-                    usage.count(0, chunk.len() as u64);
+                    usage.count_to_user(chunk.len() as u64);
                     if tx.data_bytes(chunk).await.is_err() {
                         break;
                     }

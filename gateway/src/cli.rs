@@ -41,6 +41,9 @@ enum Command {
         #[command(subcommand)]
         command: crate::agent::Command,
     },
+    /// The operator's commands: list jobs and sessions, kick a session, end
+    /// a job (needs an admin token from the gateway's api.admin_tokens).
+    Admin(crate::admin::AdminArgs),
     /// Validate a config and exit (0 if valid, 64 if not; with PostgreSQL,
     /// 69 if the database cannot be reached).
     CheckConfig {
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Runner { command } => crate::agent::run(command),
+        Command::Admin(args) => crate::admin::run(args),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(config) => {
                 println!("config is valid");

@@ -50,6 +50,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
     pub agent: AgentConfig,
+    pub recording: RecordingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +119,74 @@ pub struct ApiConfig {
     pub max_bad_tokens_per_source: u32,
     /// API connections open at once from one source (an IPv6 /64 is one).
     pub max_connections_per_source: usize,
+    /// `name:secret` pairs for `ci-gateway admin`: accepted on `/v1/admin`
+    /// only, and nothing else accepts them. The name goes in the audit trail.
+    pub admin_tokens: Vec<Secret<String>>,
+}
+
+/// One operator's admin token, parsed from `name:secret`; the whole
+/// `name:secret` is what `ci-gateway admin` presents.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub secret: Secret<String>,
+}
+
+/// The shortest admin secret taken (a generated one is 43 characters).
+pub const MIN_ADMIN_SECRET: usize = 24;
+
+impl AdminToken {
+    /// `name:secret`, where the name is what the audit trail says and the
+    /// secret has at least [`MIN_ADMIN_SECRET`] characters.
+    pub fn parse(raw: &str) -> Result<AdminToken, String> {
+        let Some((name, secret)) = raw.split_once(':') else {
+            return Err(
+                "each entry is \"name:secret\" (the name is what the audit trail shows)".into(),
+            );
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "name {:?}: 1 to 64 of A-Z a-z 0-9 . _ - @",
+                name.chars().take(64).collect::<String>()
+            ));
+        }
+        if secret.len() < MIN_ADMIN_SECRET {
+            return Err(format!(
+                "{name}: the secret needs at least {MIN_ADMIN_SECRET} characters"
+            ));
+        }
+        if secret.starts_with(crate::secret::JOB_TOKEN_PREFIX) {
+            return Err(format!("{name}: the secret looks like a job token"));
+        }
+        Ok(AdminToken {
+            name: name.to_string(),
+            // The bearer is the whole entry: one string to hand an operator.
+            secret: Secret::new(raw.to_string()),
+        })
+    }
+}
+
+/// `[recording]`: asciicast v2 files of job-mode pty sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingConfig {
+    pub enabled: bool,
+    /// Empty: `<data_dir>/recordings`.
+    pub dir: PathBuf,
+    /// Also record what the user types (it holds typed passwords).
+    pub record_input: bool,
+    /// Refuse a session whose recording cannot be written.
+    pub required: bool,
+    /// Recordings older than this are deleted; 0 keeps them.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// `false`: jump mode (end to end, so unrecordable) is refused.
+    pub allow_jump: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +414,7 @@ impl Config {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("registration.tokens")
+                .with_list_parse_key("api.admin_tokens")
                 .with_list_parse_key("access.admins")
                 .with_list_parse_key("access.teams")
                 .with_list_parse_key("registration.allowed_repositories")
@@ -425,6 +495,35 @@ impl Config {
                 return Err(invalid(
                     "registration.tokens",
                     "every token needs at least 16 characters",
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for raw in &self.api.admin_tokens {
+            let token =
+                AdminToken::parse(raw.expose()).map_err(|e| invalid("api.admin_tokens", e))?;
+            if !names.insert(token.name.clone()) {
+                return Err(invalid(
+                    "api.admin_tokens",
+                    format!(
+                        "{}: named twice (the audit trail could not tell them apart)",
+                        token.name
+                    ),
+                ));
+            }
+            let reused = self.registration.tokens.iter().any(|t| {
+                crate::secret::constant_time_eq(
+                    t.expose().as_bytes(),
+                    token.secret.expose().as_bytes(),
+                )
+            });
+            if reused {
+                return Err(invalid(
+                    "api.admin_tokens",
+                    format!(
+                        "{}: the secret is also a registration token; they must differ",
+                        token.name
+                    ),
                 ));
             }
         }
@@ -570,6 +669,23 @@ impl Config {
             host: self.ssh.listen.ip().to_string(),
             port: self.ssh.listen.port(),
         })
+    }
+
+    /// The admin tokens (validated, so none fails to parse).
+    pub fn admin_tokens(&self) -> Vec<AdminToken> {
+        self.api
+            .admin_tokens
+            .iter()
+            .filter_map(|t| AdminToken::parse(t.expose()).ok())
+            .collect()
+    }
+
+    pub fn recording_dir(&self) -> PathBuf {
+        if self.recording.dir.as_os_str().is_empty() {
+            self.storage.data_dir.join("recordings")
+        } else {
+            self.recording.dir.clone()
+        }
     }
 
     pub fn audit_path(&self) -> PathBuf {
@@ -840,6 +956,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("github.static_keys"), "{err}");
+    }
+
+    #[test]
+    fn admin_tokens_are_named_long_and_apart_from_registration_tokens() {
+        let secret = "0123456789abcdef01234567";
+        for (entry, says) in [
+            (secret.to_string(), "name:secret"),
+            (format!("bad name:{secret}"), "name"),
+            ("ops:short".to_string(), "at least 24"),
+            (format!("ops:cgj_{secret}"), "job token"),
+        ] {
+            let toml = format!("[api]\nadmin_tokens = [{entry:?}]\n");
+            let err = load(&toml, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("api.admin_tokens") && err.contains(says),
+                "{entry}: {err}"
+            );
+        }
+        let twice = format!("[api]\nadmin_tokens = [\"a:{secret}\", \"a:{secret}x\"]\n");
+        assert!(load(&twice, &[]).unwrap_err().to_string().contains("twice"));
+        let shared = format!(
+            "[api]\nadmin_tokens = [\"a:{secret}\"]\n[registration]\ntokens = [\"a:{secret}\"]\n"
+        );
+        assert!(load(&shared, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("registration token"));
+        let config = load(
+            "",
+            &[(
+                "CI_GATEWAY__API__ADMIN_TOKENS",
+                &format!("ops:{secret},b:{secret}"),
+            )],
+        )
+        .expect("valid");
+        let tokens = config.admin_tokens();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens[0].name, "ops");
+        assert_eq!(tokens[0].secret.expose(), &format!("ops:{secret}"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Gateway {
     /// never dialled as a runner.
     own_sockets: std::sync::RwLock<Vec<std::net::SocketAddr>>,
     pub tokens: Vec<Secret<String>>,
+    /// `api.admin_tokens`: `/v1/admin` only.
+    pub admin_tokens: Vec<crate::config::AdminToken>,
     pub audit: audit::Audit,
     pub auth_limits: limits::AuthLimits,
     /// Set when `registration.oidc_audience` is.
@@ -192,6 +194,7 @@ impl Gateway {
             upstream_socket_limit,
             "descriptor budget"
         );
+        let admin_tokens = config.admin_tokens();
         Ok(Gateway {
             config,
             registry,
@@ -207,6 +210,7 @@ impl Gateway {
             logins: Arc::new(limits::Counted::default()),
             login_channels: Default::default(),
             tokens,
+            admin_tokens,
             audit,
             auth_limits,
             api_limits,

@@ -36,6 +36,7 @@
 
 pub mod access;
 pub mod address;
+pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod audit;

@@ -162,12 +162,15 @@ impl Connector {
 }
 
 /// What a `LISTEN` connection heard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
     /// A job's record or ending changed.
     Job(u64),
     /// A job's sessions on another replica changed.
     Sessions(u64),
+    /// An operator ended a session (its id, the reason); the replica that
+    /// holds it closes it.
+    Kick(Box<(String, String)>),
     /// Notifications were dropped (the queue was full): reload everything.
     Lost,
 }
@@ -193,6 +196,14 @@ async fn drive<S, T>(
     loop {
         let message = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
         let note = match message {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
+                if n.channel() == "cigw_kick" =>
+            {
+                let Some(kick) = kick_note(n.payload()) else {
+                    continue;
+                };
+                Note::Kick(Box::new(kick))
+            }
             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                 let Ok(id) = n.payload().parse::<u64>() else {
                     continue;
@@ -217,6 +228,17 @@ async fn drive<S, T>(
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
+}
+
+/// A `cigw_kick` payload: `{"session": id, "reason": line}`.
+fn kick_note(payload: &str) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let id = v.get("session")?.as_str()?;
+    if !crate::registry::directory::is_session_id(id) {
+        return None;
+    }
+    let reason: String = v.get("reason")?.as_str()?.chars().take(300).collect();
+    Some((id.to_string(), reason))
 }
 
 /// Applies the migrations this binary has and the database lacks, under one

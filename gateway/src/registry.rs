@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+pub mod directory;
 mod sync;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -138,6 +139,8 @@ pub fn unix_now() -> u64 {
 /// runner side (and a public CI log) has no business knowing where users are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SessionInfo {
+    /// The session's id ([`directory`]): what `admin kick` names.
+    pub id: String,
     pub login: String,
     /// `job` (the gateway bridges it) or `jump` (end to end to the runner).
     pub mode: &'static str,
@@ -314,6 +317,14 @@ impl Live {
     }
 }
 
+/// Where `kick_session` closed a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickedWhere {
+    Here,
+    /// Another replica holds it and was told (PostgreSQL `NOTIFY`).
+    Asked,
+}
+
 /// One open user connection to a job; the count drops with it.
 #[derive(Debug)]
 pub struct SessionGuard(Arc<Live>, u64);
@@ -439,6 +450,8 @@ struct Inner {
     /// PostgreSQL the job's advisory lock extends this across replicas.
     writer: tokio::sync::Mutex<()>,
     max_jobs: usize,
+    /// This replica's sessions by id.
+    directory: Arc<directory::Directory>,
 }
 
 pub struct Registry {
@@ -572,6 +585,7 @@ impl Registry {
                 state: RwLock::new(state),
                 writer: tokio::sync::Mutex::new(()),
                 max_jobs,
+                directory: Default::default(),
             }),
         })
     }
@@ -612,9 +626,40 @@ impl Registry {
             state: RwLock::new(State::default()),
             writer: tokio::sync::Mutex::new(()),
             max_jobs,
+            directory: Default::default(),
         });
         inner.reload_all(&shared).await?;
         Ok(Registry { inner })
+    }
+
+    /// This replica's sessions by id.
+    pub fn directory(&self) -> &Arc<directory::Directory> {
+        &self.inner.directory
+    }
+
+    /// Closes session `id` with `reason`: here if this replica holds it,
+    /// else (PostgreSQL) by asking the replica that published it. `None`:
+    /// no live session has that id.
+    pub async fn kick_session(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<KickedWhere>, StoreError> {
+        if self.inner.directory.kick(id, reason) {
+            return Ok(Some(KickedWhere::Here));
+        }
+        let Some(shared) = self.shared() else {
+            return Ok(None);
+        };
+        let remote = self
+            .active()
+            .iter()
+            .any(|(_, live)| live.sessions().iter().any(|s| s.id == id));
+        if !remote {
+            return Ok(None);
+        }
+        shared.ask_kick(id, reason).await?;
+        Ok(Some(KickedWhere::Asked))
     }
 
     /// The PostgreSQL side, when the registry is shared.
@@ -1171,6 +1216,7 @@ pub(crate) mod tests {
             panic!("registered")
         };
         let guard = live.enter(SessionInfo {
+            id: directory::new_session_id(),
             login: "octocat".into(),
             mode: "job",
             since: 1,

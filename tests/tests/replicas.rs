@@ -648,3 +648,48 @@ async fn the_database_is_checked_migrated_and_its_absence_is_a_clear_exit() {
     );
     drop(one);
 }
+
+/// An operator on replica A ends a session replica B holds: A sees it in
+/// B's published sessions (with its id), tells B through PostgreSQL, and
+/// the user sees the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_kick_on_one_replica_closes_a_session_another_holds() {
+    const ADMIN: &str = "ops-bob:abcdef0123456789abcdef0123456789";
+    let pg = Postgres::start("127.0.0.188").await;
+    let env = env_of(&pg);
+    let mut config: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    config.push(("CI_GATEWAY__API__ADMIN_TOKENS", ADMIN));
+    let w = World::with_config("127.0.0.189", "9876543637", &config).await;
+    let token = w.gateway.token_for(&w.job);
+    let b = w
+        .replica(&pg, "data-b", &[("CI_GATEWAY__API__ADMIN_TOKENS", ADMIN)])
+        .await;
+    let session = echo_session(&b, &w.octocat.path, &w.job).await;
+    until_sessions(&w.gateway, &w.job, &token, 1).await;
+    let (status, body) = w
+        .gateway
+        .http("GET", "/v1/admin/sessions", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(listed[0]["here"], false, "{listed}");
+    let id = listed[0]["id"].as_str().expect("an id").to_string();
+    let (status, body) = w
+        .gateway
+        .http(
+            "POST",
+            &format!("/v1/admin/sessions/{id}/kick"),
+            Some(ADMIN),
+            Some(r#"{"reason": "rotating replica b"}"#),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"asked\""), "{body}");
+    let err = ended(session).await;
+    assert!(
+        err.contains("an operator ended this session: rotating replica b"),
+        "{err}"
+    );
+    until_sessions(&w.gateway, &w.job, &token, 0).await;
+    b.stop().await;
+}

@@ -541,6 +541,16 @@ impl Api {
         self.request(Method::GET, path, None, REQUEST_TIMEOUT).await
     }
 
+    /// An operator's call (`ci-gateway admin`).
+    pub async fn admin<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, ApiError> {
+        self.request(method, path, body, REQUEST_TIMEOUT).await
+    }
+
     pub async fn deregister(&self, job: &str) -> Result<Deregistered, ApiError> {
         let path = format!("/v1/jobs/{job}");
         self.request(Method::DELETE, &path, None, REQUEST_TIMEOUT)
@@ -548,7 +558,7 @@ impl Api {
     }
 
     /// One call whose successful answer is read as the type it promises.
-    async fn request<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn request<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

@@ -145,24 +145,11 @@ pub(super) async fn require_token(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    if let Some(wait) = source.and_then(|ip| gw.api_limits.source_blocked(ip)) {
-        return too_many(
-            &gw,
-            Refusal::ApiBadToken,
-            wait,
-            "too many requests with a wrong token from your address",
-        );
+    let source = source_of(&request);
+    if let Some(refused) = blocked(&gw, source) {
+        return refused;
     }
-    let presented = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let presented = bearer(&request);
     // Every token is compared (constant time each), so the time taken does
     // not say which one nearly matched.
     let matched = presented.and_then(|p| {
@@ -188,13 +175,8 @@ pub(super) async fn require_token(
         Ok(c) => c,
         Err(reason) => {
             tracing::info!(source = ?source, "API request refused: {reason}");
-            if let Some(wait) = source.and_then(|ip| gw.api_limits.bad_token(ip)) {
-                return too_many(
-                    &gw,
-                    Refusal::ApiBadToken,
-                    wait,
-                    "too many requests with a wrong token from your address",
-                );
+            if let Some(refused) = spend_bad_token(&gw, source) {
+                return refused;
             }
             return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
         }
@@ -234,6 +216,38 @@ pub(super) async fn require_token(
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+/// The request's source address.
+pub(super) fn source_of(request: &Request) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The bearer token the request shows, if any.
+pub(super) fn bearer(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+const WRONG_TOKENS: &str = "too many requests with a wrong token from your address";
+
+/// `429` while `source` is out of its wrong-token budget.
+pub(super) fn blocked(gw: &Gateway, source: Option<IpAddr>) -> Option<Response> {
+    let wait = source.and_then(|ip| gw.api_limits.source_blocked(ip))?;
+    Some(too_many(gw, Refusal::ApiBadToken, wait, WRONG_TOKENS))
+}
+
+/// Spends one of `source`'s wrong tokens; `429` once they are spent.
+pub(super) fn spend_bad_token(gw: &Gateway, source: Option<IpAddr>) -> Option<Response> {
+    let wait = source.and_then(|ip| gw.api_limits.bad_token(ip))?;
+    Some(too_many(gw, Refusal::ApiBadToken, wait, WRONG_TOKENS))
 }
 
 pub(super) fn too_many(

@@ -23,6 +23,7 @@ use crate::registry::{unix_now, Lookup, Os, Registration, RunnerLogin};
 use crate::secret::Secret;
 use crate::Gateway;
 
+pub mod admin;
 mod auth;
 pub mod downloads;
 mod jobs;
@@ -106,6 +107,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/jobs/{job_id}/resume", post(jobs::resume_job))
         .route("/v1/jobs/{job_id}/tunnel", get(tunnel::tunnel_websocket))
         .layer(middleware::from_fn_with_state(gw.clone(), require_token))
+        // Their own credential: an admin token, which the routes above never take.
+        .merge(admin::router(gw.clone()))
         .route("/healthz", get(|| async { "ok\n" }))
         // No credential: the binary is no secret; a budget per source.
         .route("/v1/agent/{target}", get(downloads::get_agent))

@@ -297,6 +297,20 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Asks every replica to close session `id` (the one holding it does).
+    pub(super) async fn ask_kick(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        // NOTIFY payloads are under 8000 bytes; the reason is bounded well below.
+        let payload = serde_json::json!({ "session": id, "reason": reason }).to_string();
+        self.reader()
+            .await?
+            .execute("SELECT pg_notify('cigw_kick', $1)", &[&payload])
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+}
+
 async fn notify_sessions(c: &tokio_postgres::Client, job: i64) -> Result<(), StoreError> {
     c.execute("SELECT pg_notify('cigw_sessions', $1)", &[&job.to_string()])
         .await
@@ -548,6 +562,12 @@ fn sessions_from(who: &serde_json::Value) -> Vec<SessionInfo> {
         .take(10_000)
         .filter_map(|s| {
             Some(SessionInfo {
+                id: s
+                    .get("id")
+                    .and_then(|v| v.as_str())
+                    .filter(|id| super::directory::is_session_id(id))
+                    .unwrap_or_default()
+                    .to_string(),
                 login: s.get("login")?.as_str()?.to_string(),
                 mode: match s.get("mode")?.as_str()? {
                     "jump" => "jump",
@@ -691,7 +711,7 @@ async fn follow(inner: &Inner, shared: &Shared) -> Result<(), StoreError> {
     let (tx, mut notes) = tokio::sync::mpsc::channel(pg::NOTE_QUEUE);
     let listener = shared.connector.connect(Some(tx)).await.map_err(db)?;
     listener
-        .batch_execute("LISTEN cigw_jobs; LISTEN cigw_sessions")
+        .batch_execute("LISTEN cigw_jobs; LISTEN cigw_sessions; LISTEN cigw_kick")
         .await
         .map_err(db)?;
     inner.reload_all(shared).await?;
@@ -729,6 +749,12 @@ async fn follow(inner: &Inner, shared: &Shared) -> Result<(), StoreError> {
                 Some(Note::Sessions(id)) => {
                     if let Some(job) = JobId::from_u64(id) {
                         inner.reload_remote(shared, Some(job)).await?;
+                    }
+                }
+                Some(Note::Kick(kick)) => {
+                    let (id, reason) = &*kick;
+                    if inner.directory.kick(id, reason) {
+                        tracing::info!(session = %id, "closing a session another replica's operator ended");
                     }
                 }
                 Some(Note::Lost) => {

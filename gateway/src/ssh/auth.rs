@@ -530,6 +530,7 @@ impl Connection {
         self.guards.insert(
             job.job_id,
             live.enter(SessionInfo {
+                id: self.session_id.clone(),
                 login: login.clone(),
                 mode: "job",
                 since: unix_now(),

@@ -108,6 +108,11 @@ pub struct Connection {
     pub(super) session: Option<(std::time::Instant, String)>,
     /// The username as sent, for the audit trail.
     pub(super) user: String,
+    /// What the audit trail, `admin sessions` and the recording call this
+    /// connection once it is a session.
+    pub(super) session_id: String,
+    /// Its place in the replica's session directory (from session start).
+    pub(super) listed: Option<crate::registry::directory::Listed>,
     /// The authentication banner the next refusal carries (why the key was
     /// refused), and how many refusals were explained so far.
     pub(super) refusal_banner: Option<String>,
@@ -132,6 +137,8 @@ impl Connection {
             usage: Default::default(),
             session: None,
             user: String::new(),
+            session_id: crate::registry::directory::new_session_id(),
+            listed: None,
             refusal_banner: None,
             refusals_explained: 0,
         }

@@ -67,6 +67,12 @@ impl Connection {
             Err(e) => return Err(policy(e.to_string())),
         };
         let job_id = target.job.job_id;
+        if !self.gw.config.recording.allow_jump {
+            return Err(policy(format!(
+                "this gateway records every session and jump mode is end to end, so it is off \
+                 (recording.allow_jump = false): use ssh {job_id}@<gateway>"
+            )));
+        }
         let far = if target.job.tunnel {
             // Never dialed: the agent opens the port on the runner's side
             // (22 is its sshd there), if it allows it.
@@ -92,6 +98,7 @@ impl Connection {
         self.audit_forward(job_id, "jump", &shown);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.guards.entry(job_id) {
             slot.insert(target.live.enter(SessionInfo {
+                id: self.session_id.clone(),
                 login: login.to_string(),
                 mode: "jump",
                 since: unix_now(),

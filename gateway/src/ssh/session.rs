@@ -28,6 +28,7 @@ impl Drop for Connection {
         self.gw.audit.record(
             "session_end",
             serde_json::json!({
+                "session": self.session_id,
                 "conn": self.id,
                 "login": login,
                 "mode": mode,
@@ -64,6 +65,7 @@ impl Connection {
             .record_durable(
                 "session_start",
                 serde_json::json!({
+                    "session": self.session_id,
                     "conn": self.id,
                     "login": login,
                     "job": job.to_string(),
@@ -74,8 +76,37 @@ impl Connection {
             .await?;
         if self.session.is_none() {
             self.session = Some((std::time::Instant::now(), login.to_string()));
+            let (listed, kicked) = self.gw.registry.directory().enter(&self.session_id);
+            self.listed = Some(listed);
+            self.watch_operator_kick(kicked);
         }
         Ok(())
+    }
+
+    /// Closes this connection with the operator's reason (`admin kick`).
+    fn watch_operator_kick(&self, mut kicked: tokio::sync::watch::Receiver<Option<String>>) {
+        let Some(handle) = self.handle.get().cloned() else {
+            return;
+        };
+        let mut alive = self.alive.subscribe();
+        let conn = self.id;
+        self.gw.tasks.spawn("operator kick watch", async move {
+            let reason = tokio::select! {
+                changed = kicked.wait_for(Option::is_some) => match changed {
+                    Ok(reason) => reason.clone().unwrap_or_default(),
+                    Err(_) => return,
+                },
+                _ = alive.changed() => return,
+            };
+            {
+                info!(conn, "closing: an operator ended the session: {reason}");
+                say_goodbye(
+                    &handle,
+                    format!("ci-gateway: an operator ended this session: {reason}"),
+                )
+                .await;
+            }
+        });
     }
 
     pub(super) fn audit_forward(&self, job: JobId, mode: &str, destination: &str) {

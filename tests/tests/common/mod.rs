@@ -769,11 +769,17 @@ pub async fn finish(mut cmd: tokio::process::Command) -> Run {
         .await
         .expect("the process finishes within 60s")
         .expect("the process starts");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        raw_stdout: out.stdout.clone(),
-        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    Run::from(out)
+}
+
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+            raw_stdout: out.stdout,
+        }
     }
 }
 

@@ -278,3 +278,208 @@ mod tests {
         assert_eq!(encode("12/../x"), "12%2F..%2Fx");
     }
 }
+
+/// `ci-gateway recordings …`: run where the recordings are (the gateway's
+/// host, or wherever `recording.dir` is copied to).
+#[derive(Debug, Args)]
+pub struct RecordingsArgs {
+    /// The gateway's config, for recording.dir (or give --dir).
+    #[arg(long, env = "CI_GATEWAY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// The recordings' directory (default: the config's recording.dir).
+    #[arg(long, global = true)]
+    pub dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: RecordingsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCommand {
+    /// The recordings, oldest first: session, job, login, start, size.
+    List {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replays one in this terminal with its timing (the files also play in
+    /// asciinema's player).
+    Play {
+        /// A recording's id (as `list` shows it) or a .cast file's path.
+        recording: String,
+        /// Faster (2) or slower (0.5) than it happened.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// The longest pause shown, in seconds (an idle hour plays in this).
+        #[arg(long, default_value_t = 2.0)]
+        max_wait: f64,
+    },
+}
+
+/// One recording as `recordings list` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct Listed {
+    pub id: String,
+    pub session: String,
+    pub job: String,
+    pub login: String,
+    pub started: u64,
+    pub bytes: u64,
+    pub path: String,
+}
+
+pub fn recordings(args: RecordingsArgs) -> ExitCode {
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => match crate::config::Config::load(args.config.as_deref()) {
+            Ok(config) => config.recording_dir(),
+            Err(e) => {
+                eprintln!("ci-gateway recordings: {e}");
+                return ExitCode::from(64);
+            }
+        },
+    };
+    let result = match args.command {
+        RecordingsCommand::List { job, json } => list(&dir, job.as_deref()).map(|all| {
+            if json {
+                return to_json(&all);
+            }
+            let rows = all.iter().map(|r| {
+                vec![
+                    r.id.clone(),
+                    r.job.clone(),
+                    r.login.clone(),
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.started),
+                    )
+                    .to_string(),
+                    r.bytes.to_string(),
+                ]
+            });
+            table(&["RECORDING", "JOB", "LOGIN", "STARTED", "BYTES"], rows)
+        }),
+        RecordingsCommand::Play {
+            recording,
+            speed,
+            max_wait,
+        } => play(&dir, &recording, speed, max_wait).map(|()| String::new()),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("ci-gateway recordings: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The header line of a recording (bounded: a header is small).
+fn header(path: &std::path::Path) -> Option<Value> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(path).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(file.take(64 * 1024))
+        .read_line(&mut line)
+        .ok()?;
+    let v: Value = serde_json::from_str(&line).ok()?;
+    (v["version"] == 2).then_some(v)
+}
+
+fn list(dir: &std::path::Path, job: Option<&str>) -> Result<Vec<Listed>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    let mut all = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(crate::recording::SUFFIX))
+        else {
+            continue;
+        };
+        let Some(h) = header(&path) else {
+            continue;
+        };
+        let field = |k: &str| h["ci_gateway"][k].as_str().unwrap_or_default().to_string();
+        if job.is_some_and(|j| j != field("job")) {
+            continue;
+        }
+        all.push(Listed {
+            id: id.to_string(),
+            session: field("session"),
+            job: field("job"),
+            login: field("login"),
+            started: h["timestamp"].as_u64().unwrap_or(0),
+            bytes: entry.metadata().map(|m| m.len()).unwrap_or(0),
+            path: path.display().to_string(),
+        });
+    }
+    all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+    Ok(all)
+}
+
+/// Writes the recording's output to stdout with its pauses (each at most
+/// `max_wait`, divided by `speed`); the exit status it marked goes to stderr.
+fn play(dir: &std::path::Path, recording: &str, speed: f64, max_wait: f64) -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    if !(speed > 0.0 && speed.is_finite() && max_wait >= 0.0 && max_wait.is_finite()) {
+        return Err("--speed must be above 0 and --max-wait at least 0".into());
+    }
+    let path = if recording.ends_with(crate::recording::SUFFIX) || recording.contains('/') {
+        PathBuf::from(recording)
+    } else if recording
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() || b == b'-')
+    {
+        dir.join(format!("{recording}{}", crate::recording::SUFFIX))
+    } else {
+        return Err(format!(
+            "{recording:?} is neither a recording id (see `recordings list`) nor a .cast file"
+        ));
+    };
+    let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    let head: Value = serde_json::from_str(&first)
+        .map_err(|e| format!("{}: not an asciicast file ({e})", path.display()))?;
+    if head["version"] != 2 {
+        return Err(format!("{}: not an asciicast v2 file", path.display()));
+    }
+    let mut out = std::io::stdout().lock();
+    let mut last = 0.0f64;
+    for (n, line) in lines.enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: Value = serde_json::from_str(&line)
+            .map_err(|e| format!("{} line {}: {e}", path.display(), n + 2))?;
+        let (Some(t), Some(kind), Some(data)) =
+            (event[0].as_f64(), event[1].as_str(), event[2].as_str())
+        else {
+            return Err(format!("{} line {}: not an event", path.display(), n + 2));
+        };
+        let pause = (t - last).clamp(0.0, max_wait) / speed;
+        last = t;
+        match kind {
+            "o" => {
+                if pause > 0.0 {
+                    let _ = out.flush();
+                    std::thread::sleep(std::time::Duration::from_secs_f64(pause));
+                }
+                out.write_all(data.as_bytes())
+                    .map_err(|e| format!("stdout: {e}"))?;
+            }
+            "m" => eprintln!("\r\n[{data}]"),
+            _ => {}
+        }
+    }
+    out.flush().map_err(|e| format!("stdout: {e}"))
+}

@@ -44,6 +44,8 @@ enum Command {
     /// The operator's commands: list jobs and sessions, kick a session, end
     /// a job (needs an admin token from the gateway's api.admin_tokens).
     Admin(crate::admin::AdminArgs),
+    /// Session recordings on this host: list them, replay one.
+    Recordings(crate::admin::RecordingsArgs),
     /// Validate a config and exit (0 if valid, 64 if not; with PostgreSQL,
     /// 69 if the database cannot be reached).
     CheckConfig {
@@ -73,6 +75,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Runner { command } => crate::agent::run(command),
         Command::Admin(args) => crate::admin::run(args),
+        Command::Recordings(args) => crate::admin::recordings(args),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(config) => {
                 println!("config is valid");

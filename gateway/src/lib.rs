@@ -52,6 +52,7 @@ pub mod logline;
 pub mod metrics;
 pub mod oidc;
 pub mod pg;
+pub mod recording;
 pub mod registry;
 pub mod secret;
 pub mod ssh;
@@ -171,6 +172,11 @@ pub async fn run(
         "the registration sweeper",
         tasks.spawn_core(tasks.until_stopped(hold::sweep(gw.clone(), tick))),
     ));
+    // Not a core task: with recording off (or kept forever) it ends at once.
+    tasks.spawn(
+        "recording retention",
+        tasks.until_stopped(recording::retention(gw.clone())),
+    );
     let limits_gw = gw.clone();
     core.push((
         "the limit sweeper",

@@ -194,16 +194,7 @@ async fn upstream_sockets_are_capped_and_given_back() {
         "{r:?}"
     );
     // Jump mode counts against the same budget.
-    let r = ssh_jump(
-        &w.gateway,
-        &w.octocat.path,
-        "octocat",
-        &w.runner.user,
-        &format!("job-{}", w.job),
-        22,
-        &["true"],
-    )
-    .await;
+    let r = w.jump(&["true"]).await;
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
         r.stderr.contains("limit of 1 connections to runners"),

@@ -56,6 +56,8 @@ pub struct Usage {
     /// The mode's byte counters in the metrics, once the mode is known;
     /// counted as the bytes move, so a scrape sees a live session's.
     pub flow: std::sync::OnceLock<crate::metrics::Flow>,
+    /// The files this connection's recordings went to, in order.
+    recordings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Usage {
@@ -81,6 +83,22 @@ impl Usage {
         if let Some(status) = bytes.exit_status {
             *self.exit_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         }
+    }
+
+    /// Claims the file of this connection's next recording.
+    fn next_recording(&self, plan: &crate::recording::Plan) -> std::path::PathBuf {
+        let mut all = self.recordings.lock().unwrap_or_else(|e| e.into_inner());
+        let path = plan.path(all.len());
+        all.push(path.display().to_string());
+        path
+    }
+
+    /// The recordings made (for `session_end`).
+    pub fn recordings(&self) -> Vec<String> {
+        self.recordings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn total(&self) -> Bytes {
@@ -161,6 +179,8 @@ pub struct Ends {
     /// Shown on the user's stderr before a shell with a pty (never on
     /// exec, scp, sftp: their streams stay the runner's bytes alone).
     pub banner: Option<String>,
+    /// Recorded from its pty request on, when recording is on.
+    pub record: Option<crate::recording::Plan>,
 }
 
 /// Relays the channel until both sides are closed (or the runner's grace
@@ -175,13 +195,26 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
         runner_tx,
         tunnel,
         banner,
+        record,
     } = ends;
+    let recorder = std::sync::OnceLock::new();
+    let recording = Recording {
+        plan: record,
+        recorder: &recorder,
+    };
     let replies = Replies {
         due: Mutex::new(VecDeque::new()),
         handle: user_handle.clone(),
         id: user_tx.id(),
     };
-    let up = user_to_runner(user_rx, &user_tx, &runner_tx, &replies, banner, usage);
+    let up = user_to_runner(
+        user_rx,
+        (&user_tx, &user_handle),
+        &runner_tx,
+        &replies,
+        banner,
+        (usage, &recording),
+    );
     // Counted as it goes: a user gone while the runner still sends leaves
     // `down` unfinished, and what it sent still counts.
     let sent = std::sync::atomic::AtomicU64::new(0);
@@ -191,7 +224,7 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
         &runner_tx,
         &user_handle,
         &replies,
-        (&sent, usage),
+        (&sent, usage, &recorder),
     );
     let mut bytes = Bytes::default();
     {
@@ -232,20 +265,94 @@ pub async fn run(ends: Ends, usage: &Usage) -> Bytes {
     bytes
 }
 
+/// A channel's recording: the plan until its pty request, then the
+/// recorder both directions write to.
+struct Recording<'a> {
+    plan: Option<crate::recording::Plan>,
+    recorder: &'a std::sync::OnceLock<crate::recording::Recorder>,
+}
+
+impl Recording<'_> {
+    /// Starts recording at the pty request, before the runner sees it.
+    /// `Err` is the line to end the session with (a required recording
+    /// that cannot be written).
+    async fn start(&self, usage: &Usage, msg: &ChannelMsg) -> Result<(), String> {
+        let (
+            Some(plan),
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                ..
+            },
+        ) = (&self.plan, msg)
+        else {
+            return Ok(());
+        };
+        if self.recorder.get().is_some() {
+            return Ok(());
+        }
+        let path = usage.next_recording(plan);
+        match crate::recording::Recorder::start(plan, path, term, *col_width, *row_height).await {
+            Ok(recorder) => {
+                let _ = self.recorder.set(recorder);
+                Ok(())
+            }
+            Err(e) if plan.required => {
+                tracing::warn!(session = %plan.session, "{e}; the session is refused");
+                Err(format!(
+                    "ci-gateway: this gateway records every session and cannot record this one \
+                     ({e}); refusing it (recording.required)"
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(session = %plan.session, "{e}; the session goes on unrecorded");
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the channel may go on after `wrote` (a required recording
+    /// that failed ends it).
+    fn fine(&self, wrote: bool) -> bool {
+        wrote || self.recorder.get().is_none_or(|r| !r.required)
+    }
+}
+
 /// Reads the user's side until the user closes it; returns bytes relayed
 /// and whether the user closed the channel (rather than being gone).
 async fn user_to_runner(
     mut rx: ChannelReadHalf,
-    user: &ChannelWriteHalf<server::Msg>,
+    (user, handle): (&ChannelWriteHalf<server::Msg>, &server::Handle),
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
     mut banner: Option<String>,
-    usage: &Usage,
+    (usage, recording): (&Usage, &Recording<'_>),
 ) -> (u64, bool) {
     let (mut closed, mut eof_sent, mut pty) = (false, false, false);
     let mut n = 0u64;
     let mut inbox = Inbox::default();
     while let Some(msg) = inbox.next(&mut rx).await {
+        if let Err(line) = recording.start(usage, &msg).await {
+            let shown = bytes::Bytes::from(format!("{line}\r\n"));
+            let _ = user.extended_data_bytes(1, shown).await;
+            crate::ssh::open::say_goodbye(handle, line).await;
+            break;
+        }
+        if let Some(recorder) = recording.recorder.get() {
+            let wrote = match &msg {
+                ChannelMsg::Data { data } => recorder.input(data).await,
+                ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    ..
+                } => recorder.resize(*col_width, *row_height).await,
+                _ => true,
+            };
+            if !recording.fine(wrote) {
+                break;
+            }
+        }
         // Until the banner is shown (or never will be), only requests are
         // looked at; data passes with no extra step.
         if banner.is_some() {
@@ -439,7 +546,11 @@ async fn runner_to_user(
     runner: &ChannelWriteHalf<client::Msg>,
     handle: &server::Handle,
     replies: &Replies,
-    (n, usage): (&std::sync::atomic::AtomicU64, &Usage),
+    (n, usage, recorder): (
+        &std::sync::atomic::AtomicU64,
+        &Usage,
+        &std::sync::OnceLock<crate::recording::Recorder>,
+    ),
 ) -> (Option<u32>, bool) {
     use std::sync::atomic::Ordering::Relaxed;
     let id = tx.id();
@@ -448,6 +559,20 @@ async fn runner_to_user(
     // connection is gone).
     let mut cut = true;
     while let Some(msg) = rx.wait().await {
+        if let Some(recorder) = recorder.get() {
+            let wrote = match &msg {
+                ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+                    recorder.output(data).await
+                }
+                ChannelMsg::ExitStatus { exit_status } => recorder.exit(*exit_status).await,
+                _ => true,
+            };
+            if !wrote && recorder.required {
+                tracing::warn!("the session's recording failed; closing its channel");
+                cut = false;
+                break;
+            }
+        }
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 let len = data.len();

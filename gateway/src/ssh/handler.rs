@@ -240,7 +240,8 @@ impl server::Handler for Connection {
             }
             _ => None,
         };
-        self.relay(channel, reply, notices, banner, async move {
+        let record = self.recording_plan();
+        self.relay(channel, reply, (notices, banner, record), async move {
             let runner = runner_for_channel(link).await?;
             match tokio::time::timeout(timeout, runner.handle.channel_open_session()).await {
                 Ok(Ok(up)) => Ok(Upstream::of(&runner, up)),
@@ -306,7 +307,7 @@ impl server::Handler for Connection {
                         )),
                     }
                 };
-                self.relay(channel, reply, None, None, open);
+                self.relay(channel, reply, (None, None, None), open);
             }
             // Jump mode: the decision here, the dial in the channel's task.
             None => match self.jump_target(host_to_connect, port_to_connect).await {
@@ -319,6 +320,24 @@ impl server::Handler for Connection {
 }
 
 impl Connection {
+    /// How a job-mode session channel is recorded if it asks for a pty
+    /// (`None` with recording off).
+    fn recording_plan(&self) -> Option<crate::recording::Plan> {
+        let config = &self.gw.config.recording;
+        let (State::Job { job, .. }, Some((_, login))) = (&self.state, &self.session) else {
+            return None;
+        };
+        config.enabled.then(|| crate::recording::Plan {
+            dir: self.gw.config.recording_dir(),
+            session: self.session_id.clone(),
+            job: job.job_id.to_string(),
+            login: login.clone(),
+            input: config.record_input,
+            required: config.required,
+            tasks: self.gw.tasks.clone(),
+        })
+    }
+
     /// Opens the runner's side of a job-mode channel (`open`), then accepts
     /// the user's and relays the two in one task ([`crate::ssh::channel`]);
     /// or refuses the user's with the runner's reason. A session channel is
@@ -327,8 +346,11 @@ impl Connection {
         &self,
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
-        notices: Option<NoticeChannels>,
-        banner: Option<String>,
+        (notices, banner, record): (
+            Option<NoticeChannels>,
+            Option<String>,
+            Option<crate::recording::Plan>,
+        ),
         open: F,
     ) where
         F: std::future::Future<Output = Result<Upstream, (ChannelOpenFailure, String)>>
@@ -366,6 +388,7 @@ impl Connection {
                     runner_tx,
                     tunnel: up.tunnel,
                     banner,
+                    record,
                 },
                 &usage,
             )

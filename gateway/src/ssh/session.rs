@@ -38,6 +38,7 @@ impl Drop for Connection {
                 "bytes_to_user": usage.to_user,
                 "duration_seconds": started.elapsed().as_secs_f64(),
                 "exit_status": usage.exit_status,
+                "recordings": self.usage.recordings(),
             }),
         );
     }
@@ -71,6 +72,15 @@ impl Connection {
                     "job": job.to_string(),
                     "mode": mode,
                     "source": self.peer.to_string(),
+                    // Where a pty channel of this session is recorded.
+                    "recording": (mode == "job" && self.gw.config.recording.enabled).then(|| {
+                        self.gw
+                            .config
+                            .recording_dir()
+                            .join(format!("{}{}", self.session_id, crate::recording::SUFFIX))
+                            .display()
+                            .to_string()
+                    }),
                 }),
             )
             .await?;

@@ -1121,6 +1121,21 @@ impl World {
         Gateway::start(&data, &self.github.url, &config).await
     }
 
+    /// octocat's ProxyJump to the world's job (`job-<id>`, port 22),
+    /// running `command` on the runner.
+    pub async fn jump(&self, command: &[&str]) -> Run {
+        ssh_jump(
+            &self.gateway,
+            &self.octocat.path,
+            "octocat",
+            &self.runner.user,
+            &format!("job-{}", self.job),
+            22,
+            command,
+        )
+        .await
+    }
+
     /// The live state (session count, kick signal) of the world's job.
     pub fn live(&self) -> Arc<ci_gateway::registry::Live> {
         let id = ci_gateway::ids::JobId::parse(&self.job).expect("job id");

@@ -48,6 +48,30 @@ pub struct Audit {
     stalled: AtomicBool,
     /// Events sent and not yet taken by the writer (a metric).
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// The writer's last failure, cleared by its next good write; and
+    /// whether the writer thread still runs.
+    health: Arc<WriterHealth>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct WriterHealth {
+    failed: std::sync::Mutex<Option<String>>,
+    gone: AtomicBool,
+}
+
+/// How the audit writer is doing, for `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditState {
+    Writing {
+        queued: usize,
+    },
+    /// The queue is over half full: the disk is slow.
+    Slow {
+        queued: usize,
+        of: usize,
+    },
+    Failing(String),
 }
 
 impl Audit {
@@ -72,13 +96,20 @@ impl Audit {
         let (tx, rx) = mpsc::sync_channel::<Entry>(queue);
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let taken = queued.clone();
+        let health = Arc::new(WriterHealth::default());
+        let told = health.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(file, rx, &taken))?;
+            .spawn(move || {
+                writer(file, rx, &taken, &told);
+                told.gone.store(true, Ordering::Relaxed);
+            })?;
         Ok(Audit {
             tx,
             stalled: AtomicBool::new(false),
             queued,
+            health,
+            capacity: queue,
         })
     }
 
@@ -157,9 +188,32 @@ impl Audit {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+
+    pub fn state(&self) -> AuditState {
+        if self.health.gone.load(Ordering::Relaxed) {
+            return AuditState::Failing("the audit writer stopped".into());
+        }
+        let failed = self.health.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = failed.as_ref() {
+            return AuditState::Failing(e.clone());
+        }
+        let queued = self.queued();
+        if queued > self.capacity / 2 {
+            return AuditState::Slow {
+                queued,
+                of: self.capacity,
+            };
+        }
+        AuditState::Writing { queued }
+    }
 }
 
-fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>, queued: &AtomicUsize) {
+fn writer(
+    mut file: std::fs::File,
+    rx: mpsc::Receiver<Entry>,
+    queued: &AtomicUsize,
+    health: &WriterHealth,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -182,6 +236,10 @@ fn writer(mut file: std::fs::File, rx: mpsc::Receiver<Entry>, queued: &AtomicUsi
         if let Err(e) = &result {
             tracing::error!("audit log write failed: {e}");
         }
+        *health.failed.lock().unwrap_or_else(|e| e.into_inner()) = result
+            .as_ref()
+            .err()
+            .map(|e| format!("the last write failed: {e}"));
         for e in batch {
             if let Some(ack) = e.ack {
                 let _ = ack.send(result.clone());

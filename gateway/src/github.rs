@@ -124,7 +124,16 @@ pub struct KeySource {
     fetch_timeout: Duration,
     in_flight: tokio::sync::Semaphore,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The last call's outcome (`/healthz`).
+    last: std::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// `/healthz`'s own probe, reused for [`PROBE_EVERY`].
+    probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<String, String>)>>,
 }
+
+/// A call this recent says how GitHub is; older, `/healthz` asks itself.
+const RECENT: Duration = Duration::from_secs(60);
+/// `/healthz` asks GitHub at most this often, however often it is polled.
+const PROBE_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(serde::Deserialize)]
 struct GithubKey {
@@ -170,6 +179,8 @@ impl KeySource {
             fetch_timeout: config.fetch_timeout,
             in_flight: tokio::sync::Semaphore::new(MAX_FETCHES_IN_FLIGHT),
             metrics,
+            last: Default::default(),
+            probe: Default::default(),
         })
     }
 
@@ -200,7 +211,55 @@ impl KeySource {
             Ok(Err(e)) => (Outcome::Error, Err(CallError::Failed(Arc::new(e)))),
         };
         self.metrics.github_call(outcome);
+        let said = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), said));
         result
+    }
+
+    /// Whether GitHub answers: `Ok` with how, or `Err` with why not. From
+    /// the last call if recent, else from `GET /rate_limit` (which spends
+    /// no rate limit), asked at most every [`PROBE_EVERY`].
+    pub async fn health(&self) -> Result<String, String> {
+        if self.client.is_none() {
+            return Ok("disabled (github.enabled = false): only github.static_keys log in".into());
+        }
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((at, outcome)) = last.filter(|(at, _)| at.elapsed() < RECENT) {
+            let ago = at.elapsed().as_secs();
+            return match outcome {
+                Ok(()) => Ok(format!("the last call answered {ago}s ago")),
+                Err(e) => Err(format!("the last call ({ago}s ago) failed: {e}; cached keys are served for github.stale_for")),
+            };
+        }
+        let mut probe = self.probe.lock().await;
+        if let Some((_, said)) = probe.as_ref().filter(|(at, _)| at.elapsed() < PROBE_EVERY) {
+            return said.clone();
+        }
+        let said = match self.call::<serde_json::Value>("/rate_limit".into()).await {
+            Ok(Some(v)) => {
+                let core = &v["resources"]["core"];
+                match (core["remaining"].as_u64(), core["limit"].as_u64()) {
+                    (Some(0), _) => Err(format!(
+                        "reachable, but the rate limit is spent until {} (unix time); set github.token",
+                        core["reset"].as_u64().unwrap_or(0)
+                    )),
+                    (Some(left), Some(limit)) => {
+                        Ok(format!("reachable; {left} of {limit} calls left this hour"))
+                    }
+                    _ => Ok("reachable".into()),
+                }
+            }
+            Ok(None) => Ok("reachable".into()),
+            Err(e) => Err(format!(
+                "unreachable: {e}; cached keys are served for github.stale_for"
+            )),
+        };
+        *probe = Some((std::time::Instant::now(), said.clone()));
+        said
     }
 
     /// Whether `keys(login)` would answer without asking GitHub.

@@ -44,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod github;
+pub mod health;
 pub mod hold;
 pub mod ids;
 pub mod keys;

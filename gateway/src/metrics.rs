@@ -321,26 +321,36 @@ pub fn snapshot(gw: &crate::Gateway) -> Snapshot {
     now
 }
 
-/// `GET /metrics`; everything else is 404.
+/// `GET /metrics`, and `/healthz` with the causes (this listener is the
+/// operator's); everything else is 404.
 pub fn router(gw: Arc<crate::Gateway>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let gw = gw.clone();
-            async move {
-                let metrics = &gw.metrics;
-                metrics.show(&snapshot(&gw));
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-                    .into_response()
-            }
-        }),
-    )
+    let health = gw.clone();
+    Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let gw = health.clone();
+                async move { crate::health::respond(&gw, true).await }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let gw = gw.clone();
+                async move {
+                    let metrics = &gw.metrics;
+                    metrics.show(&snapshot(&gw));
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                        .into_response()
+                }
+            }),
+        )
 }
 
 #[cfg(test)]

@@ -632,6 +632,19 @@ impl Registry {
         Ok(Registry { inner })
     }
 
+    /// Whether the store answers: a read of the jobs table (redb), or
+    /// `SELECT 1` on the read connection (PostgreSQL). `Ok` says which.
+    pub async fn check(&self) -> Result<String, StoreError> {
+        match &self.inner.backend {
+            Backend::Redb(db) => {
+                let txn = redb::ReadableDatabase::begin_read(db).map_err(db_err)?;
+                txn.open_table(JOBS).map_err(db_err)?;
+                Ok(format!("redb: {} jobs", self.len()))
+            }
+            Backend::Postgres(shared) => shared.check().await,
+        }
+    }
+
     /// This replica's sessions by id.
     pub fn directory(&self) -> &Arc<directory::Directory> {
         &self.inner.directory

@@ -317,7 +317,8 @@ async fn silent_api_sockets_of_one_source_do_not_starve_others() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     // Another source is served while the silent sockets stay open.
     let (status, body) = w.gateway.http("GET", "/healthz", None, None).await;
-    assert_eq!((status, body.trim()), (200, "ok"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""status":"ok""#), "{body}");
     drop(silent);
 }
 

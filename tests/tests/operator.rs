@@ -350,3 +350,72 @@ async fn the_admin_cli_lists_kicks_and_ends_with_its_own_token_only() {
         "session_start names the session"
     );
 }
+
+async fn health(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let (status, body) = http_raw(addr, "GET", "/healthz", None, None).await;
+    let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// `/healthz` says each part's state with a reason: GitHub down is
+/// degraded (200), an audit trail that cannot be written is failing (503);
+/// the API's copy keeps the cause to the operator's listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_each_part_with_its_reason() {
+    let w = World::new("127.0.0.192", "9876543640").await;
+    let gw = &w.gateway;
+    let (status, body) = health(gw.api).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
+    for part in ["store", "audit", "github"] {
+        assert_eq!(body["checks"][part]["status"], "ok", "{body}");
+    }
+    assert!(
+        body["checks"]["github"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("4990 of 5000") || r.contains("answered")),
+        "{body}"
+    );
+
+    // GitHub goes down: degraded, still 200 (cached keys are served).
+    w.github
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // A login whose keys are not cached yet makes the gateway ask.
+    let r = ssh(gw, &w.hubot.path, "hubot", &["true"], None).await;
+    assert_ne!(r.code, 0, "{r:?}");
+    let (status, body) = health(gw.api).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["checks"]["github"]["status"], "degraded", "{body}");
+    assert!(body["checks"]["github"].get("cause").is_none(), "{body}");
+    let (_, detailed) = health(gw.metrics).await;
+    assert!(
+        detailed["checks"]["github"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("503")),
+        "{detailed}"
+    );
+    w.github
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // An audit trail on a full disk: failing, 503, and the cause.
+    let full = World::with_config(
+        "127.0.0.193",
+        "9876543641",
+        &[("CI_GATEWAY__AUDIT__PATH", "/dev/full")],
+    )
+    .await;
+    let (status, body) = health(full.gateway.metrics).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "failing", "{body}");
+    assert_eq!(body["checks"]["audit"]["status"], "failing", "{body}");
+    assert!(
+        body["checks"]["audit"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("No space left")),
+        "{body}"
+    );
+    assert_eq!(body["checks"]["store"]["status"], "ok", "{body}");
+}

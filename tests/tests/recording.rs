@@ -234,6 +234,9 @@ async fn a_recording_that_cannot_be_written_refuses_the_session_and_jump_mode_ca
         "{r:?}"
     );
     assert!(!touched.exists(), "the runner ran an unrecorded command");
+    let (status, body) = w.gateway.http("GET", "/healthz", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("pty sessions are refused"), "{body}");
     // Without a pty nothing is recorded, so nothing is refused.
     let r = ssh(&w.gateway, &w.octocat.path, &w.job, &["echo fine"], None).await;
     assert_eq!(r.stdout, "fine\n", "{r:?}");

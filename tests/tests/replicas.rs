@@ -655,7 +655,7 @@ async fn the_database_is_checked_migrated_and_its_absence_is_a_clear_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_kick_on_one_replica_closes_a_session_another_holds() {
     const ADMIN: &str = "ops-bob:abcdef0123456789abcdef0123456789";
-    let pg = Postgres::start("127.0.0.188").await;
+    let mut pg = Postgres::start("127.0.0.188").await;
     let env = env_of(&pg);
     let mut config: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     config.push(("CI_GATEWAY__API__ADMIN_TOKENS", ADMIN));
@@ -691,5 +691,21 @@ async fn an_admin_kick_on_one_replica_closes_a_session_another_holds() {
         "{err}"
     );
     until_sessions(&w.gateway, &w.job, &token, 0).await;
+
+    // With the database down, /healthz fails on the store, with the cause
+    // on the operator's listener only.
+    pg.halt();
+    let (status, body) = http_raw(w.gateway.metrics, "GET", "/healthz", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    let report: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(report["checks"]["store"]["status"], "failing", "{report}");
+    assert!(report["checks"]["store"]["cause"].is_string(), "{report}");
+    let (status, body) = w.gateway.http("GET", "/healthz", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        !body.contains("127.0.0.188"),
+        "the API's copy names the database: {body}"
+    );
+    pg.resume().await;
     b.stop().await;
 }

@@ -109,7 +109,13 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .layer(middleware::from_fn_with_state(gw.clone(), require_token))
         // Their own credential: an admin token, which the routes above never take.
         .merge(admin::router(gw.clone()))
-        .route("/healthz", get(|| async { "ok\n" }))
+        // Each check's state and our reason, never the cause (docs/operations.md).
+        .route(
+            "/healthz",
+            get(|State(gw): State<Arc<Gateway>>| async move {
+                crate::health::respond(&gw, false).await
+            }),
+        )
         // No credential: the binary is no secret; a budget per source.
         .route("/v1/agent/{target}", get(downloads::get_agent))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })

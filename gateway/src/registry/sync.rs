@@ -298,6 +298,25 @@ impl Shared {
 }
 
 impl Shared {
+    /// `SELECT 1` on the read connection, within 3 s.
+    pub(super) async fn check(&self) -> Result<String, StoreError> {
+        let probe = async {
+            self.reader()
+                .await?
+                .query_one("SELECT 1", &[])
+                .await
+                .map_err(db)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), probe).await {
+            Ok(Ok(_)) => Ok(format!("PostgreSQL: answers (replica {})", self.name)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Db(format!(
+                "PostgreSQL at {} did not answer within 3s",
+                self.connector.place()
+            ))),
+        }
+    }
+
     /// Asks every replica to close session `id` (the one holding it does).
     pub(super) async fn ask_kick(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         // NOTIFY payloads are under 8000 bytes; the reason is bounded well below.

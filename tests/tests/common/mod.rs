@@ -143,6 +143,7 @@ impl FakeGithub {
             .route("/repos/{owner}/{repo}/actions/jobs/{job}", get(job_run))
             .route("/repos/{owner}/{repo}/collaborators", get(collaborators))
             .route("/orgs/{org}/teams/{slug}/members", get(team_members))
+            .route("/rate_limit", get(rate_limit))
             .with_state(gh.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -169,6 +170,17 @@ async fn run_jobs(
         .to_string();
     gh.run_jobs_auth.lock().expect("lock").push(auth);
     Json(gh.run_jobs.lock().expect("lock").clone())
+}
+
+/// GitHub's `GET /rate_limit` (the shape of its answer), or 503 while down.
+async fn rate_limit(State(gh): State<FakeGithub>) -> Result<Json<serde_json::Value>, StatusCode> {
+    if gh.down.load(Ordering::SeqCst) {
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let core = serde_json::json!({"limit": 5000, "used": 10, "remaining": 4990, "reset": 1});
+    Ok(Json(
+        serde_json::json!({"resources": {"core": core}, "rate": core}),
+    ))
 }
 
 /// The logins of a role route, 100 a page, or 503 while GitHub is down.

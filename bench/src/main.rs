@@ -29,10 +29,14 @@ const RUNNER_IP: &str = "127.0.0.201";
 const JUMP_IP: &str = "127.0.0.202";
 const GATEWAY_IP: &str = "127.0.0.203";
 const SINK_IP: &str = "127.0.0.204";
+/// A second gateway, recording every pty session (the recording case).
+const RECORDING_IP: &str = "127.0.0.205";
 const JOB: &str = "9000000001";
 const SINK_JOB: &str = "9000000002";
 /// The runner of `JOB` again, reached through its agent's reverse tunnel.
 const TUNNEL_JOB: &str = "9000000003";
+/// The runner of `JOB` again, registered with the recording gateway.
+const RECORDED_JOB: &str = "9000000004";
 const TOKEN: &str = "bench-registration-token-0123456789";
 const GIB: u64 = 1 << 30;
 
@@ -52,7 +56,7 @@ const HELP: &str = "ci-gateway-bench: ci-gateway against an OpenSSH jump host, s
 
 usage: bench/run [--quick] [--only CASES] [--out PATH]
   --quick         smaller sizes and counts (about 3 minutes; full: about 15)
-  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store
+  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store,recording
   --out PATH      where the JSON results go (default: bench/results.json for a
                   full run, target/bench-results.json for --quick or --only)
   --gateway PATH  the release ci-gateway binary (bench/run passes it)
@@ -79,7 +83,7 @@ impl Opts {
                     only = Some(
                         args.next()
                             .context(
-                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store",
+                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store,recording",
                             )?
                             .split(',')
                             .map(str::to_string)
@@ -233,6 +237,8 @@ struct Rig {
     _sink: Proc,
     /// The agent process holding `TUNNEL_JOB`'s tunnel.
     tunnel_agent: u32,
+    /// The recording gateway (the recording case only) and its SSH address.
+    recorder: Option<(Proc, SocketAddr)>,
 }
 
 impl Rig {
@@ -288,15 +294,7 @@ data_dir = "{data}"
                 data = dir.join("gateway-data").display()
             ),
         )?;
-        let gateway = Command::new(&opts.gateway)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("gateway.log"))?)
-            .spawn()
-            .with_context(|| format!("starting {}", opts.gateway.display()))?;
-        let gateway = Proc(gateway);
+        let gateway = serve(opts, &config, &dir.join("gateway.log"))?;
         let gw_ssh: SocketAddr = format!("{GATEWAY_IP}:{ssh_port}").parse()?;
         wait_listening(gw_ssh)?;
         wait_listening(format!("{GATEWAY_IP}:{api_port}").parse()?)?;
@@ -311,24 +309,8 @@ data_dir = "{data}"
                 dir.join("sink_authorized_keys"),
             ),
         ] {
-            let out = Command::new(&opts.gateway)
-                .args(["runner", "register", "--no-refresh", "--actor", "me"])
-                .args(["--gateway", &format!("http://{GATEWAY_IP}:{api_port}")])
-                .args(["--job-id", job, "--user", &user, "--host", host])
-                .args(["--port", &port.to_string()])
-                .arg("--host-key")
-                .arg(&host_pub)
-                .arg("--authorized-keys")
-                .arg(&ak)
-                .arg("--state-dir")
-                .arg(&dir)
-                .env("CI_GATEWAY_TOKEN", TOKEN)
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "registering job {job}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let api = format!("http://{GATEWAY_IP}:{api_port}");
+            register(opts, &api, job, (&user, host, port), (&host_pub, &ak), &dir)?;
         }
         // The same runner once more, through a reverse tunnel its agent
         // holds (the agent dials the sshd's own address on this machine).
@@ -357,6 +339,40 @@ data_dir = "{data}"
             .find(|l| l.contains("holding the tunnel"))
             .and_then(|l| l.split("(pid ").nth(1)?.split(',').next()?.parse().ok())
             .context("the tunnel agent's pid in register's output")?;
+        // The recording case: the same config on another address, with
+        // every pty session recorded, and the runner registered again (the
+        // agent adds this gateway's CA to the runner's keys).
+        let recorder = if opts.runs("recording") {
+            let (ssh2, api2) = (free_port(RECORDING_IP)?, free_port(RECORDING_IP)?);
+            let text = std::fs::read_to_string(&config)?
+                .replace(
+                    &format!("{GATEWAY_IP}:{ssh_port}"),
+                    &format!("{RECORDING_IP}:{ssh2}"),
+                )
+                .replace(
+                    &format!("{GATEWAY_IP}:{api_port}"),
+                    &format!("{RECORDING_IP}:{api2}"),
+                )
+                .replace("gateway-data", "recording-data");
+            let config2 = dir.join("recording.toml");
+            std::fs::write(
+                &config2,
+                format!(
+                    "{text}[recording]\nenabled = true\ndir = \"{}\"\n",
+                    dir.join("recordings").display()
+                ),
+            )?;
+            let proc = serve(opts, &config2, &dir.join("recording.log"))?;
+            let addr: SocketAddr = format!("{RECORDING_IP}:{ssh2}").parse()?;
+            wait_listening(addr)?;
+            wait_listening(format!("{RECORDING_IP}:{api2}").parse()?)?;
+            let api = format!("http://{RECORDING_IP}:{api2}");
+            let who = (user.as_str(), RUNNER_IP, runner.1.port());
+            register(opts, &api, RECORDED_JOB, who, (&host_pub, &runner_ak), &dir)?;
+            Some((proc, addr))
+        } else {
+            None
+        };
         Ok(Rig {
             dir,
             key,
@@ -368,6 +384,7 @@ data_dir = "{data}"
             sink,
             _sink: sink_proc,
             tunnel_agent,
+            recorder,
         })
     }
 
@@ -387,6 +404,10 @@ data_dir = "{data}"
         let user = &self.user;
         match route {
             Route::GatewayJob => format!("ssh {o} {extra} -p {} {JOB}@{}", gw.port(), gw.ip()),
+            Route::RecordedJob => {
+                let at = self.recorder.as_ref().map(|r| r.1).unwrap_or(gw);
+                format!("ssh {o} {extra} -p {} {RECORDED_JOB}@{}", at.port(), at.ip())
+            }
             Route::GatewayJump => format!(
                 "ssh {o} {extra} -o ProxyCommand='ssh {o} {extra} -p {} -W %h:%p me@{}' -p 22 {user}@job-{JOB}",
                 gw.port(),
@@ -414,6 +435,11 @@ data_dir = "{data}"
     fn relay_cpu(&self, route: Route) -> f64 {
         match route {
             Route::GatewayJob | Route::GatewayJump => procs::cpu_seconds(self.gateway.pid(), false),
+            Route::RecordedJob => self
+                .recorder
+                .as_ref()
+                .map(|r| procs::cpu_seconds(r.0.pid(), false))
+                .unwrap_or(0.0),
             // Both ends of the tunnel relay: the gateway and the agent.
             Route::TunnelJob | Route::TunnelJump => {
                 procs::cpu_seconds(self.gateway.pid(), false)
@@ -439,6 +465,8 @@ impl Drop for Rig {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Route {
     GatewayJob,
+    /// Job mode through the gateway that records pty sessions.
+    RecordedJob,
     GatewayJump,
     TunnelJob,
     TunnelJump,
@@ -449,12 +477,57 @@ impl Route {
     fn name(self) -> &'static str {
         match self {
             Route::GatewayJob => "gateway job mode",
+            Route::RecordedJob => "gateway job mode, recorded",
             Route::GatewayJump => "gateway jump (-J)",
             Route::TunnelJob => "gateway job mode, tunnel",
             Route::TunnelJump => "gateway jump (-J), tunnel",
             Route::OpensshJump => "OpenSSH jump (-J)",
         }
     }
+}
+
+/// `ci-gateway serve --config config`, its log in `log`.
+fn serve(opts: &Opts, config: &Path, log: &Path) -> anyhow::Result<Proc> {
+    let child = Command::new(&opts.gateway)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", opts.gateway.display()))?;
+    Ok(Proc(child))
+}
+
+/// Registers `job` with the gateway at `api` the way a runner does: with
+/// the agent.
+fn register(
+    opts: &Opts,
+    api: &str,
+    job: &str,
+    (user, host, port): (&str, &str, u16),
+    (host_pub, ak): (&Path, &Path),
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let out = Command::new(&opts.gateway)
+        .args(["runner", "register", "--no-refresh", "--actor", "me"])
+        .args(["--gateway", api])
+        .args(["--job-id", job, "--user", user, "--host", host])
+        .args(["--port", &port.to_string()])
+        .arg("--host-key")
+        .arg(host_pub)
+        .arg("--authorized-keys")
+        .arg(ak)
+        .arg("--state-dir")
+        .arg(dir)
+        .env("CI_GATEWAY_TOKEN", TOKEN)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "registering job {job}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Starts this binary as the sink; it prints its port.
@@ -975,6 +1048,58 @@ fn tunnel(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What recording costs a pty session: terminal output (base64 text, as a
+/// build log is) through job mode with `ssh -tt`, on the recording gateway
+/// and on the plain one, alternating; the recordings are deleted between
+/// rounds (outside the timing) so the disk does not fill.
+fn recording(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let n = plan.bytes / 4;
+    let mb = n as f64 / 1e6;
+    let gib = n as f64 / GIB as f64;
+    let dir = rig.dir.join("recordings");
+    let cmd = |r: Route| {
+        format!(
+            "{} -tt 'base64 /dev/zero | head -c {n}' > /dev/null",
+            rig.route(r, "-c aes128-gcm@openssh.com")
+        )
+    };
+    let clear = || {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    };
+    let (a, b) = (Route::RecordedJob, Route::GatewayJob);
+    run_shell(rig, a, &cmd(a))?;
+    let recorded: u64 = std::fs::read_dir(&dir)
+        .context("the recording gateway wrote no recording")?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    anyhow::ensure!(
+        recorded > n,
+        "the recording ({recorded} bytes) is short of the output"
+    );
+    clear();
+    run_shell(rig, b, &cmd(b))?;
+    let (mut wa, mut wb, mut ca, mut cb) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..plan.rounds {
+        let s = run_shell(rig, a, &cmd(a))?;
+        clear();
+        wa.push(mb / s.wall);
+        ca.push(s.cpu / gib);
+        let s = run_shell(rig, b, &cmd(b))?;
+        wb.push(mb / s.wall);
+        cb.push(s.cpu / gib);
+    }
+    let case = "pty output recorded vs not (job mode, -tt)";
+    report.compare(case, "throughput", "MB/s", &wa, &wb, true);
+    report.compare(case, "relay CPU", "s/GiB", &ca, &cb, false);
+    Ok(())
+}
+
 /// The soft limit on open files this process (and its children) run with.
 fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
@@ -1098,6 +1223,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if opts.runs("tunnel") {
         tunnel(&rig, &plan, &mut report)?;
+    }
+    if opts.runs("recording") {
+        recording(&rig, &plan, &mut report)?;
     }
     if opts.runs("store") {
         store::store(&rig, &opts.gateway, opts.quick, &mut report).await?;

@@ -27,13 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 /// Events queued per recording before the relay waits for the writer.
 const QUEUE: usize = 256;
-/// The file's write buffer.
-const BUFFER: usize = 64 * 1024;
+/// Bytes of lines gathered before one write.
+const BATCH: usize = 256 * 1024;
 /// The suffix of every recording.
 pub const SUFFIX: &str = ".cast";
 
@@ -188,58 +188,84 @@ fn create(dir: &Path, path: &Path, header: &Value) -> std::io::Result<std::fs::F
     Ok(file)
 }
 
-/// The writer: events to JSON lines, through a buffer flushed whenever the
-/// queue is empty (so a file is current while its session idles).
+/// The writer: events to JSON lines, gathered while the queue has more
+/// (up to [`BATCH`]) and written with one call, so a busy session costs one
+/// write per batch and an idle one is on disk at once.
 async fn write_events(file: std::fs::File, mut rx: mpsc::Receiver<Event>, shown: String) {
-    let mut out = tokio::io::BufWriter::with_capacity(BUFFER, tokio::fs::File::from_std(file));
+    let mut file = tokio::fs::File::from_std(file);
     let mut text = Text::default();
     let mut typed = Text::default();
-    let mut line = Vec::with_capacity(1024);
+    let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
+        batch.clear();
         let mut next = Some(first);
         while let Some(event) = next.take() {
-            line.clear();
-            event_line(&mut line, event, &mut text, &mut typed);
-            if !line.is_empty() {
-                if let Err(e) = out.write_all(&line).await {
-                    tracing::warn!("recording {shown}: {e}; the recording stops");
-                    return;
-                }
+            event_line(&mut batch, event, &mut text, &mut typed);
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush().await {
+        let written = async {
+            file.write_all(&batch).await?;
+            file.flush().await
+        };
+        if let Err(e) = written.await {
             tracing::warn!("recording {shown}: {e}; the recording stops");
             return;
         }
     }
-    let _ = out.flush().await;
 }
 
+/// Appends one event's line. Data is escaped straight from the bytes (no
+/// JSON value is built): the cost of a recording is mostly this.
 fn event_line(line: &mut Vec<u8>, event: Event, text: &mut Text, typed: &mut Text) {
-    let value = match event {
+    use std::io::Write as _;
+    let _ = match event {
         Event::Data(t, kind, data) => {
-            let decoded = if kind == 'o' {
-                text.push(&data)
-            } else {
-                typed.push(&data)
-            };
-            if decoded.is_empty() {
+            let stream = if kind == 'o' { text } else { typed };
+            let start = line.len();
+            let _ = write!(line, "[{t:.6},\"{kind}\",\"");
+            let before = line.len();
+            stream.push_escaped(&data, line);
+            if line.len() == before {
+                // Only part of a character so far: nothing to write yet.
+                line.truncate(start);
                 return;
             }
-            json!([round(t), kind.to_string(), decoded])
+            line.extend_from_slice(b"\"]\n");
+            Ok(())
         }
-        Event::Resize(t, w, h) => json!([round(t), "r", format!("{w}x{h}")]),
-        Event::Exit(t, status) => json!([round(t), "m", format!("exit status {status}")]),
+        Event::Resize(t, w, h) => writeln!(line, "[{t:.6},\"r\",\"{w}x{h}\"]"),
+        Event::Exit(t, status) => writeln!(line, "[{t:.6},\"m\",\"exit status {status}\"]"),
     };
-    if serde_json::to_writer(&mut *line, &value).is_ok() {
-        line.push(b'\n');
-    }
 }
 
-/// Microseconds are plenty, and keep the lines short.
-fn round(t: f64) -> f64 {
-    (t * 1e6).round() / 1e6
+/// Appends `s` escaped for the inside of a JSON string.
+fn escape_into(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        if escaped.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escaped);
+        }
+        run = i + 1;
+    }
+    out.extend_from_slice(&bytes[run..]);
 }
 
 /// A byte stream as UTF-8 text: a character split between chunks waits for
@@ -250,23 +276,30 @@ struct Text {
 }
 
 impl Text {
-    fn push(&mut self, data: &[u8]) -> String {
-        self.pending.extend_from_slice(data);
-        let mut out = String::with_capacity(self.pending.len());
-        let mut rest: &[u8] = &self.pending;
+    /// Appends what `data` completes, escaped for JSON.
+    fn push_escaped(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let joined;
+        let mut rest: &[u8] = if self.pending.is_empty() {
+            data
+        } else {
+            let mut all = std::mem::take(&mut self.pending);
+            all.extend_from_slice(data);
+            joined = all;
+            &joined
+        };
         loop {
             match std::str::from_utf8(rest) {
                 Ok(s) => {
-                    out.push_str(s);
+                    escape_into(s, out);
                     rest = &[];
                     break;
                 }
                 Err(e) => {
                     let (good, bad) = rest.split_at(e.valid_up_to());
-                    out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                    escape_into(std::str::from_utf8(good).unwrap_or_default(), out);
                     match e.error_len() {
                         Some(n) => {
-                            out.push('\u{FFFD}');
+                            escape_into("\u{FFFD}", out);
                             rest = &bad[n..];
                         }
                         // Cut short: the rest of the character comes next.
@@ -279,7 +312,6 @@ impl Text {
             }
         }
         self.pending = rest.to_vec();
-        out
     }
 }
 
@@ -333,15 +365,32 @@ pub async fn retention(gw: std::sync::Arc<crate::Gateway>) {
 mod tests {
     use super::*;
 
+    /// The text of one output event's line, as a JSON reader sees it.
+    fn push(t: &mut Text, data: &[u8]) -> Option<String> {
+        let mut line = Vec::new();
+        let event = Event::Data(1.5, 'o', Bytes::copy_from_slice(data));
+        event_line(&mut line, event, t, &mut Text::default());
+        if line.is_empty() {
+            return None;
+        }
+        assert!(line.ends_with(b"]\n"), "{line:?}");
+        let v: Value = serde_json::from_slice(&line).expect("a JSON line");
+        assert_eq!((v[0].as_f64(), v[1].as_str()), (Some(1.5), Some("o")));
+        v[2].as_str().map(str::to_string)
+    }
+
     #[test]
     fn characters_split_between_chunks_are_joined_and_bad_bytes_replaced() {
         let mut t = Text::default();
         let euro = "€".as_bytes();
-        assert_eq!(t.push(&[b'a', euro[0]]), "a");
-        assert_eq!(t.push(&euro[1..2]), "");
-        assert_eq!(t.push(&[euro[2], b'b']), "€b");
-        assert_eq!(t.push(&[0xff, b'c']), "\u{FFFD}c");
+        assert_eq!(push(&mut t, &[b'a', euro[0]]).as_deref(), Some("a"));
+        assert_eq!(push(&mut t, &euro[1..2]), None);
+        assert_eq!(push(&mut t, &[euro[2], b'b']).as_deref(), Some("€b"));
+        assert_eq!(push(&mut t, &[0xff, b'c']).as_deref(), Some("\u{FFFD}c"));
         assert!(t.pending.is_empty());
+        let every: Vec<u8> = (0u8..0x80).collect();
+        let text = push(&mut t, &every).expect("text");
+        assert_eq!(text.as_bytes(), &every[..], "every ASCII byte round-trips");
     }
 
     #[test]

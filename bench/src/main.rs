@@ -48,7 +48,7 @@ struct Opts {
     /// generator's descriptors and the sink's are counted apart).
     sink: bool,
     /// Run only these cases (memory, jump, job, forward, setup, concurrency,
-    /// tunnel, store).
+    /// tunnel, store, recording, keystroke).
     only: Option<Vec<String>>,
 }
 
@@ -56,7 +56,7 @@ const HELP: &str = "ci-gateway-bench: ci-gateway against an OpenSSH jump host, s
 
 usage: bench/run [--quick] [--only CASES] [--out PATH]
   --quick         smaller sizes and counts (about 3 minutes; full: about 15)
-  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store,recording
+  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke
   --out PATH      where the JSON results go (default: bench/results.json for a
                   full run, target/bench-results.json for --quick or --only)
   --gateway PATH  the release ci-gateway binary (bench/run passes it)
@@ -83,7 +83,7 @@ impl Opts {
                     only = Some(
                         args.next()
                             .context(
-                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store,recording",
+                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke",
                             )?
                             .split(',')
                             .map(str::to_string)
@@ -1100,6 +1100,114 @@ fn recording(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Round trips timed per keystroke (after `KEYSTROKE_WARMUP` untimed ones).
+const KEYSTROKES: usize = 1000;
+const KEYSTROKE_WARMUP: usize = 50;
+
+/// Keystroke latency: one byte written to `ssh -tt` and its echo read back,
+/// one at a time, through each route and a direct connection to the runner
+/// (the floor). The runner side is `stty raw -echo; cat` in a pty, so each
+/// byte goes through the runner's terminal as a typed key does and the echo
+/// is cat's; the bench's end is a pipe (no local terminal in the timing).
+/// All four sessions stay open and take turns key by key, so a noisy moment
+/// lands on each of them alike.
+fn keystrokes(rig: &Rig, report: &mut Report) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    struct Typist {
+        child: Child,
+        w: std::process::ChildStdin,
+        r: std::process::ChildStdout,
+        rtt: Vec<f64>,
+    }
+    let open = |ssh: String| -> anyhow::Result<Typist> {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec {ssh} 'stty raw -echo; echo ready; exec cat'"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let w = child.stdin.take().context("stdin")?;
+        let mut r = child.stdout.take().context("stdout")?;
+        // The shell's line comes once the pty is raw; keys typed before it
+        // would be echoed by the line discipline instead.
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            r.read_exact(&mut byte)
+                .with_context(|| format!("{ssh}: the session closed before it was ready"))?;
+        }
+        Ok(Typist {
+            child,
+            w,
+            r,
+            rtt: Vec::with_capacity(KEYSTROKES),
+        })
+    };
+    let extra = "-tt -c aes128-gcm@openssh.com";
+    let direct = format!(
+        "ssh {} {extra} -p {} {}@{}",
+        rig.ssh_opts(),
+        rig.runner.1.port(),
+        rig.user,
+        rig.runner.1.ip()
+    );
+    let mut typists = [
+        open(direct)?,
+        open(rig.route(Route::OpensshJump, extra))?,
+        open(rig.route(Route::GatewayJob, extra))?,
+        open(rig.route(Route::GatewayJump, extra))?,
+    ];
+    let mut byte = [0u8; 1];
+    for i in 0..KEYSTROKE_WARMUP + KEYSTROKES {
+        let key = b'a' + (i % 26) as u8;
+        for t in typists.iter_mut() {
+            let start = Instant::now();
+            t.w.write_all(&[key])?;
+            t.r.read_exact(&mut byte)?;
+            let took = start.elapsed();
+            anyhow::ensure!(byte[0] == key, "echo {:?} for key {:?}", byte[0], key);
+            if i >= KEYSTROKE_WARMUP {
+                t.rtt.push(took.as_secs_f64() * 1e6);
+            }
+        }
+    }
+    for t in typists.iter_mut() {
+        let _ = t.child.kill();
+        let _ = t.child.wait();
+    }
+    let openssh = &typists[1].rtt;
+    for (t, route) in typists[2..]
+        .iter()
+        .zip([Route::GatewayJob, Route::GatewayJump])
+    {
+        let case = format!("keystroke {} vs OpenSSH -J", route.name());
+        for (metric, p) in [("round trip p50", 0.5), ("round trip p99", 0.99)] {
+            report.compare(
+                &case,
+                metric,
+                "us",
+                &[percentile(&t.rtt, p)],
+                &[percentile(openssh, p)],
+                false,
+            );
+        }
+    }
+    let case = "keystroke direct to the runner";
+    report.single(
+        case,
+        "round trip p50",
+        "us",
+        percentile(&typists[0].rtt, 0.5),
+    );
+    report.single(
+        case,
+        "round trip p99",
+        "us",
+        percentile(&typists[0].rtt, 0.99),
+    );
+    Ok(())
+}
+
 /// The soft limit on open files this process (and its children) run with.
 fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
@@ -1226,6 +1334,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if opts.runs("recording") {
         recording(&rig, &plan, &mut report)?;
+    }
+    if opts.runs("keystroke") {
+        keystrokes(&rig, &mut report)?;
     }
     if opts.runs("store") {
         store::store(&rig, &opts.gateway, opts.quick, &mut report).await?;

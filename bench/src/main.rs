@@ -37,6 +37,14 @@ const SINK_JOB: &str = "9000000002";
 const TUNNEL_JOB: &str = "9000000003";
 /// The runner of `JOB` again, registered with the recording gateway.
 const RECORDED_JOB: &str = "9000000004";
+/// A runner `sshd` left at OpenSSH's default `MaxStartups` (10:30:100), as
+/// runners are, for the login burst case; registered as `BURST_JOB`.
+const BURST_RUNNER_IP: &str = "127.0.0.209";
+const BURST_JOB: &str = "9000000005";
+/// Logins started at once in the burst case.
+const BURST: usize = 100;
+/// The bench's own sshds accept as many handshakes at once as it makes.
+const STARTUPS: &str = "4000:100:8000";
 const TOKEN: &str = "bench-registration-token-0123456789";
 const GIB: u64 = 1 << 30;
 
@@ -48,7 +56,7 @@ struct Opts {
     /// generator's descriptors and the sink's are counted apart).
     sink: bool,
     /// Run only these cases (memory, jump, job, forward, setup, concurrency,
-    /// tunnel, store, recording, keystroke).
+    /// tunnel, store, recording, keystroke, burst).
     only: Option<Vec<String>>,
 }
 
@@ -56,7 +64,7 @@ const HELP: &str = "ci-gateway-bench: ci-gateway against an OpenSSH jump host, s
 
 usage: bench/run [--quick] [--only CASES] [--out PATH]
   --quick         smaller sizes and counts (about 3 minutes; full: about 15)
-  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke
+  --only CASES    comma-separated: memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke,burst
   --out PATH      where the JSON results go (default: bench/results.json for a
                   full run, target/bench-results.json for --quick or --only)
   --gateway PATH  the release ci-gateway binary (bench/run passes it)
@@ -83,7 +91,7 @@ impl Opts {
                     only = Some(
                         args.next()
                             .context(
-                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke",
+                                "--only memory,jump,job,forward,setup,concurrency,tunnel,store,recording,keystroke,burst",
                             )?
                             .split(',')
                             .map(str::to_string)
@@ -191,6 +199,7 @@ fn sshd(
     name: &str,
     ip: &str,
     authorized_keys: &Path,
+    max_startups: Option<&str>,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let sshd = ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]
         .into_iter()
@@ -206,7 +215,10 @@ fn sshd(
             "ListenAddress {ip}:{port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
              StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nLogLevel ERROR\n\
-             MaxStartups 4000:100:8000\nMaxSessions 10\nUseDNS no\n",
+             {startups}MaxSessions 10\nUseDNS no\n",
+            startups = max_startups
+                .map(|m| format!("MaxStartups {m}\n"))
+                .unwrap_or_default(),
             hk = host_key.display(),
             ak = authorized_keys.display(),
             pid = dir.join(format!("{name}.pid")).display(),
@@ -239,6 +251,8 @@ struct Rig {
     tunnel_agent: u32,
     /// The recording gateway (the recording case only) and its SSH address.
     recorder: Option<(Proc, SocketAddr)>,
+    /// The default-`MaxStartups` runner (the burst case only).
+    burst_runner: Option<(Proc, SocketAddr)>,
 }
 
 impl Rig {
@@ -253,8 +267,8 @@ impl Rig {
         std::fs::write(&runner_ak, "")?;
         let jump_ak = dir.join("jump_authorized_keys");
         std::fs::write(&jump_ak, format!("{me_pub}\n"))?;
-        let runner = sshd(&dir, "runner", RUNNER_IP, &runner_ak)?;
-        let jump = sshd(&dir, "jump", JUMP_IP, &jump_ak)?;
+        let runner = sshd(&dir, "runner", RUNNER_IP, &runner_ak, Some(STARTUPS))?;
+        let jump = sshd(&dir, "jump", JUMP_IP, &jump_ak, Some(STARTUPS))?;
         let (sink_proc, sink) = spawn_sink()?;
 
         let ssh_port = free_port(GATEWAY_IP)?;
@@ -373,6 +387,16 @@ data_dir = "{data}"
         } else {
             None
         };
+        let burst_runner = if opts.runs("burst") {
+            let r = sshd(&dir, "burst_runner", BURST_RUNNER_IP, &runner_ak, None)?;
+            let api = format!("http://{GATEWAY_IP}:{api_port}");
+            let host_pub = dir.join("burst_runner_host_key.pub");
+            let at = (user.as_str(), BURST_RUNNER_IP, r.1.port());
+            register(opts, &api, BURST_JOB, at, (&host_pub, &runner_ak), &dir)?;
+            Some(r)
+        } else {
+            None
+        };
         Ok(Rig {
             dir,
             key,
@@ -385,6 +409,7 @@ data_dir = "{data}"
             _sink: sink_proc,
             tunnel_agent,
             recorder,
+            burst_runner,
         })
     }
 
@@ -1208,6 +1233,76 @@ fn keystrokes(rig: &Rig, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Login bursts: `BURST` logins started at once against a runner at
+/// OpenSSH's default `MaxStartups` (10:30:100: past 10 handshakes in progress
+/// it drops new connections at random, all of them past 100), through job
+/// mode and through OpenSSH's ProxyJump. Reports how many succeeded and the
+/// p50/p95 of those that did, each login timed from the burst's start.
+fn burst(rig: &Rig, report: &mut Report) -> anyhow::Result<()> {
+    let runner = rig.burst_runner.as_ref().context("the burst runner")?.1;
+    let o = rig.ssh_opts();
+    let gw = format!(
+        "ssh {o} -p {} {BURST_JOB}@{} true",
+        rig.gw_ssh.port(),
+        rig.gw_ssh.ip()
+    );
+    let openssh = format!(
+        "ssh {o} -o ProxyCommand='ssh {o} -p {} -W %h:%p {u}@{}' -p {} {u}@{} true",
+        rig.jump.1.port(),
+        rig.jump.1.ip(),
+        runner.port(),
+        runner.ip(),
+        u = rig.user
+    );
+    let run = |cmd: &str| -> (usize, Vec<f64>) {
+        let start = Instant::now();
+        let times: Vec<Option<f64>> = std::thread::scope(|s| {
+            let all: Vec<_> = (0..BURST)
+                .map(|_| {
+                    s.spawn(|| {
+                        let ok = Command::new("sh")
+                            .arg("-c")
+                            .arg(cmd)
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .is_ok_and(|st| st.success());
+                        ok.then(|| start.elapsed().as_secs_f64() * 1000.0)
+                    })
+                })
+                .collect();
+            all.into_iter().map(|h| h.join().ok().flatten()).collect()
+        });
+        let ok: Vec<f64> = times.into_iter().flatten().collect();
+        (ok.len(), ok)
+    };
+    // Two rounds each, alternating; the second of each is reported (the
+    // first warms the caches and the gateway's copy of the job). The pause
+    // lets the runner's sshd reap the previous burst.
+    run(&gw);
+    run(&openssh);
+    let pause = || std::thread::sleep(Duration::from_secs(2));
+    pause();
+    let g = run(&gw);
+    pause();
+    let s = run(&openssh);
+    let case = format!("burst: {BURST} x ssh <job>@gateway true vs ssh -J openssh");
+    report.compare(
+        &case,
+        "logins succeeded",
+        "",
+        &[g.0 as f64],
+        &[s.0 as f64],
+        true,
+    );
+    for (metric, q) in [("p50", 0.5), ("p95", 0.95)] {
+        let (a, b) = (percentile(&g.1, q), percentile(&s.1, q));
+        report.compare(&case, metric, "ms", &[a], &[b], false);
+    }
+    Ok(())
+}
+
 /// The soft limit on open files this process (and its children) run with.
 fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
@@ -1337,6 +1432,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if opts.runs("keystroke") {
         keystrokes(&rig, &mut report)?;
+    }
+    if opts.runs("burst") {
+        burst(&rig, &mut report)?;
     }
     if opts.runs("store") {
         store::store(&rig, &opts.gateway, opts.quick, &mut report).await?;

@@ -412,4 +412,42 @@ mod tests {
         assert!(dir.join("b.cast").exists() && dir.join("keep.txt").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// More than one batch of output, queued faster than it is written:
+    /// every line lands, in order, and the text is what was sent.
+    #[tokio::test]
+    async fn output_past_one_batch_is_written_whole_and_in_order() {
+        let path = std::env::temp_dir().join(format!("cigw-rec-{}.cast", rand::random::<u64>()));
+        let file = std::fs::File::create(&path).expect("file");
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = tokio::spawn(write_events(file, rx, "test".into()));
+        let mut sent = String::new();
+        for i in 0..3000u32 {
+            let chunk = format!("{i:04} \"line\"\r\n{}", "x".repeat(200));
+            sent.push_str(&chunk);
+            let event = Event::Data(f64::from(i), 'o', Bytes::from(chunk));
+            tx.send(event).await.expect("writer alive");
+        }
+        tx.send(Event::Exit(3000.0, 0)).await.expect("writer alive");
+        drop(tx);
+        writer.await.expect("writer");
+        let written = std::fs::read_to_string(&path).expect("read");
+        assert!(written.len() > 2 * BATCH, "{} bytes", written.len());
+        let lines: Vec<Value> = written
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 3001);
+        let got: String = lines[..3000]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                assert_eq!(v[0].as_f64(), Some(i as f64));
+                v[2].as_str().expect("text").to_string()
+            })
+            .collect();
+        assert_eq!(got, sent);
+        assert_eq!(lines[3000][2], "exit status 0");
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -17,8 +17,10 @@
 
 #[cfg(feature = "aws-lc-rs")]
 use aws_lc_rs::aead::chacha20_poly1305_openssh;
+// ci-gateway patch: ring's construction runs Poly1305 in portable C on
+// x86_64; ssh-chachapoly has the same API and twice its speed (PATCH.md).
 #[cfg(all(not(feature = "aws-lc-rs"), feature = "ring"))]
-use ring::aead::chacha20_poly1305_openssh;
+use ssh_chachapoly as chacha20_poly1305_openssh;
 
 use super::super::Error;
 use crate::mac::MacAlgorithm;

@@ -620,18 +620,27 @@ async fn start_sink() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// One timed run: wall seconds and the relay's CPU seconds.
+/// One timed run: wall seconds, the relay's CPU seconds, the client side's
+/// (the shell and its `ssh` processes) and the whole machine's.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     wall: f64,
     cpu: f64,
+    client: f64,
+    machine: f64,
 }
 
 fn run_shell(rig: &Rig, route: Route, script: &str) -> anyhow::Result<Sample> {
     let cpu0 = rig.relay_cpu(route);
+    let (client0, machine0) = (
+        procs::reaped_children_seconds(),
+        procs::machine_busy_seconds(),
+    );
     let start = Instant::now();
     let out = Command::new("sh").arg("-c").arg(script).output()?;
     let wall = start.elapsed().as_secs_f64();
+    let client = procs::reaped_children_seconds() - client0;
+    let machine = procs::machine_busy_seconds() - machine0;
     anyhow::ensure!(
         out.status.success(),
         "{} failed: {}",
@@ -643,6 +652,8 @@ fn run_shell(rig: &Rig, route: Route, script: &str) -> anyhow::Result<Sample> {
     Ok(Sample {
         wall,
         cpu: rig.relay_cpu(route) - cpu0,
+        client,
+        machine,
     })
 }
 
@@ -747,16 +758,27 @@ fn throughput(
     run_shell(rig, a, &cmd(a))?;
     run_shell(rig, b, &cmd(b))?;
     let (mut wa, mut wb, mut ca, mut cb) = (vec![], vec![], vec![], vec![]);
+    let (mut ua, mut ub, mut xa, mut xb) = (vec![], vec![], vec![], vec![]);
     for _ in 0..plan.rounds {
         let s = run_shell(rig, a, &cmd(a))?;
         wa.push(mb / s.wall);
         ca.push(s.cpu / gib);
+        ua.push(s.client / gib);
+        xa.push(s.machine / gib);
         let s = run_shell(rig, b, &cmd(b))?;
         wb.push(mb / s.wall);
         cb.push(s.cpu / gib);
+        ub.push(s.client / gib);
+        xb.push(s.machine / gib);
     }
     report.compare(case, "throughput", "MB/s", &wa, &wb, true);
     report.compare(case, "relay CPU", "s/GiB", &ca, &cb, false);
+    // What the rest of the route costs: the client's `ssh` processes (which
+    // differ by route only through what the relay does to them: window
+    // updates, packet sizes), and every process on the machine, runner
+    // included (busy seconds over all cores; docs/performance.md).
+    report.compare(case, "client CPU", "s/GiB", &ua, &ub, false);
+    report.compare(case, "machine CPU", "s/GiB", &xa, &xb, false);
     Ok(())
 }
 

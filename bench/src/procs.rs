@@ -38,6 +38,38 @@ pub fn cpu_seconds(pid: u32, children: bool) -> f64 {
     (own + reaped) as f64 / clk_tck()
 }
 
+/// CPU seconds of this process's children that it has waited for (all
+/// their waited-for descendants included): across one `Command::output`,
+/// the client side of a run, i.e. the shell and the `ssh` processes in it.
+pub fn reaped_children_seconds() -> f64 {
+    cpu_seconds(std::process::id(), true) - cpu_seconds(std::process::id(), false)
+}
+
+/// CPU seconds the whole machine has been busy (all cores; everything but
+/// idle and iowait in /proc/stat).
+pub fn machine_busy_seconds() -> f64 {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy as f64 / clk_tck()
+}
+
 fn ppid(pid: u32) -> Option<u32> {
     stat(pid).map(|f| f[0] as u32)
 }

@@ -21,7 +21,7 @@ fn rate(payload: usize, mut run: impl FnMut(u32)) -> f64 {
 fn main() {
     let key = [0x5a; 64];
     println!("payload   seal MB/s: ring    ours  ratio    open MB/s: ring    ours  ratio");
-    for payload in [36usize, 100, 1024, 8192, 32768] {
+    for payload in [36usize, 100, 1024, 2048, 4096, 8192, 32768] {
         let mut packet = vec![0x17u8; 4 + payload];
         let mut tag = [0; TAG_LEN];
         let ring_seal = ring_openssh::SealingKey::new(&key);

@@ -255,3 +255,54 @@ fn wide_keystream_matches_the_portable_cipher() {
         );
     }
 }
+
+/// The AVX-512 Poly1305 against RustCrypto's, around its threshold and its
+/// step (every 16-byte length from just below 1 KiB to past 1.5 KiB), at
+/// several KiB and at 256 KiB, on all-ones blocks (every limb full, the
+/// most carries), blocks at p's low limbs and random ones, with the largest
+/// clamped `r` and random keys. It also checks that the wide path takes
+/// the bulk, so the comparison is not of the scalar code with itself.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn wide_poly1305_matches_rustcrypto() {
+    if !wide::available() {
+        eprintln!("no AVX-512F on this CPU: the wide path is not used here");
+        return;
+    }
+    let mut rng = Rng(11);
+    let mut keys: Vec<[u8; 32]> = vec![[0xff; 32]];
+    for _ in 0..6 {
+        let mut key = [0; 32];
+        rng.fill(&mut key);
+        keys.push(key);
+    }
+    let lengths = (wide::POLY_MIN - 48..=wide::POLY_MIN + 4 * wide::POLY_STEP + 17)
+        .step_by(16)
+        .chain([wide::POLY_MIN + 1, 3000, 4096, 9001, 256 << 10]);
+    for len in lengths {
+        let mut random = vec![0; len];
+        rng.fill(&mut random);
+        let mut near_p = vec![0xff; len];
+        for block in near_p.chunks_mut(16) {
+            block[0] = 0xfb;
+        }
+        for msg in [vec![0xff; len], near_p, random] {
+            for key in &keys {
+                let state = Poly1305::new(key);
+                let full = len - len % 16;
+                let (done, _) = wide::poly1305_blocks(state.r0, state.r1, &msg[..full]);
+                let expected = if full >= wide::POLY_MIN {
+                    full - full % wide::POLY_STEP
+                } else {
+                    0
+                };
+                assert_eq!(done, expected, "len {len}");
+                assert_eq!(
+                    poly1305(key, &msg),
+                    rustcrypto_poly1305(key, &msg),
+                    "len {len}, key {key:02x?}"
+                );
+            }
+        }
+    }
+}

@@ -40,6 +40,20 @@ impl Inbox {
         }
     }
 
+    /// The next message if one is already here, without waiting.
+    pub fn try_next(&mut self, rx: &mut ChannelReadHalf) -> Option<ChannelMsg> {
+        match self.later.pop_front() {
+            Some(msg) => Some(msg),
+            None if self.closing.is_some() => None,
+            None => rx.try_wait(),
+        }
+    }
+
+    /// Puts back a message taken with [`Inbox::try_next`]: it is the next one.
+    pub fn put_back(&mut self, msg: ChannelMsg) {
+        self.later.push_front(msg);
+    }
+
     /// Runs `write` while keeping what arrives meanwhile. `None` when the
     /// write was given up: the channel closed and the drain ran out, or the
     /// peer sent more than [`MAX_KEPT`] messages meanwhile.

@@ -183,6 +183,13 @@ impl ChannelReadHalf {
         self.receiver.recv().await
     }
 
+    /// ci-gateway patch: the next message if one is already queued, without
+    /// waiting (`None` when the queue is empty or the channel is closed), so
+    /// an application can take several queued data messages in one wakeup.
+    pub fn try_wait(&mut self) -> Option<ChannelMsg> {
+        self.receiver.try_recv().ok()
+    }
+
     /// Make a reader for the [`Channel`] to receive [`ChannelMsg::Data`]
     /// through the `AsyncRead` trait.
     pub fn make_reader(&mut self) -> impl AsyncRead + '_ {

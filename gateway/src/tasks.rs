@@ -47,13 +47,30 @@ impl Tasks {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        self.tracker.spawn(self.logging_panics(name, task));
+    }
+
+    /// `task`, with a panic in it logged as `name`'s and counted.
+    fn logging_panics<F>(&self, name: &'static str, task: F) -> impl Future<Output = ()> + use<F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let panics = self.panics.clone();
-        self.tracker.spawn(async move {
+        async move {
             if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
                 panics.inc();
                 tracing::error!(task = name, "task panicked: {}", panic_message(&panic));
             }
-        });
+        }
+    }
+
+    /// [`Tasks::spawn`] on the runtime of `handle` (a connection thread's).
+    pub fn spawn_on<F>(&self, name: &'static str, task: F, handle: &tokio::runtime::Handle)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker
+            .spawn_on(self.logging_panics(name, task), handle);
     }
 
     /// Runs `task` on the tracker and hands back its handle, for the core

@@ -14,6 +14,7 @@ pub mod open;
 pub mod relay;
 pub mod server;
 mod session;
+pub mod shards;
 pub mod splice;
 pub mod tunnel;
 pub mod upstream;

@@ -61,9 +61,13 @@ pub async fn run(gw: Arc<Gateway>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(gw.max_user_connections));
     let peak = AtomicUsize::new(0);
     let shutdown = gw.tasks.stopping();
+    // One connection thread per core (`ssh::shards`); each ends after its
+    // last connection once this returns.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = super::shards::Shards::start(threads);
     // The trimmer never returns: it runs exactly as long as the accept loop.
     tokio::select! {
-        _ = accept_loop(&gw, listener, &limit, &peak, shutdown) => {}
+        _ = accept_loop(&gw, listener, &limit, &peak, &shards, shutdown) => {}
         _ = give_back_memory(&limit, gw.max_user_connections, &peak) => {}
     }
 }
@@ -74,6 +78,7 @@ async fn accept_loop(
     listener: TcpListener,
     limit: &Arc<Semaphore>,
     peak: &AtomicUsize,
+    shards: &super::shards::Shards,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let config = Arc::new(russh_config(&gw.config.ssh, gw.host_keys.clone()));
@@ -126,8 +131,22 @@ async fn accept_loop(
         let gw = gw.clone();
         let config = config.clone();
         let _ = stream.set_nodelay(true);
-        gw.tasks.clone().spawn("ssh connection", async move {
-            serve_connection(gw, config, stream, peer, id).await;
+        // The socket moves to the connection's thread, so that its reads
+        // and writes wake that thread's own driver.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, "cannot hand the connection to its thread: {e}");
+                continue;
+            }
+        };
+        let tasks = gw.tasks.clone();
+        shards.spawn(&tasks, "ssh connection", move |placed| async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => serve_connection(gw, config, stream, peer, id).await,
+                Err(e) => warn!(%peer, "cannot take the connection on its thread: {e}"),
+            }
+            drop(placed);
             drop(slot);
             drop(permit);
         });

@@ -1,0 +1,161 @@
+//! Connection threads: each accepted SSH connection lives on one of a few
+//! single-threaded runtimes, one per core, with every task it spawns (the
+//! russh session, the channel splices, the job-mode connection to the
+//! runner). The control plane (the API, the store, the sweepers) stays on
+//! the main multi-threaded runtime.
+//!
+//! Why: a relayed packet goes from the session task to the splice task and
+//! on to a socket, and back as a window release. On a work-stealing runtime
+//! the two tasks of one connection run on different workers, so each packet
+//! wakes a parked thread (`futex`) and crosses cores. With every task of a
+//! connection on one thread the handoff is a local queue push. Measured on
+//! the jump relay (docs/performance.md, "One thread per connection"): relay
+//! CPU per GiB 25–30 % lower, the same as the whole gateway on one worker.
+//! The cost is that a connection cannot move to an idle core: connections
+//! are placed on the thread with the fewest open ones, and a thread busy with
+//! one bulk transfer shares its core with the others placed there (as an
+//! OpenSSH `sshd` child shares a core with whatever else runs there).
+//!
+//! A thread runs until its listener stopped and its last connection ended.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
+
+/// One connection thread: its runtime, and the connections on it.
+struct Shard {
+    handle: Handle,
+    /// Closed when the listener stops; the thread ends once it is empty.
+    tracker: TaskTracker,
+    open: Arc<AtomicUsize>,
+}
+
+pub struct Shards {
+    shards: Vec<Shard>,
+}
+
+/// A connection's place on a shard: counts as open until dropped.
+pub struct Placed {
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shards {
+    /// `n` connection threads. A thread that cannot be started is logged
+    /// and left out; with none, connections stay on the calling runtime.
+    pub fn start(n: usize) -> Shards {
+        let mut shards = Vec::with_capacity(n);
+        for i in 0..n {
+            match start_one(i) {
+                Ok(shard) => shards.push(shard),
+                Err(e) => tracing::warn!("cannot start SSH connection thread {i}: {e}"),
+            }
+        }
+        Shards { shards }
+    }
+
+    /// Spawns `task` (from `make`, which runs on the chosen thread) on the
+    /// thread with the fewest open connections, tracked by `tasks` as well;
+    /// on the current runtime when there is no thread.
+    pub fn spawn<F, Fut>(&self, tasks: &crate::tasks::Tasks, name: &'static str, make: F)
+    where
+        F: FnOnce(Placed) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static + Send,
+    {
+        let Some(shard) = self
+            .shards
+            .iter()
+            .min_by_key(|s| s.open.load(Ordering::Relaxed))
+        else {
+            let open = Arc::new(AtomicUsize::new(1));
+            tasks.spawn(name, async move { make(Placed { open }).await });
+            return;
+        };
+        shard.open.fetch_add(1, Ordering::Relaxed);
+        let placed = Placed {
+            open: shard.open.clone(),
+        };
+        let task = shard
+            .tracker
+            .track_future(async move { make(placed).await });
+        tasks.spawn_on(name, task, &shard.handle);
+    }
+
+    /// Open connections per thread (for tests and logs).
+    pub fn open(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.open.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for Shards {
+    /// The listener stopped: each thread ends after its last connection.
+    fn drop(&mut self) {
+        for shard in &self.shards {
+            shard.tracker.close();
+        }
+    }
+}
+
+fn start_one(i: usize) -> std::io::Result<Shard> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let tracker = TaskTracker::new();
+    let until_done = tracker.clone();
+    std::thread::Builder::new()
+        .name(format!("ssh-conn-{i}"))
+        .spawn(move || runtime.block_on(until_done.wait()))?;
+    Ok(Shard {
+        handle,
+        tracker,
+        open: Arc::new(AtomicUsize::new(0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_go_to_the_emptiest_thread_and_run_there() {
+        let shards = Shards::start(2);
+        let tasks = crate::tasks::Tasks::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut releases = Vec::new();
+        for _ in 0..4 {
+            let (release, held) = tokio::sync::oneshot::channel::<()>();
+            releases.push(release);
+            let tx = tx.clone();
+            shards.spawn(&tasks, "test", move |placed| async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+                let _ = held.await;
+                drop(placed);
+            });
+        }
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(rx.recv().await.flatten().unwrap_or_default());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            ["ssh-conn-0", "ssh-conn-0", "ssh-conn-1", "ssh-conn-1"]
+        );
+        assert_eq!(shards.open(), [2, 2]);
+        drop(releases);
+        assert!(tasks.drain(std::time::Duration::from_secs(60)).await);
+        assert_eq!(shards.open(), [0, 0]);
+    }
+}

@@ -130,8 +130,11 @@ impl Audit {
 
     /// Appends an event (written promptly, synced with the next durable one).
     /// When the queue is full (the disk is stalled) the caller waits; on a
-    /// runtime worker it waits through `block_in_place`, so the worker's other
-    /// tasks move to another thread instead of stalling with it.
+    /// multi-threaded runtime's worker it waits through `block_in_place`, so
+    /// the worker's other tasks move to another thread instead of stalling
+    /// with it. On an SSH connection thread (`ssh::shards`, single-threaded)
+    /// the thread's other connections wait with it: they would all be
+    /// waiting for the same disk to record their own events.
     pub fn record(&self, event: &str, fields: Value) {
         let entry = Entry {
             line: Self::line(event, fields),

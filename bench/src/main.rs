@@ -981,9 +981,12 @@ async fn concurrency(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Res
     let key = Arc::new(russh::keys::load_secret_key(&rig.key, None)?);
     let gw = rig.gateway.pid();
     // Each jump session holds two descriptors in the gateway (the user's
-    // connection and the runner's); stay under the machine's limit.
+    // connection and the runner's). The gateway takes at most half of what
+    // its limit leaves after a headroom of 256 for each (`limits::
+    // descriptor_share`), and holds the rest in its listen queue: stay under
+    // that, or the sessions past it wait there until they time out.
     let limit = fd_limit();
-    let n = plan.concurrent.min(limit.saturating_sub(200) / 2);
+    let n = plan.concurrent.min(limit.saturating_sub(300) / 2);
     if n < plan.concurrent {
         println!(
             "  (open files are limited to {limit} here: {n} sessions instead of {})",

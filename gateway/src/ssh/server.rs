@@ -141,12 +141,11 @@ async fn accept_loop(
             }
         };
         let tasks = gw.tasks.clone();
-        shards.spawn(&tasks, "ssh connection", move |placed| async move {
+        shards.spawn(&tasks, "ssh connection", async move {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => serve_connection(gw, config, stream, peer, id).await,
                 Err(e) => warn!(%peer, "cannot take the connection on its thread: {e}"),
             }
-            drop(placed);
             drop(slot);
             drop(permit);
         });

@@ -18,33 +18,19 @@
 //!
 //! A thread runs until its listener stopped and its last connection ended.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
-/// One connection thread: its runtime, and the connections on it.
+/// One connection thread: its runtime, and the connections on it (the
+/// tracker's count is the thread's load).
 struct Shard {
     handle: Handle,
     /// Closed when the listener stops; the thread ends once it is empty.
     tracker: TaskTracker,
-    open: Arc<AtomicUsize>,
 }
 
 pub struct Shards {
     shards: Vec<Shard>,
-}
-
-/// A connection's place on a shard: counts as open until dropped.
-pub struct Placed {
-    open: Arc<AtomicUsize>,
-}
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Shards {
@@ -61,39 +47,23 @@ impl Shards {
         Shards { shards }
     }
 
-    /// Spawns `task` (from `make`, which runs on the chosen thread) on the
-    /// thread with the fewest open connections, tracked by `tasks` as well;
-    /// on the current runtime when there is no thread.
-    pub fn spawn<F, Fut>(&self, tasks: &crate::tasks::Tasks, name: &'static str, make: F)
+    /// Spawns `task` on the thread with the fewest open connections,
+    /// tracked by `tasks` as well; on the current runtime when there is no
+    /// thread.
+    pub fn spawn<F>(&self, tasks: &crate::tasks::Tasks, name: &'static str, task: F)
     where
-        F: FnOnce(Placed) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + 'static + Send,
+        F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let Some(shard) = self
-            .shards
-            .iter()
-            .min_by_key(|s| s.open.load(Ordering::Relaxed))
-        else {
-            let open = Arc::new(AtomicUsize::new(1));
-            tasks.spawn(name, async move { make(Placed { open }).await });
-            return;
-        };
-        shard.open.fetch_add(1, Ordering::Relaxed);
-        let placed = Placed {
-            open: shard.open.clone(),
-        };
-        let task = shard
-            .tracker
-            .track_future(async move { make(placed).await });
-        tasks.spawn_on(name, task, &shard.handle);
+        match self.shards.iter().min_by_key(|s| s.tracker.len()) {
+            // Counted from here, so the next placement already sees it.
+            Some(shard) => tasks.spawn_on(name, shard.tracker.track_future(task), &shard.handle),
+            None => tasks.spawn(name, task),
+        }
     }
 
     /// Open connections per thread (for tests and logs).
     pub fn open(&self) -> Vec<usize> {
-        self.shards
-            .iter()
-            .map(|s| s.open.load(Ordering::Relaxed))
-            .collect()
+        self.shards.iter().map(|s| s.tracker.len()).collect()
     }
 }
 
@@ -116,11 +86,7 @@ fn start_one(i: usize) -> std::io::Result<Shard> {
     std::thread::Builder::new()
         .name(format!("ssh-conn-{i}"))
         .spawn(move || runtime.block_on(until_done.wait()))?;
-    Ok(Shard {
-        handle,
-        tracker,
-        open: Arc::new(AtomicUsize::new(0)),
-    })
+    Ok(Shard { handle, tracker })
 }
 
 #[cfg(test)]
@@ -137,11 +103,10 @@ mod tests {
             let (release, held) = tokio::sync::oneshot::channel::<()>();
             releases.push(release);
             let tx = tx.clone();
-            shards.spawn(&tasks, "test", move |placed| async move {
+            shards.spawn(&tasks, "test", async move {
                 let name = std::thread::current().name().map(str::to_owned);
                 let _ = tx.send(name);
                 let _ = held.await;
-                drop(placed);
             });
         }
         let mut names = Vec::new();

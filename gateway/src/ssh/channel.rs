@@ -178,7 +178,7 @@ pub struct Ends {
     pub tunnel: Option<(tokio::sync::watch::Receiver<bool>, String)>,
     /// Shown on the user's stderr before a shell with a pty (never on
     /// exec, scp, sftp: their streams stay the runner's bytes alone).
-    pub banner: Option<String>,
+    pub banner: Option<crate::ssh::listing::Banner>,
     /// Recorded from its pty request on, when recording is on.
     pub record: Option<crate::recording::Plan>,
 }
@@ -326,7 +326,7 @@ async fn user_to_runner(
     (user, handle): (&ChannelWriteHalf<server::Msg>, &server::Handle),
     tx: &ChannelWriteHalf<client::Msg>,
     replies: &Replies,
-    mut banner: Option<String>,
+    mut banner: Option<crate::ssh::listing::Banner>,
     (usage, recording): (&Usage, &Recording<'_>),
 ) -> (u64, bool) {
     let (mut closed, mut eof_sent, mut pty) = (false, false, false);
@@ -360,8 +360,8 @@ async fn user_to_runner(
                 ChannelMsg::RequestPty { .. } => pty = true,
                 // A terminal in raw mode: lines end in CR LF.
                 ChannelMsg::RequestShell { .. } => {
-                    if let Some(text) = banner.take().filter(|_| pty) {
-                        let text = text.replace('\n', "\r\n");
+                    if let Some(banner) = banner.take().filter(|_| pty) {
+                        let text = banner.text().replace('\n', "\r\n");
                         let _ = user.extended_data_bytes(1, text.into_bytes()).await;
                     }
                 }

@@ -235,9 +235,12 @@ impl server::Handler for Connection {
         let timeout = self.gw.config.upstream.connect_timeout;
         let notices = Some(self.session_channels.clone());
         let banner = match (&self.state, &self.session) {
-            (State::Job { job, live, .. }, Some((_, login))) => {
-                Some(crate::ssh::listing::banner(&self.gw, job, live, login))
-            }
+            (State::Job { job, live, .. }, Some((_, login))) => Some(crate::ssh::listing::Banner {
+                gw: self.gw.clone(),
+                job: job.clone(),
+                live: live.clone(),
+                login: login.clone(),
+            }),
             _ => None,
         };
         let record = self.recording_plan();
@@ -348,7 +351,7 @@ impl Connection {
         reply: server::ChannelOpenHandle,
         (notices, banner, record): (
             Option<NoticeChannels>,
-            Option<String>,
+            Option<crate::ssh::listing::Banner>,
             Option<crate::recording::Plan>,
         ),
         open: F,

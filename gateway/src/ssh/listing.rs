@@ -220,9 +220,30 @@ pub fn text(login: &GithubLogin, jobs: &[Listed], more: usize) -> String {
     out
 }
 
+/// What a job-mode session channel needs to write its banner: the text is
+/// made when a shell with a pty starts, not when the channel opens, so it
+/// names who is connected then, and a channel that never starts a shell
+/// (exec, scp, sftp, or one left idle) holds no text.
+pub struct Banner {
+    pub gw: Arc<Gateway>,
+    pub job: Arc<crate::registry::Registration>,
+    pub live: Arc<crate::registry::Live>,
+    /// The login entering; one of the job's sessions is this one.
+    pub login: String,
+}
+
+impl Banner {
+    pub fn text(&self) -> String {
+        banner(&self.gw, &self.job, &self.live, &self.login)
+    }
+}
+
+/// The most others a banner names; the rest are counted.
+const BANNER_NAMES: usize = 8;
+
 /// The lines a job-mode shell with a pty shows on stderr before the shell
 /// (`me`: the login entering; one of its sessions is this one).
-pub fn banner(
+fn banner(
     gw: &Gateway,
     reg: &crate::registry::Registration,
     live: &crate::registry::Live,
@@ -266,13 +287,23 @@ pub fn banner(
         }
     }
     if !sessions.is_empty() {
-        let who: Vec<String> = sessions
-            .iter()
-            .map(|p| format!("{} ({})", p.login, p.mode))
-            .collect();
-        let _ = writeln!(out, "  also connected: {}", who.join(", "));
+        let _ = writeln!(out, "  also connected: {}", others(&sessions));
     }
     out
+}
+
+/// The others on a job, as a banner names them: the first few, and how
+/// many more (a job with many sessions gets one short line, not a list).
+fn others(sessions: &[crate::registry::SessionInfo]) -> String {
+    let mut who: Vec<String> = sessions
+        .iter()
+        .take(BANNER_NAMES)
+        .map(|p| format!("{} ({})", p.login, p.mode))
+        .collect();
+    if sessions.len() > BANNER_NAMES {
+        who.push(format!("and {} more", sessions.len() - BANNER_NAMES));
+    }
+    who.join(", ")
 }
 
 /// `HH:MM` of a Unix time, UTC.
@@ -411,6 +442,28 @@ mod tests {
         assert_eq!(parse_command(b"  jobs  --json "), Ask::Json);
         assert!(matches!(parse_command(b"rm -rf /"), Ask::Other(_)));
         assert!(matches!(parse_command(b"jobs --yaml"), Ask::Other(_)));
+    }
+
+    #[test]
+    fn a_banner_names_a_few_others_and_counts_the_rest() {
+        let people = |n: usize| -> Vec<crate::registry::SessionInfo> {
+            (0..n)
+                .map(|i| crate::registry::SessionInfo {
+                    id: format!("{i:016x}"),
+                    login: format!("person{i}"),
+                    mode: if i % 2 == 0 { "job" } else { "jump" },
+                    since: 0,
+                })
+                .collect()
+        };
+        assert_eq!(others(&people(2)), "person0 (job), person1 (jump)");
+        assert_eq!(
+            others(&people(BANNER_NAMES)).matches('(').count(),
+            BANNER_NAMES
+        );
+        let many = others(&people(1000));
+        assert!(many.ends_with("person7 (jump), and 992 more"), "{many}");
+        assert!(!many.contains("person8"), "{many}");
     }
 
     #[test]

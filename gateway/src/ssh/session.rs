@@ -148,8 +148,10 @@ impl Connection {
         self.gw.tasks.spawn("runner login", async move {
             let job_id = job.job_id;
             let started = std::time::Instant::now();
+            // Boxed: the login's future is large and done with once the
+            // runner is connected; the task then only waits for its close.
             let connected = tokio::select! {
-                connected = upstream::connect(&gw, &job, &login) => connected,
+                connected = Box::pin(upstream::connect(&gw, &job, &login)) => connected,
                 // The user left first: nothing to connect for.
                 _ = alive.changed() => return,
             };

@@ -208,6 +208,79 @@ async fn a_large_stream_arrives_intact_in_both_directions() {
     assert_eq!(r.stdout.len(), size);
 }
 
+/// Keys are exchanged again mid-stream on both legs: the user's client
+/// rekeys the gateway (`RekeyLimit`), the runner's sshd rekeys the gateway's
+/// client; the bytes arrive intact both ways. The gateway's russh drops a
+/// key exchange's transcript once it served (vendor/russh/PATCH.md): a
+/// rekey must still work after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_exchanged_again_mid_stream_on_both_legs() {
+    let w = World::assemble("9876543194", &[], "127.0.0.1", |dir| {
+        RunnerSshd::start_with(dir, "127.0.0.194", "ed25519", "RekeyLimit 1M\n")
+    })
+    .await;
+    w.register_job().await;
+    let size = 8 * 1024 * 1024;
+    let data: Vec<u8> = (0..size as u32).map(|i| (i * 7 + (i >> 9)) as u8).collect();
+    let digest = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sha256sum");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(bytes)
+            .expect("write");
+        let out = c.wait_with_output().expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let r = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &[
+            "-v",
+            "-oRekeyLimit=1M",
+            "tee /tmp/cigw-rekey-194 | sha256sum",
+        ],
+        Some(data.clone()),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, digest(&data), "upload digest");
+    let user_kex = r.stderr.matches("SSH2_MSG_KEXINIT sent").count();
+    assert!(user_kex >= 4, "the user's leg rekeyed {user_kex} times");
+    let down = ssh(
+        &w.gateway,
+        &w.octocat.path,
+        &w.job,
+        &[
+            "-oRekeyLimit=1M",
+            "cat /tmp/cigw-rekey-194; rm -f /tmp/cigw-rekey-194",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(down.code, 0, "{down:?}");
+    assert!(
+        down.raw_stdout == data,
+        "download differs ({} bytes)",
+        down.raw_stdout.len()
+    );
+    let log = w.runner.log();
+    let runner_rekeys = log
+        .lines()
+        .filter(|l| l.contains("SSH2_MSG_KEXINIT sent") && !l.contains("preauth"))
+        .count();
+    assert!(
+        runner_rekeys >= 4,
+        "the runner leg rekeyed {runner_rekeys} times:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_forward_is_dialled_on_the_runner_side() {
     let w = World::new("127.0.0.16", "9876543216").await;

@@ -247,12 +247,7 @@ fn checked_opts(key: &std::path::Path, known_hosts: &std::path::Path) -> Vec<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_printed_known_hosts_lines_check_both_modes_first_connections() {
     let w = World::unregistered("127.0.0.182", "9876543621", &[]).await;
-    let (status, body) = w
-        .gateway
-        .register(&w.job, registration(&w.runner, "octocat"))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    w.runner.install_from(&body);
+    let body = w.register_job().await;
     let lines: Vec<String> = body["known_hosts"]
         .as_array()
         .expect("known_hosts in the answer")

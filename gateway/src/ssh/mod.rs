@@ -135,6 +135,19 @@ mod tests {
         }
     }
 
+    /// Each of russh's session queues allocates 32 slots of its message type
+    /// when a connection starts (tokio's block), four to six queues for a
+    /// job-mode session: a message type sized for its rarest variant cost
+    /// 5.4 KiB a queue (vendor/russh/PATCH.md, "Queue messages sized for
+    /// the common case"). 96 bytes is `Msg::Channel` (an id and a
+    /// `ChannelMsg`).
+    #[test]
+    fn russh_queue_messages_stay_small() {
+        assert!(std::mem::size_of::<russh::ChannelMsg>() <= 80);
+        assert!(std::mem::size_of::<russh::server::Msg>() <= 96);
+        assert!(std::mem::size_of::<russh::client::Msg>() <= 96);
+    }
+
     #[test]
     fn upstream_ciphers_are_the_same_set_in_another_order() {
         let mut ours: Vec<&str> = super::CIPHERS.iter().map(|c| c.as_ref()).collect();

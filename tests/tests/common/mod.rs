@@ -1003,13 +1003,20 @@ impl World {
 
     pub async fn with_config(runner_ip: &str, job: &str, extra: &[(&str, &str)]) -> World {
         let world = Self::unregistered(runner_ip, job, extra).await;
-        let (status, body) = world
+        world.register_job().await;
+        world
+    }
+
+    /// Registers the world's job on its runner with octocat as the actor,
+    /// and installs what the answer says; returns the answer.
+    pub async fn register_job(&self) -> serde_json::Value {
+        let (status, body) = self
             .gateway
-            .register(job, registration(&world.runner, "octocat"))
+            .register(&self.job, registration(&self.runner, "octocat"))
             .await;
         assert_eq!(status, 201, "registration failed: {body}");
-        world.runner.install_from(&body);
-        world
+        self.runner.install_from(&body);
+        body
     }
 
     /// The world before its job registers (the runner agent's tests).

@@ -151,7 +151,11 @@ impl<C> CommonSession<C> {
 
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
-            enc.exchange = Some(newkeys.exchange);
+            // ci-gateway patch: a rekey's transcript (both KEXINITs, both
+            // ephemeral keys: 4-5 KiB with ML-KEM) served its hash and is not
+            // read again; only that a kex completed is kept.
+            drop(newkeys.exchange);
+            enc.exchange = Some(Exchange::default());
             enc.kex = newkeys.kex;
             enc.key = newkeys.key;
             enc.client_mac = newkeys.names.client_mac;
@@ -165,6 +169,17 @@ impl<C> CommonSession<C> {
             enc.client_compression
                 .init_compress(self.packet_writer.compress());
             enc.server_compression.init_decompress(&mut enc.decompress);
+        }
+    }
+
+    /// ci-gateway patch: drops the initial key exchange's transcript once
+    /// what reads it (the server's EXT_INFO decision) has, keeping only
+    /// that a kex completed (`Some`, which allows the first rekey).
+    pub(crate) fn forget_exchange(&mut self) {
+        if let Some(enc) = self.encrypted.as_mut() {
+            if enc.exchange.is_some() {
+                enc.exchange = Some(Exchange::default());
+            }
         }
     }
 

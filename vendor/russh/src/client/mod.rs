@@ -121,7 +121,9 @@ enum Reply {
     },
     ChannelOpenFailure,
     SignRequest {
-        key: ssh_key::PublicKey,
+        // ci-gateway patch: boxed, so that every slot of the reply queue is
+        // not sized for a public key (176 -> 88 bytes a `Reply`).
+        key: Box<ssh_key::PublicKey>,
         data: Vec<u8>,
     },
     SignRequestCert {
@@ -230,7 +232,8 @@ pub enum Msg {
     },
     Channel(ChannelId, ChannelMsg),
     ServerChannelOpenReply {
-        pending: crate::PendingChannelOpen,
+        // ci-gateway patch: boxed, as the server's `Msg::ChannelOpenReply`.
+        pending: Box<crate::PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
     Rekey,
@@ -570,7 +573,7 @@ impl<H: Handler> Handle<H> {
                     });
                 }
                 Some(Reply::SignRequest { key, data }) => {
-                    let data = signer.auth_sign(&key.into(), hash_alg, data).await;
+                    let data = signer.auth_sign(&(*key).into(), hash_alg, data).await;
                     let data = match data {
                         Ok(data) => data,
                         Err(e) => {
@@ -1844,7 +1847,7 @@ impl Session {
                 let _ = self.send_global_request(reply_channel, &name, &data);
             }
             Msg::ServerChannelOpenReply { pending, result } => {
-                self.finalize_server_channel_open_reply(pending, result)?;
+                self.finalize_server_channel_open_reply(*pending, result)?;
             }
             msg => {
                 // should be unreachable, since the receiver only gets
@@ -2101,6 +2104,7 @@ async fn reply<H: Handler>(
                         session
                             .common
                             .encrypted(initial_encrypted_state(session), newkeys);
+                        session.common.forget_exchange();
 
                         if let Some(sender) = kex_done_signal.take() {
                             sender.send(agent_session_binding).unwrap_or(());

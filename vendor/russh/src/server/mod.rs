@@ -1333,6 +1333,7 @@ async fn reply<H: Handler + Send>(
                         );
 
                         session.maybe_send_ext_info()?;
+                        session.common.forget_exchange();
                     }
 
                     session.kex = SessionKexState::Idle;

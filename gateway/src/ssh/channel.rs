@@ -377,7 +377,8 @@ async fn user_to_runner(
                 let len = data.len();
                 n += len as u64;
                 usage.count_to_runner(len as u64);
-                match inbox.meanwhile(&mut rx, tx.data_bytes(data)).await {
+                let write = std::pin::pin!(tx.data_bytes(data));
+                match inbox.meanwhile(&mut rx, write).await {
                     Some(Ok(())) => user.release_window(len as u32).await,
                     Some(Err(e)) => Err(e),
                     None => continue,
@@ -388,7 +389,7 @@ async fn user_to_runner(
                 n += len as u64;
                 usage.count_to_runner(len as u64);
                 match inbox
-                    .meanwhile(&mut rx, tx.extended_data_bytes(ext, data))
+                    .meanwhile(&mut rx, std::pin::pin!(tx.extended_data_bytes(ext, data)))
                     .await
                 {
                     Some(Ok(())) => user.release_window(len as u32).await,

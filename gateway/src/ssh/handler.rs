@@ -366,6 +366,9 @@ impl Connection {
         let open_channels = self.open_channels.clone();
         let usage = self.usage.clone();
         let conn = self.id;
+        // Boxed: the open is done with before the relay starts, and a
+        // captured future keeps its place in the task for the task's life.
+        let open = Box::pin(open);
         self.gw.tasks.spawn("job channel", async move {
             let up = match open.await {
                 Ok(up) => up,

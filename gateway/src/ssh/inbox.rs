@@ -57,12 +57,15 @@ impl Inbox {
     /// Runs `write` while keeping what arrives meanwhile. `None` when the
     /// write was given up: the channel closed and the drain ran out, or the
     /// peer sent more than [`MAX_KEPT`] messages meanwhile.
+    ///
+    /// `write` is pinned by the caller: taken by value, it would be stored
+    /// twice in this future (the argument, and the pinned copy polled), and
+    /// the caller's future is sized for its largest await, this one.
     pub async fn meanwhile<F: std::future::Future>(
         &mut self,
         rx: &mut ChannelReadHalf,
-        write: F,
+        mut write: std::pin::Pin<&mut F>,
     ) -> Option<F::Output> {
-        let mut write = std::pin::pin!(write);
         loop {
             let drained = async {
                 match self.closing {
@@ -71,7 +74,7 @@ impl Inbox {
                 }
             };
             tokio::select! {
-                out = &mut write => return Some(out),
+                out = write.as_mut() => return Some(out),
                 msg = rx.wait(), if self.closing.is_none() => match msg {
                     Some(ChannelMsg::Close) | None => {
                         self.closing = Some(Instant::now() + CLOSE_DRAIN);

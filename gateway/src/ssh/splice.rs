@@ -170,8 +170,11 @@ where
                             None => break,
                         }
                     }
-                    let write = write_chunks(&mut tcp_w, &mut batch);
-                    match inbox.meanwhile(&mut rx, write).await {
+                    let written = {
+                        let write = std::pin::pin!(write_chunks(&mut tcp_w, &mut batch));
+                        inbox.meanwhile(&mut rx, write).await
+                    };
+                    match written {
                         Some(Ok(())) => {}
                         Some(Err(_)) => break,
                         None => {

@@ -8,10 +8,12 @@
 //! (docs/performance.md). Here Poly1305 works in radix 2^64 (two 64-bit limbs
 //! and two bits, 64×64→128-bit products), after OpenSSL's `poly1305.c`
 //! (the `POLY1305_64` path): about twice ring's speed on 32 KiB packets and
-//! faster on 100-byte ones, with no per-key setup. ChaCha20 is RustCrypto's
-//! `chacha20` with its AVX2 or SSE2 backend chosen at run time, except for
-//! the whole kilobytes of large packets, which go sixteen blocks at a time
-//! in AVX-512 where the CPU has it (`wide`, the crate's only `unsafe`).
+//! faster on 100-byte ones, with no per-key setup. ChaCha20 is a scalar
+//! block function for the length, the Poly1305 key and bodies of up to four
+//! blocks (an interactive packet's three blocks), RustCrypto's `chacha20`
+//! with its AVX2 or SSE2 backend chosen at run time for longer bodies, and
+//! for the whole kilobytes of large packets sixteen blocks at a time in
+//! AVX-512 where the CPU has it (`wide`, the crate's only `unsafe`).
 //!
 //! Everything is constant time in the secret data: additions with carries,
 //! multiplications, masks; no table look-ups and no branches on the key,
@@ -81,34 +83,91 @@ impl Keys {
     }
 
     fn crypt_length(&self, sequence_number: u32, length: &mut [u8; PACKET_LENGTH_LEN]) {
-        let nonce = Self::nonce(sequence_number);
-        ChaCha20::new(&self.length.into(), &nonce.into()).apply_keystream(length);
+        let mut keystream = block(&self.length, 0, &Self::nonce(sequence_number));
+        for (byte, k) in length.iter_mut().zip(keystream) {
+            *byte ^= k;
+        }
+        keystream.fill(0);
     }
 
-    /// The payload cipher positioned at block 1, and the Poly1305 key from
-    /// block 0.
-    fn begin(&self, sequence_number: u32) -> (ChaCha20, [u8; 32]) {
-        let nonce = Self::nonce(sequence_number);
-        let mut cipher = ChaCha20::new(&self.payload.into(), &nonce.into());
-        let mut block0 = [0u8; 64];
-        cipher.apply_keystream(&mut block0);
+    /// The Poly1305 key: the first half of the payload key's block 0.
+    fn poly_key(&self, sequence_number: u32) -> [u8; 32] {
+        let mut block0 = block(&self.payload, 0, &Self::nonce(sequence_number));
         let mut poly_key = [0; 32];
         poly_key.copy_from_slice(&block0[..32]);
         block0.fill(0);
-        (cipher, poly_key)
+        poly_key
     }
 
     /// Encrypts or decrypts the packet body (blocks 1.. of the payload
-    /// key's keystream): its whole 1 KiB chunks in AVX-512 where the CPU has
-    /// it, the rest with `cipher` (positioned at block 1 by `begin`).
-    fn crypt_body(&self, sequence_number: u32, cipher: &mut ChaCha20, body: &mut [u8]) {
+    /// key's keystream): a short body block by block in scalar code, a long
+    /// one's whole 1 KiB chunks in AVX-512 where the CPU has it and the rest
+    /// with RustCrypto's cipher (AVX2 or SSE2).
+    fn crypt_body(&self, sequence_number: u32, body: &mut [u8]) {
         let nonce = Self::nonce(sequence_number);
-        let done = wide::xor_keystream(&self.payload, &nonce, 1, body);
-        if done > 0 {
-            cipher.seek(64 + done as u64);
+        if body.len() <= SHORT_BODY {
+            for (i, chunk) in body.chunks_mut(64).enumerate() {
+                let mut keystream = block(&self.payload, 1 + i as u32, &nonce);
+                for (byte, k) in chunk.iter_mut().zip(keystream) {
+                    *byte ^= k;
+                }
+                keystream.fill(0);
+            }
+            return;
         }
+        let done = wide::xor_keystream(&self.payload, &nonce, 1, body);
+        let mut cipher = ChaCha20::new(&self.payload.into(), &nonce.into());
+        cipher.seek(64 + done as u64);
         cipher.apply_keystream(&mut body[done..]);
     }
+}
+
+/// Bodies up to this many bytes (four blocks) are encrypted by [`block`]:
+/// for an interactive packet, setting up RustCrypto's vector cipher three
+/// times cost more than the blocks themselves (36-byte packets sealed at
+/// 0.56× ring's rate with it, docs/performance.md).
+const SHORT_BODY: usize = 4 * 64;
+
+/// One ChaCha20 block (RFC 8439 §2.3: 32-bit counter, 96-bit nonce), in
+/// scalar code: additions, rotations and XORs only, constant time.
+fn block(key: &[u8; 32], counter: u32, nonce: &[u8; 12]) -> [u8; 64] {
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let mut state = [0u32; 16];
+    state[..4].copy_from_slice(&[0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574]);
+    for (w, b) in state[4..12].iter_mut().zip(key.chunks_exact(4)) {
+        *w = word(b);
+    }
+    state[12] = counter;
+    for (w, b) in state[13..].iter_mut().zip(nonce.chunks_exact(4)) {
+        *w = word(b);
+    }
+    let mut x = state;
+    #[inline(always)]
+    fn quarter(x: &mut [u32; 16], a: usize, b: usize, c: usize, d: usize) {
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(16);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(12);
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(8);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(7);
+    }
+    for _ in 0..10 {
+        quarter(&mut x, 0, 4, 8, 12);
+        quarter(&mut x, 1, 5, 9, 13);
+        quarter(&mut x, 2, 6, 10, 14);
+        quarter(&mut x, 3, 7, 11, 15);
+        quarter(&mut x, 0, 5, 10, 15);
+        quarter(&mut x, 1, 6, 11, 12);
+        quarter(&mut x, 2, 7, 8, 13);
+        quarter(&mut x, 3, 4, 9, 14);
+    }
+    let mut out = [0u8; 64];
+    for ((o, w), s) in out.chunks_exact_mut(4).zip(x).zip(state) {
+        o.copy_from_slice(&w.wrapping_add(s).to_le_bytes());
+    }
+    out
 }
 
 /// Encrypts and authenticates packets (ring's `SealingKey`).
@@ -134,9 +193,9 @@ impl SealingKey {
         let (length, body) = packet.split_at_mut(PACKET_LENGTH_LEN);
         let length: &mut [u8; PACKET_LENGTH_LEN] =
             length.try_into().expect("split at PACKET_LENGTH_LEN");
-        let (mut cipher, poly_key) = self.0.begin(sequence_number);
+        let poly_key = self.0.poly_key(sequence_number);
         self.0.crypt_length(sequence_number, length);
-        self.0.crypt_body(sequence_number, &mut cipher, body);
+        self.0.crypt_body(sequence_number, body);
         *tag_out = poly1305(&poly_key, packet);
     }
 }
@@ -174,13 +233,13 @@ impl OpeningKey {
         if packet.len() < PACKET_LENGTH_LEN {
             return Err(Unspecified);
         }
-        let (mut cipher, poly_key) = self.0.begin(sequence_number);
+        let poly_key = self.0.poly_key(sequence_number);
         let expected = poly1305(&poly_key, packet);
         if !constant_time_eq(&expected, tag) {
             return Err(Unspecified);
         }
         let body = &mut packet[PACKET_LENGTH_LEN..];
-        self.0.crypt_body(sequence_number, &mut cipher, body);
+        self.0.crypt_body(sequence_number, body);
         Ok(body)
     }
 }

@@ -306,3 +306,28 @@ fn wide_poly1305_matches_rustcrypto() {
         }
     }
 }
+
+/// The scalar block function short packets use is the RFC 8439 block
+/// function: its output is RustCrypto's keystream at that block, for random
+/// keys, nonces and counters (and the counter's edges).
+#[test]
+fn the_scalar_block_is_the_portable_ciphers_keystream() {
+    let mut rng = Rng(11);
+    for round in 0..200 {
+        let mut key = [0u8; 32];
+        let mut nonce = [0u8; 12];
+        rng.fill(&mut key);
+        rng.fill(&mut nonce);
+        let counter = match round % 4 {
+            0 => 0,
+            1 => 1,
+            2 => u32::MAX >> 1,
+            _ => rng.next() as u32 >> 4,
+        };
+        let mut expected = [0u8; 64];
+        let mut portable = ChaCha20::new(&key.into(), &nonce.into());
+        portable.seek(64 * u64::from(counter));
+        portable.apply_keystream(&mut expected);
+        assert_eq!(block(&key, counter, &nonce), expected, "round {round}");
+    }
+}

@@ -24,6 +24,14 @@ impl Rng {
         }
     }
 
+    /// A raw ChaCha20 key and IETF nonce.
+    fn key_and_nonce(&mut self) -> ([u8; 32], [u8; 12]) {
+        let (mut key, mut nonce) = ([0u8; 32], [0u8; 12]);
+        self.fill(&mut key);
+        self.fill(&mut nonce);
+        (key, nonce)
+    }
+
     fn key(&mut self) -> [u8; KEY_LEN] {
         let mut key = [0; KEY_LEN];
         self.fill(&mut key);
@@ -224,10 +232,7 @@ fn wide_keystream_matches_the_portable_cipher() {
         256 << 10,
     ]);
     for (round, len) in lengths.enumerate() {
-        let mut key = [0u8; 32];
-        let mut nonce = [0u8; 12];
-        rng.fill(&mut key);
-        rng.fill(&mut nonce);
+        let (key, nonce) = rng.key_and_nonce();
         let counter = match round % 3 {
             0 => 1,
             1 => 0xf9,
@@ -314,10 +319,7 @@ fn wide_poly1305_matches_rustcrypto() {
 fn the_scalar_block_is_the_portable_ciphers_keystream() {
     let mut rng = Rng(11);
     for round in 0..200 {
-        let mut key = [0u8; 32];
-        let mut nonce = [0u8; 12];
-        rng.fill(&mut key);
-        rng.fill(&mut nonce);
+        let (key, nonce) = rng.key_and_nonce();
         let counter = match round % 4 {
             0 => 0,
             1 => 1,

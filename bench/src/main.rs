@@ -1339,6 +1339,52 @@ fn burst(rig: &Rig, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One AEAD pass of `cipher` as `openssl speed` measures it here (32 KiB
+/// blocks), in s/GiB: the floor of what the jump relay must spend per byte
+/// (it seals or opens the outer layer once), and the relay's CPU in each
+/// direction as a multiple of it (issue 17's stretch target: within 3×).
+/// Skipped, saying so, when `openssl` is missing or does not know it.
+fn aead_floor(report: &mut Report, cipher: &str) {
+    let evp = match cipher {
+        "chacha20-poly1305@openssh.com" => "chacha20-poly1305",
+        "aes128-gcm@openssh.com" => "aes-128-gcm",
+        _ => return,
+    };
+    let out = Command::new("openssl")
+        .args(["speed", "-seconds", "2", "-bytes", "32768", "-evp", evp])
+        .stderr(Stdio::null())
+        .output();
+    // The last line is the name and the rate in thousands of bytes a second.
+    let rate = out.ok().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let last = text.lines().last()?.to_string();
+        let k: f64 = last
+            .split_whitespace()
+            .last()?
+            .strip_suffix('k')?
+            .parse()
+            .ok()?;
+        Some(k * 1000.0)
+    });
+    let case = format!("jump {cipher}");
+    let Some(rate) = rate.filter(|r| *r > 0.0) else {
+        println!("{case:<46} (no openssl speed for {evp}: AEAD floor not measured)");
+        return;
+    };
+    let floor = (1u64 << 30) as f64 / rate;
+    report.single(&case, "AEAD pass (openssl)", "s/GiB", floor);
+    for dir in ["upload", "download"] {
+        let relay = report.rows.iter().find_map(|r| {
+            (r["case"] == format!("jump {dir} {cipher}") && r["metric"] == "relay CPU")
+                .then(|| r["gateway"]["median"].as_f64())
+                .flatten()
+        });
+        if let Some(relay) = relay {
+            report.single(&case, &format!("relay {dir} / pass"), "x", relay / floor);
+        }
+    }
+}
+
 /// The soft limit on open files this process (and its children) run with.
 fn fd_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
@@ -1435,6 +1481,7 @@ async fn main() -> anyhow::Result<()> {
             };
             throughput(&rig, &plan, &mut report, &c, script)?;
         }
+        aead_floor(&mut report, cipher);
     }
     type Script<'a> = &'a dyn Fn(&str) -> String;
     let job_dirs: &[(&str, Script)] = if opts.runs("job") {

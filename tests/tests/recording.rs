@@ -21,6 +21,27 @@ fn events(path: &std::path::Path) -> (Value, Vec<Value>) {
     (header, events)
 }
 
+/// `tests/scripts/pty_session.py` as octocat on the world's job: a pty
+/// session that types with echo off, resizes, and exits 3.
+async fn pty_session(w: &World) -> Run {
+    let args = vec![
+        format!("{}/scripts/pty_session.py", env!("CARGO_MANIFEST_DIR")),
+        w.gateway.ssh.ip().to_string(),
+        w.gateway.ssh.port().to_string(),
+        w.job.clone(),
+        w.octocat.path.display().to_string(),
+    ];
+    run("/usr/bin/python3", &args, None).await
+}
+
+/// The files in the recordings directory.
+fn recordings(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("the recordings directory")
+        .map(|e| e.expect("entry").path())
+        .collect()
+}
+
 fn cli(args: &[&str]) -> tokio::process::Command {
     let mut cmd = agent_command();
     cmd.args(args);
@@ -42,14 +63,7 @@ async fn a_pty_session_is_recorded_as_asciicast_and_replays_to_what_the_user_saw
     assert_eq!(r.stdout, "plain\n", "{r:?}");
     assert!(!dir.exists() || std::fs::read_dir(&dir).expect("dir").next().is_none());
 
-    let args = vec![
-        format!("{}/scripts/pty_session.py", env!("CARGO_MANIFEST_DIR")),
-        w.gateway.ssh.ip().to_string(),
-        w.gateway.ssh.port().to_string(),
-        w.job.clone(),
-        w.octocat.path.display().to_string(),
-    ];
-    let r = run("/usr/bin/python3", &args, None).await;
+    let r = pty_session(&w).await;
     assert_eq!(r.code, 0, "{r:?}");
     let answer: Value = serde_json::from_str(r.stdout.trim()).expect("the script's json");
     assert_eq!(answer["status"], 3, "{answer}");
@@ -60,10 +74,7 @@ async fn a_pty_session_is_recorded_as_asciicast_and_replays_to_what_the_user_saw
     assert!(seen.contains("café"), "{seen:?}");
 
     // One file, named by the session id the audit trail gives it, private.
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("the recordings directory")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let files = recordings(&dir);
     assert_eq!(files.len(), 1, "{files:?}");
     let path = &files[0];
     let mode =
@@ -199,6 +210,45 @@ async fn a_pty_session_is_recorded_as_asciicast_and_replays_to_what_the_user_saw
     assert!(played.stderr.contains("[exit status 3]"), "{played:?}");
     let refused = finish(cli(&["recordings", "--dir", "/", "play", "../etc/passwd"])).await;
     assert_ne!(refused.code, 0);
+}
+
+/// With `record_input`, what the user typed is recorded too (`i` events),
+/// also with the terminal's echo off, in order with the output it caused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_record_input_what_the_user_typed_is_recorded_in_order() {
+    let w = World::with_config(
+        "127.0.0.195",
+        "9876543195",
+        &[
+            ("CI_GATEWAY__RECORDING__ENABLED", "true"),
+            ("CI_GATEWAY__RECORDING__RECORD_INPUT", "true"),
+        ],
+    )
+    .await;
+    let r = pty_session(&w).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let dir = w.dir.path().join("data/recordings");
+    let files = recordings(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (_, events) = events(&files[0]);
+    let typed: String = events
+        .iter()
+        .filter(|e| e[1] == "i")
+        .map(|e| e[2].as_str().expect("text"))
+        .collect();
+    // The script types these with `stty -echo` in force: only the input
+    // events have them.
+    assert!(typed.contains("echo typed-$((6*7))"), "{typed:?}");
+    assert!(typed.contains("exit 3\n"), "{typed:?}");
+    let typed_at = events
+        .iter()
+        .position(|e| e[1] == "i" && e[2].as_str().is_some_and(|t| t.contains("$((6*7))")))
+        .expect("the typed command");
+    let output_at = events
+        .iter()
+        .position(|e| e[1] == "o" && e[2].as_str().is_some_and(|t| t.contains("typed-42")))
+        .expect("its output");
+    assert!(typed_at < output_at, "input recorded after its output");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,13 +92,10 @@ impl Tasks {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stopping = self.stopping();
-        async move {
-            tokio::select! {
-                _ = task => {}
-                _ = stopping => {}
-            }
-        }
+        // Boxed and selected, not an `async` block that selects: that would
+        // keep `task` twice, as `logging_panics` once did (a held job's
+        // hold task is one of these).
+        futures::future::select(Box::pin(task), Box::pin(self.stopping())).map(|_| ())
     }
 
     /// Tells every task that the gateway is stopping.
@@ -166,21 +163,49 @@ mod tests {
         assert_eq!(tasks.running(), 0);
     }
 
+    /// A task that holds 4 KiB across an await: what a wrapper around it
+    /// should add a few bytes to, not its own size again.
+    fn a_4_kib_task() -> impl Future<Output = ()> + Send + 'static {
+        let big = [0u8; 4096];
+        async move {
+            tokio::task::yield_now().await;
+            std::hint::black_box(&big);
+        }
+    }
+
     #[test]
     fn a_task_is_not_stored_twice() {
         let tasks = Tasks::default();
-        let big = [0u8; 4096];
-        let task = async move {
-            tokio::task::yield_now().await;
-            std::hint::black_box(&big);
-        };
-        let inner = std::mem::size_of_val(&task);
-        let spawned = tasks.logging_panics("sized", task);
+        let inner = std::mem::size_of_val(&a_4_kib_task());
+        let spawned = std::mem::size_of_val(&tasks.logging_panics("sized", a_4_kib_task()));
         assert!(
-            std::mem::size_of_val(&spawned) < inner + 64,
-            "{} bytes to spawn a {inner}-byte task",
-            std::mem::size_of_val(&spawned)
+            spawned < inner + 64,
+            "{spawned} bytes to spawn a {inner}-byte task"
         );
+        // Until stopped, the task is boxed: the wrapper holds pointers.
+        let held = std::mem::size_of_val(&tasks.until_stopped(a_4_kib_task()));
+        assert!(held < inner, "{held} bytes to hold a {inner}-byte task");
+    }
+
+    #[tokio::test]
+    async fn a_task_until_stopped_ends_at_the_stop_or_by_itself() {
+        let tasks = Tasks::default();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let finishes = tokio::spawn(tasks.until_stopped(async move {
+            let _ = done_rx.await;
+        }));
+        let forever = tokio::spawn(tasks.until_stopped(std::future::pending()));
+        let _ = done_tx.send(());
+        tokio::time::timeout(Duration::from_secs(5), finishes)
+            .await
+            .expect("a task that ends ends the wrapper")
+            .expect("join");
+        assert!(!forever.is_finished());
+        tasks.stop();
+        tokio::time::timeout(Duration::from_secs(5), forever)
+            .await
+            .expect("the stop ends a task that would run forever")
+            .expect("join");
     }
 
     #[test]

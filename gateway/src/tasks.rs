@@ -112,6 +112,13 @@ impl Tasks {
         self.stop.is_cancelled()
     }
 
+    /// Resolves once [`Tasks::drain`] closed the set and every task ended
+    /// (what a connection thread waits for before dropping its runtime).
+    pub fn all_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let tracker = self.tracker.clone();
+        async move { tracker.wait().await }
+    }
+
     /// Tasks still running.
     pub fn running(&self) -> usize {
         self.tracker.len()

@@ -64,7 +64,7 @@ pub async fn run(gw: Arc<Gateway>, listener: TcpListener) {
     // One connection thread per core (`ssh::shards`); each ends after its
     // last connection once this returns.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shards = super::shards::Shards::start(threads);
+    let shards = super::shards::Shards::start(threads, &gw.tasks);
     // The trimmer never returns: it runs exactly as long as the accept loop.
     tokio::select! {
         _ = accept_loop(&gw, listener, &limit, &peak, &shards, shutdown) => {}

@@ -16,7 +16,8 @@
 //! one bulk transfer shares its core with the others placed there (as an
 //! OpenSSH `sshd` child shares a core with whatever else runs there).
 //!
-//! A thread runs until its listener stopped and its last connection ended.
+//! A thread runs until its listener stopped, its last connection ended and
+//! the gateway's tasks are done (those a connection spawned run here too).
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -36,10 +37,10 @@ pub struct Shards {
 impl Shards {
     /// `n` connection threads. A thread that cannot be started is logged
     /// and left out; with none, connections stay on the calling runtime.
-    pub fn start(n: usize) -> Shards {
+    pub fn start(n: usize, tasks: &crate::tasks::Tasks) -> Shards {
         let mut shards = Vec::with_capacity(n);
         for i in 0..n {
-            match start_one(i) {
+            match start_one(i, tasks) {
                 Ok(shard) => shards.push(shard),
                 Err(e) => tracing::warn!("cannot start SSH connection thread {i}: {e}"),
             }
@@ -76,16 +77,26 @@ impl Drop for Shards {
     }
 }
 
-fn start_one(i: usize) -> std::io::Result<Shard> {
+fn start_one(i: usize, tasks: &crate::tasks::Tasks) -> std::io::Result<Shard> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = runtime.handle().clone();
     let tracker = TaskTracker::new();
     let until_done = tracker.clone();
+    // The connections' own tasks (channels, recordings, disconnects) run on
+    // this runtime too and may outlive their connection: dropping the runtime
+    // would cancel them, so the thread also waits for every gateway task
+    // (`Tasks::drain` closes that set when the gateway stops).
+    let all_ended = tasks.all_ended();
     std::thread::Builder::new()
         .name(format!("ssh-conn-{i}"))
-        .spawn(move || runtime.block_on(until_done.wait()))?;
+        .spawn(move || {
+            runtime.block_on(async move {
+                until_done.wait().await;
+                all_ended.await;
+            })
+        })?;
     Ok(Shard { handle, tracker })
 }
 
@@ -95,8 +106,8 @@ mod tests {
 
     #[tokio::test]
     async fn connections_go_to_the_emptiest_thread_and_run_there() {
-        let shards = Shards::start(2);
         let tasks = crate::tasks::Tasks::default();
+        let shards = Shards::start(2, &tasks);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut releases = Vec::new();
         for _ in 0..4 {
@@ -122,5 +133,46 @@ mod tests {
         drop(releases);
         assert!(tasks.drain(std::time::Duration::from_secs(60)).await);
         assert_eq!(shards.open(), [0, 0]);
+    }
+
+    /// A task a connection spawned (a channel finishing its recording, a
+    /// disconnect message) runs to its end on the connection's thread even
+    /// when the connection ended first and the listener has stopped: the
+    /// thread's runtime is not dropped under it.
+    #[tokio::test]
+    async fn a_connections_tasks_outlive_it_on_its_thread() {
+        use std::time::Duration;
+        let tasks = crate::tasks::Tasks::default();
+        let shards = Shards::start(1, &tasks);
+        let (go, went) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = tokio::sync::oneshot::channel::<&'static str>();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let child_tasks = tasks.clone();
+        shards.spawn(&tasks, "connection", async move {
+            child_tasks.spawn("after the connection", async move {
+                let _ = went.await;
+                let _ = done_tx.send("finished");
+            });
+            let _ = ended.await;
+        });
+        drop(end);
+        for _ in 0..500 {
+            if shards.open() == [0] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shards.open(), [0], "the connection ended");
+        // The listener stops; give a thread that would end now the time to.
+        drop(shards);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = go.send(());
+        let finished = tokio::time::timeout(Duration::from_secs(10), done).await;
+        assert_eq!(
+            finished.expect("the task answers").ok(),
+            Some("finished"),
+            "the task was dropped with its thread's runtime"
+        );
+        assert!(tasks.drain(Duration::from_secs(10)).await);
     }
 }

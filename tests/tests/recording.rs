@@ -106,6 +106,16 @@ async fn a_pty_session_is_recorded_as_asciicast_and_replays_to_what_the_user_saw
             .any(|e| e["event"] == "session_end" && e["recordings"][0] == shown.as_str())
     })
     .await;
+    // The recording's writer task finishes the file on its own, after the
+    // channel closed: session_end can be on disk before the last lines are.
+    eventually("the recording ends with the exit marker", || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("\"m\""))
+    })
+    .await;
 
     // asciicast v2: the header, then events in time order.
     let (header, events) = events(path);
